@@ -1,0 +1,3 @@
+"""exaflop: the open software of an AI supercomputer."""
+
+__version__ = "0.1.0"
