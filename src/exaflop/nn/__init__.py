@@ -1,1 +1,3 @@
+from exaflop.nn.layers import MoE, Attention, Block, KVCache, RMSNorm, SwiGLU, apply_rope, rope_tables
 
+__all__ = ["Attention", "Block", "KVCache", "MoE", "RMSNorm", "SwiGLU", "apply_rope", "rope_tables"]
