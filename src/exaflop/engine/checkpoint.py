@@ -1,0 +1,216 @@
+"""Checkpoints: torch.distributed.checkpoint directories, written atomically.
+
+    checkpoints/step_000100/   DCP shards (*.distcp, .metadata), rng_rank*.pt, meta.json
+    checkpoints/latest         text file naming the newest complete checkpoint
+
+A checkpoint is first written to `.tmp-step_000100/`; only when every rank has
+finished is it renamed into place, then `latest` is replaced by rename. A crash
+or full disk at any point leaves the previous checkpoint and `latest` valid.
+`meta.json` lists every file with its size, so a truncated or missing shard is
+detected on load and the previous complete checkpoint is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+from exaflop.errors import UserError
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:09d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint dirs, newest first (by step)."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file recorded in meta.json is present with its size, else the problem."""
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        return f"{ckpt}: meta.json missing (the write did not finish)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return f"{meta_path}: not valid JSON"
+    for name, size in meta.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{ckpt}: shard {name} is missing"
+        if f.stat().st_size != size:
+            return f"{ckpt}: shard {name} is truncated ({f.stat().st_size} of {size} bytes)"
+    return None
+
+
+def read_latest(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and the problems with any newer ones skipped."""
+    problems: list[str] = []
+    candidates = list_checkpoints(root)
+    latest_file = root / "latest"
+    if latest_file.is_file():
+        named = root / latest_file.read_text().strip()
+        if named in candidates:  # `latest` wins over anything newer left half-written
+            candidates = [named] + [c for c in candidates if c != named]
+    for c in candidates:
+        problem = verify(c)
+        if problem is None:
+            return c, problems
+        problems.append(problem)
+    return None, problems
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep: int = 3, async_save: bool = False):
+        self.root = Path(root)
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: Any = None  # future of an in-flight async save
+        self._pending_finish: Any = None
+
+    # -- save ---------------------------------------------------------------
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+             rng: dict[str, Any]) -> float:
+        """Write a checkpoint for meta['step']; returns seconds the caller was blocked."""
+        t0 = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        step = int(meta["step"])
+        final = step_dir(self.root, step)
+        tmp = self.root / f".tmp-{final.name}"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        torch.save(rng, tmp / f"rng_rank{_rank():05d}.pt")
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        if self.async_save:
+            self._pending = dcp.async_save(state, checkpoint_id=str(tmp))
+            self._pending_finish = (tmp, final, meta)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finish(tmp, final, meta)
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            tmp, final, meta = self._pending_finish
+            self._pending = self._pending_finish = None
+            self._finish(tmp, final, meta)
+
+    def _finish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        _barrier()  # every rank's shards are on disk
+        if _rank() == 0:
+            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+            meta = {**meta, "world_size": _world(), "files": files, "time": time.time()}
+            _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+            _fault_point("before_rename")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.root / "latest", final.name + "\n")
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.root)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- load ---------------------------------------------------------------
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             ckpt: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+        """Load the newest complete checkpoint in place (any world size / layout).
+
+        Returns (meta, this rank's rng state or None if the world size changed, warnings).
+        """
+        problems: list[str] = []
+        if ckpt is None:
+            ckpt, problems = read_latest(self.root)
+        if ckpt is None:
+            detail = f" ({problems[0]})" if problems else ""
+            raise UserError(f"--resume: no complete checkpoint under {self.root}{detail}")
+        meta = json.loads((ckpt / "meta.json").read_text())
+        msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (
+            get_state_dict(model, [], options=StateDictOptions())[0], None)
+        state = {"model": msd} if osd is None else {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(ckpt))
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            model.load_state_dict(state["model"])
+        rng = None
+        rng_file = ckpt / f"rng_rank{_rank():05d}.pt"
+        if meta.get("world_size") == _world() and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=False)
+        return meta, rng, problems
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fault_point(name: str) -> None:
+    """Crash here when EXAFLOP_FAULT names this point: lets tests kill a write part-way for real."""
+    if os.environ.get("EXAFLOP_FAULT") == name:
+        os._exit(17)
+
+
+def load_for_inference(run_or_ckpt: str | Path, device: str | torch.device = "cpu"):
+    """(cfg, task, model) from a run directory (its latest checkpoint) or a checkpoint directory."""
+    from exaflop.config import load_config_file
+    from exaflop.engine.task import build_task
+
+    path = Path(run_or_ckpt)
+    if (path / "meta.json").is_file() and path.name.startswith("step_"):
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir = path
+        if not (run_dir / "config.toml").is_file():
+            raise UserError(f"{run_dir}: not a run directory (no config.toml); pass runs/<name>")
+        ckpt, problems = read_latest(run_dir / "checkpoints")
+        if ckpt is None:
+            raise UserError(f"{run_dir}: no complete checkpoint yet" + (f" ({problems[0]})" if problems else ""))
+    cfg = load_config_file(run_dir / "config.toml")
+    task = build_task(cfg)
+    model = task.build_model()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    model.checkpoint_step = int(meta["step"])  # type: ignore[attr-defined]
+    return cfg, task, model

@@ -1,0 +1,95 @@
+"""Decoder-only transformer language model (Llama-style: RMSNorm, RoPE, SwiGLU, GQA)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exaflop.lm.config import ModelConfig
+from exaflop.nn import Block, KVCache, RMSNorm, rope_tables
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.d_ff, causal=True, norm_eps=cfg.norm_eps,
+                  dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k)
+            for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        # Not persistent: derived from the config, so checkpoints stay portable.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            # Residual output projections scaled down by depth (GPT-2), so the
+            # residual stream's variance does not grow with the number of layers.
+            scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("wo.weight", "w2.weight")) else 1
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                rows: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx: (B, T) token ids. With `cache`, positions continue from each row's cache length."""
+        x = self.tok_emb(idx)
+        if cache is None:
+            T = idx.shape[1]
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i, rows)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x).float(), None
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        if loss_mask is None:
+            loss = loss.mean()
+        else:
+            m = loss_mask.reshape(-1).float()
+            loss = (loss * m).sum() / m.sum().clamp(min=1)
+        if self.cfg.n_experts > 1:
+            aux = sum(b.mlp.aux_loss for b in self.blocks)
+            loss = loss + 0.01 * aux / self.cfg.n_layer
+        return logits, loss
+
+    def new_cache(self, slots: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.cfg
+        p = self.tok_emb.weight
+        return KVCache(c.n_layer, slots, c.n_kv_head, max_len or c.seq_len, c.head_dim,
+                       device=p.device, dtype=dtype or p.dtype)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
+
+    6·N for the weight matmuls (N counts active params incl. the LM head) plus the
+    attention score/value matmuls 12·L·T·C·(1/2 for causal)... we count the full
+    T² as the kernels compute it without causal skipping on CPU.
+    """
+    C, L, T = cfg.d_model, cfg.n_layer, cfg.seq_len
+    kv = cfg.n_kv_head * cfg.head_dim
+    attn = C * C * 2 + 2 * C * kv  # q, o + k, v projections
+    mlp = 3 * C * cfg.d_ff * cfg.top_k + (C * cfg.n_experts if cfg.n_experts > 1 else 0)
+    n_active = L * (attn + mlp) + C * cfg.vocab_size
+    return 6 * n_active + 12 * L * T * C
