@@ -54,6 +54,9 @@ class TrainConfig(Strict):
     nan_policy: Literal["skip", "stop"] = "skip"
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite steps before stopping
     inject_nan_at_step: int = -1  # testing aid: poison the gradients at this step
+    # Stop (with a checkpoint) after this many steps in this invocation while keeping the
+    # schedule of `steps`: for time-sliced jobs (Slurm time limits) and resume tests.
+    stop_after: int = Field(0, ge=0)
 
 
 class OptimConfig(Strict):

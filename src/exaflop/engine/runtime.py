@@ -85,8 +85,10 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, seconds:
 
     n = 1024 if device.type == "cpu" else 8192
     dt = dtype or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    # A private generator: measuring must not advance the training RNG (exact resume).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
     a @ b  # warm-up
     iters, t0 = 0, time.perf_counter()
     while True:

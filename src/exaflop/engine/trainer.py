@@ -189,16 +189,18 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
 
             if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
                 log.log(_evaluate(task, model, val, rt, done))
-            stopping = stop.any_rank(rt)
+            sliced = bool(cfg.train.stop_after) and done - start_step >= cfg.train.stop_after and done != total
+            stopping = stop.any_rank(rt) or sliced
             if stopping or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total):
                 ckpt_time += _save(ckpt, model, optimizer, cfg, done, skipped)
             if stopping:
-                result["stopped_by_signal"] = True
+                result["stopped_by_signal"] = not sliced
+                result["stopped_early"] = True
                 break
         else:
             done = total
         result["step"] = done if total > start_step else start_step
-        if not result["stopped_by_signal"]:
+        if not result.get("stopped_early"):
             ev = _evaluate(task, model, val, rt, result["step"])
             log.log(ev)
             result.update(ev)

@@ -1,0 +1,123 @@
+"""Video I/O with PyAV: decode source videos to small RGB frames, encode/decode clip MP4s.
+
+Frames are uint8 (N, H, W, 3) RGB everywhere. Sources are center-cropped to the
+target aspect ratio and then scaled, so nothing is stretched.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import av
+import numpy as np
+
+from exaflop.drive.badinput import BadInput
+
+SUPPORTED_CODECS = ("h264", "hevc", "mpeg4", "vp9", "av1")
+RAW_FORMATS = {".h264": "h264", ".264": "h264", ".hevc": "hevc", ".h265": "hevc", ".265": "hevc"}
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", *RAW_FORMATS)
+
+
+def fit_frame(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """Scale so the target box is covered, then center-crop to exactly (height, width)."""
+    scale = max(width / frame.width, height / frame.height)
+    sw, sh = max(width, math.ceil(frame.width * scale)), max(height, math.ceil(frame.height * scale))
+    rgb = frame.reformat(width=sw, height=sh, format="rgb24").to_ndarray()
+    top, left = (sh - height) // 2, (sw - width) // 2
+    return rgb[top:top + height, left:left + width]
+
+
+def decode_video(path: str | Path, width: int, height: int, codecs: Iterable[str] = SUPPORTED_CODECS,
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """All frames of a video, resized; plus their presentation times in seconds from the first
+    frame, or None for raw elementary streams (.h264/.hevc), which carry no timing."""
+    path = Path(path)
+    raw = RAW_FORMATS.get(path.suffix.lower())
+    try:
+        container = av.open(str(path), format=raw)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot open video ({e}); the file is corrupt, truncated or not a video") from None
+    frames, times = [], []
+    with container:
+        if not container.streams.video:
+            raise BadInput(f"{path}: has no video stream")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        if codec not in codecs:
+            raise BadInput(f"{path}: unsupported codec {codec!r} (supported: {', '.join(codecs)}); "
+                           "re-encode to H.264 (ffmpeg -i IN -c:v libx264 OUT.mp4) or pass --codecs")
+        stream.thread_type = "AUTO"  # whole-drive decode: frame threads pay off here
+        try:
+            for frame in container.decode(stream):
+                frames.append(fit_frame(frame, width, height))
+                times.append(frame.time)
+        except av.error.FFmpegError as e:
+            raise BadInput(f"{path}: video is corrupt or truncated after frame {len(frames)} ({e})") from None
+    if not frames:
+        raise BadInput(f"{path}: no decodable video frames (corrupt, truncated or empty file)")
+    if raw or any(t is None for t in times):
+        return np.stack(frames), None
+    t = np.asarray(times, dtype=np.float64)
+    return np.stack(frames), t - t[0]
+
+
+def read_image(path: str | Path, width: int, height: int) -> np.ndarray:
+    """One still image (jpg/png) as (height, width, 3) RGB."""
+    try:
+        with av.open(str(path)) as c:
+            frame = next(c.decode(video=0))
+    except (av.error.FFmpegError, OSError, StopIteration) as e:
+        raise BadInput(f"{path}: cannot read image ({e})") from None
+    return fit_frame(frame, width, height)
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, codec: str = "libx264",
+                crf: int = 20) -> None:
+    """Encode frames to a file; .h264/.hevc suffixes give a raw elementary stream (no container)."""
+    path = Path(path)
+    raw = RAW_FORMATS.get(path.suffix.lower())
+    with av.open(str(path), "w", format=raw) as out:
+        _encode(out, frames, fps, codec, crf)
+
+
+def encode_clip(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
+    """One clip as an H.264 MP4 in memory. No B-frames: clips are short and decode faster without."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        _encode(out, frames, fps, "libx264", crf)
+    return buf.getvalue()
+
+
+def _encode(out, frames: Iterable[np.ndarray], fps: float, codec: str, crf: int) -> None:
+    stream = None
+    for f in frames:
+        if stream is None:
+            stream = out.add_stream(codec, rate=_rate(fps))
+            stream.height, stream.width = f.shape[:2]
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": str(crf), "preset": "veryfast", "bframes": "0"}
+            elif codec in ("libx265", "hevc"):
+                stream.options = {"crf": str(crf), "preset": "veryfast", "x265-params": "log-level=error"}
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            out.mux(packet)
+    if stream is not None:
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _rate(fps: float):
+    from fractions import Fraction
+
+    return Fraction(fps).limit_denominator(1001)
+
+
+def decode_clip(data: bytes) -> np.ndarray:
+    """An MP4 clip's frames as uint8 (T, H, W, 3). Single-threaded: a few tiny frames per clip,
+    and DataLoader workers already give one core each."""
+    with av.open(io.BytesIO(data), format="mp4") as c:
+        stream = c.streams.video[0]
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(stream)])

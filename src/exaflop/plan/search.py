@@ -1,0 +1,149 @@
+"""Search every valid TP x PP x DP x CP (x EP inside DP) factorization of the accelerator count.
+
+For each factorization the search tries micro-batch sizes and interleaving depths;
+recompute mode and ZeRO stage are not free knobs for speed (less recompute and less
+sharding are never slower), so for each recompute mode it takes the least sharding
+that fits, and keeps the fastest. Plans are ranked by tokens per second, i.e. time to
+train. The global batch is an upper bound (the critical batch size): a plan may use a
+slightly smaller one so that awkward accelerator counts like 1,000,000 still factor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from exaflop.errors import UserError
+from exaflop.plan.cost import RECOMPUTE, USABLE_MEMORY, Job, Plan, StepCost, memory, step_cost
+
+MICRO_BATCHES = (1, 2, 4, 8)
+INTERLEAVE = (1, 2, 3, 4, 6, 8)
+MAX_CP = 32
+MIN_TOKENS_PER_CP_RANK = 1024  # below this, ring-attention chunks are too small to hide their exchange
+
+
+@dataclass
+class SearchResult:
+    plans: list[StepCost]  # best first
+    evaluated: int
+    seconds: float
+    smallest: StepCost | None = None  # least memory seen, for the "does not fit" message
+    notes: list[str] = field(default_factory=list)
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def factorizations(job: Job, n: int, fixed: dict[str, Any]):
+    """Yield (tp, cp, pp, dp) with tp*cp*pp*dp == n that the model's shape allows."""
+    m = job.model
+    domain = max(job.network.scaleup_domain, 8)
+    for tp in divisors(n):
+        if tp > 2 * domain or m.heads % tp or fixed.get("tp", tp) != tp:
+            continue
+        for cp in divisors(n // tp):
+            if cp > MAX_CP or fixed.get("cp", cp) != cp:
+                continue
+            if cp > 1 and (job.seq_len % cp or job.seq_len // cp < MIN_TOKENS_PER_CP_RANK):
+                continue
+            for pp in divisors(n // (tp * cp)):
+                if pp > m.layers or fixed.get("pp", pp) != pp:
+                    continue
+                dp = n // (tp * cp * pp)
+                if fixed.get("dp", dp) != dp or dp > job.global_batch:
+                    continue
+                yield tp, cp, pp, dp
+
+
+def search(job: Job, n: int, fixed: dict[str, Any] | None = None, exact_batch: bool = False,
+           keep: int = 10) -> SearchResult:
+    """All plans for `n` accelerators that fit in memory, fastest first."""
+    fixed = dict(fixed or {})
+    t0 = time.perf_counter()
+    m = job.model
+    usable = job.accel.mem_gb * 1e9 * USABLE_MEMORY
+    best: list[StepCost] = []
+    smallest: StepCost | None = None
+    evaluated = 0
+    n_factorizations = 0
+    for tp, cp, pp, dp in factorizations(job, n, fixed):
+        n_factorizations += 1
+        eps = [e for e in (divisors(math.gcd(dp, m.experts)) if m.moe else [1]) if fixed.get("ep", e) == e]
+        for mb in MICRO_BATCHES:
+            if fixed.get("micro_batch", mb) != mb or dp * mb > job.global_batch:
+                continue
+            if exact_batch and job.global_batch % (dp * mb):
+                continue
+            micro = job.global_batch // (dp * mb)
+            for vp in INTERLEAVE:
+                if fixed.get("vp", vp) != vp or (vp > 1 and (pp == 1 or pp * vp > m.layers or micro % pp)):
+                    continue
+                for ep in eps:
+                    base = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vp=vp, micro_batch=mb,
+                                sequence_parallel=fixed.get("sequence_parallel", tp > 1),
+                                precision=fixed.get("precision", "bf16"))
+                    for plan in _fitting_variants(job, base, micro, usable, fixed):
+                        evaluated += 1
+                        if not plan[1]:
+                            cost = step_cost(job, plan[0], micro)
+                            if smallest is None or cost.memory_gb < smallest.memory_gb:
+                                smallest = cost
+                            continue
+                        cost = step_cost(job, plan[0], micro)
+                        best.append(cost)
+        if len(best) > 4 * keep:  # keep the list short; sorting 40 items is free
+            best = sorted(best, key=_rank)[:keep]
+    result = SearchResult(sorted(best, key=_rank)[:keep], evaluated, time.perf_counter() - t0, smallest)
+    if not n_factorizations:
+        raise UserError(no_factorization_reason(job, n, fixed))
+    return result
+
+
+def _rank(c: StepCost) -> float:
+    return c.step_s / c.global_batch  # seconds per sequence: lower trains faster
+
+
+def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: dict[str, Any]):
+    """For each recompute mode, the least ZeRO sharding that fits (plan, True); else the most sharded (plan, False)."""
+    modes = [fixed["recompute"]] if "recompute" in fixed else list(RECOMPUTE)
+    stages = [fixed["zero_stage"]] if "zero_stage" in fixed else [0, 1, 2, 3] if base.dp * base.cp > 1 else [0]
+    if base.dp * base.cp > 1 and "zero_stage" not in fixed:
+        stages = [1, 3]  # ZeRO-1 costs what plain DP costs (reduce-scatter + all-gather); 2 == 1 in time
+    for mode in modes:
+        plan = None
+        for z in stages:
+            plan = replace(base, recompute=mode, zero_stage=z)
+            if sum(memory(job, plan, micro).values()) <= usable:
+                yield plan, True
+                break
+        else:
+            if plan is not None and mode == modes[-1]:
+                yield plan, False
+
+
+def no_factorization_reason(job: Job, n: int, fixed: dict[str, Any]) -> str:
+    m = job.model
+    if fixed:
+        pinned = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items())
+        return (f"--n {n}: no factorization tp*pp*dp*cp = {n} is consistent with {pinned} and the model "
+                f"({m.layers} layers, {m.heads} heads, global batch {job.global_batch}); drop or change a pin")
+    return (f"--n {n}: no factorization tp*pp*dp*cp = {n} fits the model: tp must divide {m.heads} heads, "
+            f"pp <= {m.layers} layers, dp <= global batch {job.global_batch} sequences, "
+            f"cp <= {MAX_CP}; pick an --n with more factors of 2 or raise --global-batch-tokens")
+
+
+def not_fit_message(job: Job, n: int, res: SearchResult) -> str:
+    usable = job.accel.mem_gb * USABLE_MEMORY
+    s = res.smallest
+    if s is None:
+        return f"{job.model.name} on {n} x {job.accel.name}: no plan could be evaluated"
+    state = s.memory["weights"] + s.memory["grads"] + s.memory["optimizer"]
+    knob = ("more accelerators (--n) or one with more memory: weights, gradients and optimizer "
+            "state alone exceed it" if state > usable * 1e9 else
+            "a shorter --seq-len or a smaller --global-batch-tokens: activations dominate")
+    return (f"{job.model.name} does not fit on {job.accel.name} ({usable:.1f} GB usable): the smallest "
+            f"need is {s.memory_gb:.1f} GB per accelerator ({s.plan.label()}); fix: {knob}")
