@@ -15,10 +15,10 @@ import ast
 import hashlib
 import importlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exaflop.errors import UserError

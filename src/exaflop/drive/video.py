@@ -31,9 +31,10 @@ def fit_frame(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
 
 
 def decode_video(path: str | Path, width: int, height: int, codecs: Iterable[str] = SUPPORTED_CODECS,
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """All frames of a video, resized; plus their presentation times in seconds from the first
-    frame, or None for raw elementary streams (.h264/.hevc), which carry no timing."""
+                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """All frames of a video, resized; their presentation times in seconds from the first
+    frame, or None for raw elementary streams (.h264/.hevc), which carry no timing; and the
+    source (width, height)."""
     path = Path(path)
     raw = RAW_FORMATS.get(path.suffix.lower())
     try:
@@ -49,6 +50,7 @@ def decode_video(path: str | Path, width: int, height: int, codecs: Iterable[str
         if codec not in codecs:
             raise BadInput(f"{path}: unsupported codec {codec!r} (supported: {', '.join(codecs)}); "
                            "re-encode to H.264 (ffmpeg -i IN -c:v libx264 OUT.mp4) or pass --codecs")
+        src_size = (stream.codec_context.width, stream.codec_context.height)
         stream.thread_type = "AUTO"  # whole-drive decode: frame threads pay off here
         try:
             for frame in container.decode(stream):
@@ -59,9 +61,9 @@ def decode_video(path: str | Path, width: int, height: int, codecs: Iterable[str
     if not frames:
         raise BadInput(f"{path}: no decodable video frames (corrupt, truncated or empty file)")
     if raw or any(t is None for t in times):
-        return np.stack(frames), None
+        return np.stack(frames), None, src_size
     t = np.asarray(times, dtype=np.float64)
-    return np.stack(frames), t - t[0]
+    return np.stack(frames), t - t[0], src_size
 
 
 def read_image(path: str | Path, width: int, height: int) -> np.ndarray:

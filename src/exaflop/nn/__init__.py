@@ -1,3 +1,12 @@
-from exaflop.nn.layers import MoE, Attention, Block, KVCache, RMSNorm, SwiGLU, apply_rope, rope_tables
+from exaflop.nn.layers import (
+    Attention,
+    Block,
+    KVCache,
+    MoE,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    rope_tables,
+)
 
 __all__ = ["Attention", "Block", "KVCache", "MoE", "RMSNorm", "SwiGLU", "apply_rope", "rope_tables"]

@@ -24,13 +24,13 @@ CATALOG_DIR = Path(__file__).parent / "catalog"
 class Accelerator:
     name: str
     bf16_tflops: float  # dense peak
-    fp8_tflops: float  # 0 when the chip has no faster fp8 path
     mem_gb: float
-    mem_tbps: float
     scaleup_domain: int  # accelerators sharing the fast fabric (NVLink, ICI, Dojo tile)
-    scaleup_gbps_per_dir: float  # GB/s per accelerator per direction inside the domain
-    scaleout_gbit_per_accel: float  # Gbit/s per accelerator across domains
-    power_w: float
+    fp8_tflops: float = 0.0  # 0 when the chip has no faster fp8 path
+    mem_tbps: float = 0.0
+    scaleup_gbps_per_dir: float = 0.0  # GB/s per accelerator per direction inside the domain
+    scaleout_gbit_per_accel: float = 0.0  # Gbit/s per accelerator across domains
+    power_w: float = 0.0
     unit_of: str = ""  # aggregates (Dojo tile, ExaPOD) are planned as `units` of this chip
     units: int = 1
     source: str = ""
@@ -46,9 +46,9 @@ class Network:
     scaleup_domain: int
     scaleup_gbps_per_dir: float
     scaleout_gbit_per_accel: float
-    pod_size: int  # accelerators under full bisection; beyond it traffic is oversubscribed
-    oversubscription: float
-    latency_us: float  # per hop of a collective
+    pod_size: int = 1 << 40  # accelerators under full bisection; beyond it traffic is oversubscribed
+    oversubscription: float = 1.0
+    latency_us: float = 5.0  # per hop of a collective
     source: str = ""
 
 
@@ -58,10 +58,10 @@ class ModelSpec:
     layers: int
     hidden: int
     heads: int
-    kv_heads: int
     ffn: int
     vocab: int
     seq_len: int
+    kv_heads: int = 0  # 0: same as heads (multi-head attention)
     mlp: str = "gelu"  # gelu: two matmuls; swiglu: three (gate, up, down)
     tie_embeddings: bool = False
     experts: int = 1
@@ -70,6 +70,10 @@ class ModelSpec:
     shared_experts: int = 0  # always-active experts (DeepSeek style)
     dense_layers: int = 0  # leading layers with a dense MLP in an MoE model
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
 
     @property
     def moe(self) -> bool:
@@ -103,14 +107,14 @@ class Catalog:
 
     def default_network(self, accel: Accelerator) -> Network:
         """The fabric described on the accelerator's own row, one flat full-bisection tier."""
+        for col in ("scaleup_gbps_per_dir", "scaleout_gbit_per_accel"):
+            if not getattr(accel, col):
+                raise UserError(f"accelerators.csv: {accel.name}: {col} is blank; fill it in or pass --network")
         return Network(
             name=f"{accel.name}-default",
             scaleup_domain=accel.scaleup_domain,
             scaleup_gbps_per_dir=accel.scaleup_gbps_per_dir,
             scaleout_gbit_per_accel=accel.scaleout_gbit_per_accel,
-            pod_size=1 << 40,
-            oversubscription=1.0,
-            latency_us=5.0,
             source="from the accelerator row",
         )
 

@@ -17,8 +17,14 @@ from exaflop.plan.catalog import Accelerator, ModelSpec, Network
 from exaflop.plan.efficiency import CALIBRATED, Efficiency
 from exaflop.plan.network import Fabric
 from exaflop.plan.shapes import (
-    BYTES, activation_bytes, attention_matmuls, embedding_params, forward_flops,
-    layer_params, logits_matmul, mlp_matmuls,
+    BYTES,
+    activation_bytes,
+    attention_matmuls,
+    embedding_params,
+    forward_flops,
+    layer_params,
+    logits_matmul,
+    mlp_matmuls,
 )
 
 RECOMPUTE = ("none", "selective", "full")

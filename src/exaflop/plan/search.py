@@ -109,10 +109,18 @@ def _rank(c: StepCost) -> float:
 
 def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: dict[str, Any]):
     """For each recompute mode, the least ZeRO sharding that fits (plan, True); else the most sharded (plan, False)."""
-    modes = [fixed["recompute"]] if "recompute" in fixed else list(RECOMPUTE)
-    stages = [fixed["zero_stage"]] if "zero_stage" in fixed else [0, 1, 2, 3] if base.dp * base.cp > 1 else [0]
-    if base.dp * base.cp > 1 and "zero_stage" not in fixed:
+    if "recompute" in fixed:
+        modes = [fixed["recompute"]]
+    elif job.software.flash_attention:  # flash stores no scores: selective == none
+        modes = ["none", "full"]
+    else:
+        modes = list(RECOMPUTE)
+    if "zero_stage" in fixed:
+        stages = [fixed["zero_stage"]]
+    elif base.dp * base.cp > 1:
         stages = [1, 3]  # ZeRO-1 costs what plain DP costs (reduce-scatter + all-gather); 2 == 1 in time
+    else:
+        stages = [0]
     for mode in modes:
         plan = None
         for z in stages:

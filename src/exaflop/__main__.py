@@ -1,0 +1,5 @@
+import sys
+
+from exaflop.cli import main
+
+sys.exit(main())

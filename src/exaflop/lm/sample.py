@@ -1,0 +1,27 @@
+"""`exaflop sample RUN`: generate text from a trained language model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exaflop.engine.checkpoint import load_for_inference
+from exaflop.errors import UserError
+from exaflop.lm.generate import generate
+from exaflop.lm.tokenizer import EOT, load_tokenizer
+
+
+def load_lm(run: str | Path, device: str = "cpu"):
+    cfg, task, model = load_for_inference(run, device)
+    if cfg.task != "lm":
+        raise UserError(f"{run}: a {cfg.task!r} run, not a language model")
+    tok = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
+    return cfg, model, tok
+
+
+def sample_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> str:
+    cfg, model, tok = load_lm(run)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    out = list(generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                        stop_ids=(tok.token_to_id(EOT),)))
+    return tok.decode(out, skip_special_tokens=False)

@@ -1,0 +1,41 @@
+"""`torchrun -m exaflop.train CONFIG [--set k=v] [--resume]`: the cluster entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from exaflop.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    p = argparse.ArgumentParser(prog="exaflop.train")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    from exaflop.config import load_config
+    from exaflop.engine.checkpoint import read_latest
+    from exaflop.engine.trainer import train_main
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        resume = args.resume
+        # After torchrun restarts a failed group, continue from the newest complete checkpoint.
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = read_latest(cfg.run_dir / "checkpoints")[0] is not None
+        result = train_main(cfg, resume=resume, quiet=args.quiet)
+    except UserError as e:
+        print(f"exaflop: error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done at step {result['step']} -> {result['run_dir']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
