@@ -95,7 +95,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
 
-    start_step, consumed_bad = 0, 0
+    start_step = 0
     if resume:
         meta_probe = ckpt.root
         if not meta_probe.exists():
@@ -278,7 +278,7 @@ def _evaluate(task, model, val: list, rt, step: int) -> dict[str, Any]:
         keys = sorted(res)
         t = torch.tensor([res[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
-        res = {k: float(v) / rt.world for k, v in zip(keys, t.tolist())}
+        res = {k: float(v) / rt.world for k, v in zip(keys, t.tolist(), strict=True)}
     return {"kind": "eval", "step": step, **res}
 
 
