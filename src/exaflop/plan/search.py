@@ -135,8 +135,9 @@ def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: di
 
 def no_factorization_reason(job: Job, n: int, fixed: dict[str, Any]) -> str:
     m = job.model
-    if fixed:
-        pinned = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items())
+    pins = {k: v for k, v in fixed.items() if k not in ("precision", "sequence_parallel")}
+    if pins:
+        pinned = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pins.items())
         return (f"--n {n}: no factorization tp*pp*dp*cp = {n} is consistent with {pinned} and the model "
                 f"({m.layers} layers, {m.heads} heads, global batch {job.global_batch}); drop or change a pin")
     return (f"--n {n}: no factorization tp*pp*dp*cp = {n} fits the model: tp must divide {m.heads} heads, "

@@ -1,0 +1,53 @@
+"""Accuracy on the published rows (shared/planner/calibration.csv): the issue's hard bounds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from exaflop.plan.cli import main
+from exaflop.plan.validate import predict, read_calibration
+
+
+@pytest.fixture(scope="module")
+def results(catalog, calibration_path):
+    return [predict(r) for r in read_calibration(calibration_path, catalog)]
+
+
+def errors(results, prefix: str) -> list[float]:
+    return [abs(r["error_pct"]) for r in results if r["name"].startswith(prefix)]
+
+
+def test_korthikanti_rows(results):
+    e = errors(results, "korthikanti2022")
+    assert len(e) == 8
+    assert statistics.fmean(e) <= 5.0 and max(e) <= 12.0
+
+
+def test_narayanan_rows(results):
+    e = errors(results, "narayanan2021")
+    assert len(e) == 10
+    assert statistics.median(e) <= 10.0 and max(e) <= 20.0
+
+
+def test_validate_json(capsys, calibration_path):
+    assert main(["validate", str(calibration_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 18
+    for r in rows:
+        assert {"name", "predicted_step_s", "measured_step_s", "error_pct"} <= set(r)
+        assert r["error_pct"] == pytest.approx((r["predicted_step_s"] / r["measured_step_s"] - 1) * 100, abs=0.05)
+
+
+def test_validate_table(capsys, calibration_path):
+    assert main(["validate", str(calibration_path)]) == 0
+    out = capsys.readouterr().out
+    assert "korthikanti2022" in out and "median" in out
+
+
+def test_packaged_copy_matches_shared(calibration_path):
+    from exaflop.plan.catalog import CATALOG_DIR
+
+    assert (CATALOG_DIR / "calibration.csv").read_text() == calibration_path.read_text()
