@@ -51,3 +51,15 @@ def test_packaged_copy_matches_shared(calibration_path):
     from exaflop.plan.catalog import CATALOG_DIR
 
     assert (CATALOG_DIR / "calibration.csv").read_text() == calibration_path.read_text()
+
+
+def test_fit_on_one_paper_predicts_the_other(catalog, calibration_path):
+    """The efficiency model generalizes: constants fitted on Korthikanti alone predict Narayanan."""
+    from exaflop.plan.efficiency import Efficiency
+    from exaflop.plan.validate import fit
+
+    rows = read_calibration(calibration_path, catalog)
+    train = [r for r in rows if r.name.startswith("korthikanti2022")]
+    eff, _ = fit(train, Efficiency(0.8, 40.0, 0.8, 0.8), rounds=2)
+    held_out = [abs(predict(r, eff)["error_pct"]) for r in rows if r.name.startswith("narayanan2021")]
+    assert statistics.median(held_out) <= 10.0 and max(held_out) <= 20.0

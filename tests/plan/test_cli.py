@@ -134,3 +134,10 @@ def test_planner_imports_no_torch():
             "c.main(['validate', '--json']); assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_mounted_in_the_main_cli(capsys):
+    cli = pytest.importorskip("exaflop.cli")
+    assert cli.main(["plan", "--model", "llama3-8b", "--n", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["tp"] >= 1
+    assert cli.main(["plan", "--model", "gpt-5"]) == 2

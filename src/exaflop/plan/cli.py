@@ -186,17 +186,19 @@ def replace_n(args: argparse.Namespace, n: int) -> argparse.Namespace:
 
 
 def _print_scaling(points: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=f"{points[0]['model']}: best plan per cluster size")
-    for col in ("accelerators", "plan", "batch", "step s", "MFU", "goodput", "days", "MWh", "cost $"):
-        t.add_column(col, justify="left" if col == "plan" else "right")
+    t = Table(title=f"{points[0]['model']}: best plan per cluster size", box=box.SIMPLE, pad_edge=False)
+    for col in ("accels", "tp.pp.dp.cp", "batch", "step s", "MFU", "goodput", "days", "GWh", "$M"):
+        t.add_column(col, justify="left" if col.startswith("tp") else "right", no_wrap=True)
     for d in points:
         p, r = d["plan"], d["run"]
-        t.add_row(f"{d['n']:,}", f"tp{p['tp']} pp{p['pp']} dp{p['dp']} cp{p['cp']} ep{p['ep']} vp{p['vp']}",
-                  str(d["global_batch"]), f"{d['step_s']:.2f}", f"{r['mfu'] * 100:.1f}%",
-                  f"{r['goodput'] * 100:.1f}%", f"{r['days']:.1f}", f"{r['energy_mwh']:.3g}", f"{r['cost_usd']:.3g}")
+        t.add_row(f"{d['n']:,}", f"{p['tp']}.{p['pp']}.{p['dp']}.{p['cp']}", str(d["global_batch"]),
+                  f"{d['step_s']:.2f}", f"{r['mfu'] * 100:.1f}%", f"{r['goodput'] * 100:.1f}%",
+                  f"{r['days']:.1f}", f"{r['energy_mwh'] / 1e3:.1f}", f"{r['cost_usd'] / 1e6:,.0f}")
     console = Console()
+    console.width = max(console.width, 100)  # one row per cluster size beats wrapped cells
     console.print(t)
     for s in skipped:
         console.print(f"skipped {s['n']:,}: {s['reason']}")
@@ -214,7 +216,9 @@ def _validate(args: argparse.Namespace, catalog: Catalog, fit_constants: bool) -
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print_validation(Console(), results, summarize(results))
+        console = Console()
+        console.width = max(console.width, 110)
+        print_validation(console, results, summarize(results))
         if fit_constants:
             print(f"fitted on {args.file}: {eff!r}  (paste into exaflop/plan/efficiency.py)")
     return 0

@@ -33,4 +33,4 @@ class Efficiency:
 # Fitted by `python -m exaflop.plan calibrate` (coordinate search minimizing the mean
 # absolute step-time error over the 18 rows of shared/planner/calibration.csv, 2021-22
 # Megatron-LM on A100-80GB). Re-fit and paste here when the cost model changes.
-CALIBRATED = Efficiency(gemm_peak=0.725, gemm_knee=18.0, mem_eff=0.74, net_eff=0.84)
+CALIBRATED = Efficiency(gemm_peak=0.73, gemm_knee=22.0, mem_eff=0.74, net_eff=0.83)

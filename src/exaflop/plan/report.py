@@ -40,7 +40,7 @@ def _fmt_time(days: float) -> str:
 
 def print_plan(console: Console, d: dict[str, Any]) -> None:
     run, p = d["run"], d["plan"]
-    head = Table(title=f"{d['model']} ({d['params'] / 1e9:.0f}B params, {d['active_params'] / 1e9:.0f}B active) "
+    head = Table(title=f"{d['model']} ({d['params'] / 1e9:.3g}B params, {d['active_params'] / 1e9:.3g}B active) "
                        f"on {d['cluster']}", show_header=False)
     head.add_column(style="bold")
     head.add_column()
