@@ -235,6 +235,11 @@ def step_cost(job: Job, plan: Plan, micro_batches: int | None = None) -> StepCos
     model_flops = 3 * forward_flops(m, job.seq_len) * global_batch
     mfu = model_flops / (step * plan.n * job.accel.peak_flops(plan.precision))
     fits = sum(mem.values()) <= job.accel.mem_gb * 1e9 * USABLE_MEMORY
-    comm = {"tp": 8 * plan.micro_batch * job.seq_len // plan.cp * m.hidden * BYTES * layers,
-            "dp": grad_bytes, "pp": 2 * plan.vp * p2p_bytes if plan.pp > 1 else 0.0}
+    # Payload each accelerator hands to collectives per step (before algorithm overheads).
+    act = plan.micro_batch * job.seq_len // plan.cp * m.hidden * BYTES
+    tp_msgs = 4 + (2 if plan.recompute == "full" else 0)
+    comm = {"tp": tp_msgs * act * layers * micro_batches if plan.tp > 1 else 0.0,
+            "ep": 4 * act * m.top_k * n_moe * micro_batches if plan.ep > 1 else 0.0,
+            "pp": 2 * plan.vp * p2p_bytes * micro_batches if plan.pp > 1 else 0.0,
+            "dp": grad_bytes if plan.dp * plan.cp > 1 else 0.0}
     return StepCost(plan, step, micro_batches, global_batch, bd, mem, model_flops, mfu, fits, comm)

@@ -25,6 +25,7 @@ def plan_dict(job: Job, n: int, chips: str, res: SearchResult, best: StepCost, r
         "step_s": best.step_s, "step_breakdown_s": best.breakdown,
         "memory_gb": {k: v / 1e9 for k, v in best.memory.items()},
         "memory_limit_gb": job.accel.mem_gb * USABLE_MEMORY,
+        "comm_gb_per_step": {k: v / 1e9 for k, v in best.comm_bytes.items()},  # per accelerator
         "run": run.to_dict(), "inputs": asdict(inputs),
         "alternatives": [{"plan": c.plan.label(), "step_s": c.step_s, "mfu": c.mfu,
                           "global_batch": c.global_batch} for c in res.plans[1:]],
