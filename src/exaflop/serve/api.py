@@ -1,0 +1,217 @@
+"""/v1/completions and /v1/chat/completions: request → sequences → response or stream.
+
+Everything a client can get wrong is checked here, before anything is queued, and
+answered as an APIError (4xx, OpenAI shape). Each prompt × n becomes one engine
+Sequence; their events come back through an asyncio queue fed from the engine
+thread with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from exaflop.lm.chat import END, role_header
+from exaflop.serve.auth import RateLimited
+from exaflop.serve.engine import QueueFull
+from exaflop.serve.protocol import APIError, ChatRequest, CompletionRequest
+from exaflop.serve.reload import ServedModel, Weights
+from exaflop.serve.sequence import Event, Handle, SamplingParams, Sequence
+from exaflop.serve.shapes import Choice, Shaper, sse
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+
+
+def encode_chat(tok, messages: list[tuple[str, str]]) -> list[int]:
+    """lm.chat's template, with message content encoded as plain text.
+
+    Role markers are special tokens; content is tokenized with special-token parsing
+    off, so text like "<|end|>" typed by a user cannot forge a turn boundary. Each
+    piece starts after a newline or a special token (a pre-tokenizer boundary), so
+    for ordinary content the ids equal those of encoding lm.chat.render()'s string.
+    """
+    ids: list[int] = []
+    previous = tok.encode_special_tokens
+    try:
+        for role, content in messages:
+            tok.encode_special_tokens = False
+            ids += tok.encode(role_header(role), add_special_tokens=False).ids
+            if content:
+                tok.encode_special_tokens = True
+                ids += tok.encode(content, add_special_tokens=False).ids
+            tok.encode_special_tokens = False
+            ids += tok.encode(END + "\n", add_special_tokens=False).ids
+        tok.encode_special_tokens = False
+        ids += tok.encode(role_header("assistant"), add_special_tokens=False).ids
+    finally:
+        tok.encode_special_tokens = previous
+    return ids
+
+
+def _prompts(body: CompletionRequest | ChatRequest, w: Weights) -> list[list[int]]:
+    if isinstance(body, ChatRequest):
+        msgs = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+        return [encode_chat(w.tok, msgs)]
+    p = body.prompt
+    if isinstance(p, str):
+        texts = [p]
+    elif all(isinstance(x, str) for x in p):
+        texts = list(p)  # type: ignore[arg-type]
+    elif all(isinstance(x, int) for x in p):
+        return [_check_ids(list(p), w)]  # type: ignore[arg-type]
+    else:
+        return [_check_ids(list(x), w) for x in p]  # type: ignore[union-attr]
+    out = []
+    for t in texts:
+        ids = w.tok.encode(t, add_special_tokens=False).ids
+        out.append(ids or [w.eot_id])  # an empty prompt starts a fresh document
+    return out
+
+
+def _check_ids(ids: list[int], w: Weights) -> list[int]:
+    bad = [i for i in ids if i >= w.vocab_size]
+    if bad:
+        raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary (size {w.vocab_size})",
+                       param="prompt")
+    return ids
+
+
+def _params(body: CompletionRequest | ChatRequest, w: Weights, longest: int) -> SamplingParams:
+    chat = isinstance(body, ChatRequest)
+    if chat:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: requires logprobs=true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+    else:
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise APIError(400, "best_of: only best_of equal to n is supported", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo: cannot be combined with logprobs here", param="echo")
+        logprobs = body.logprobs
+        max_tokens = body.max_tokens
+    room = w.ctx - longest
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {w.ctx} tokens, but the prompt has "
+                       f"{longest} tokens (leave room for at least one new token). Shorten the prompt.",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    if max_tokens is not None and longest + max_tokens > w.ctx:
+        field = ("max_completion_tokens" if body.max_completion_tokens else "max_tokens") if chat else "max_tokens"
+        raise APIError(400, f"This model's maximum context length is {w.ctx} tokens. However, you requested "
+                       f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
+                       "completion). Reduce the prompt or the completion length.",
+                       param=field, code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = room if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
+    bias: dict[int, float] = {}
+    for k, v in (body.logit_bias or {}).items():
+        if not k.isdigit() or int(k) >= w.vocab_size:
+            raise APIError(400, f"logit_bias: key {k!r} is not a token id below {w.vocab_size}", param="logit_bias")
+        bias[int(k)] = v
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias, seed=body.seed, stop=stop, logprobs=logprobs)
+
+
+async def generate(served: ServedModel | None, body: CompletionRequest | ChatRequest, request: Request,
+                   server) -> JSONResponse | StreamingResponse:
+    chat = isinstance(body, ChatRequest)
+    if served is None:
+        raise APIError(404, f"The model `{body.model}` does not exist", param="model", code="model_not_found")
+    w = served.weights
+    if w is None:
+        raise APIError(503, f"model `{body.model}` is still loading; retry shortly", type="server_error",
+                       code="model_loading", retry_after=5)
+    prompts = _prompts(body, w)
+    params = _params(body, w, max(len(p) for p in prompts))
+    n = body.n or 1
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
+    prompt_tokens = sum(len(p) for p in prompts)
+    key = request.scope.get("state", {}).get("key_id", "anonymous")
+    try:
+        server.limiter.admit(key, prompt_tokens)
+    except RateLimited as e:
+        raise APIError(429, str(e), type="requests", code="rate_limit_exceeded", retry_after=e.retry_after) from None
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def deliver(ev: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # event loop closed (server shutting down)
+            pass
+
+    handle = Handle(deliver)
+    seqs = [Sequence(handle, pi * n + j, ids, params) for pi, ids in enumerate(prompts) for j in range(n)]
+    try:
+        served.engine.submit(seqs)
+    except QueueFull as e:
+        raise APIError(503, f"server is at capacity: {e}; retry later", type="server_error",
+                       code="queue_full", retry_after=1) from None
+    echo = {}
+    if not chat and body.echo:
+        echo = {s.index: w.tok.decode(s.prompt_ids, skip_special_tokens=False) for s in seqs}
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    shaper = Shaper(chat, body.model, params.logprobs is not None, f"exaflop-step{w.step}", include_usage)
+    choices = {s.index: Choice(s.index) for s in seqs}
+
+    def finish(completion_tokens: int) -> None:
+        handle.cancelled = True  # no-op for finished sequences; drops any still running
+        served.engine.wake()
+        server.limiter.charge(key, completion_tokens)
+
+    if body.stream:
+        stream = _stream(shaper, queue, choices, echo, prompt_tokens, finish)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    done = 0
+    try:
+        while done < len(choices):
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)  # nobody is listening
+                continue
+            if ev.error:
+                raise APIError(500, f"generation failed: {ev.error}", type="server_error")
+            choices[ev.index].add(ev)
+            done += ev.finish_reason is not None
+    finally:
+        finish(sum(c.completion_tokens for c in choices.values()))
+    return JSONResponse(shaper.response(list(choices.values()), prompt_tokens, echo))
+
+
+async def _stream(shaper: Shaper, queue: asyncio.Queue, choices: dict[int, Choice], echo: dict[int, str],
+                  prompt_tokens: int, finish) -> AsyncIterator[str]:
+    done = 0
+    try:
+        for c in choices.values():
+            if shaper.chat:
+                yield shaper.chunk(c, "", [], None, role=True)
+            elif c.index in echo:
+                yield shaper.chunk(c, echo[c.index], [], None)
+        while done < len(choices):
+            ev: Event = await queue.get()
+            if ev.error:
+                yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                     "param": None, "code": None}})
+                break
+            c = choices[ev.index]
+            c.completion_tokens = max(c.completion_tokens, ev.completion_tokens)
+            done += ev.finish_reason is not None
+            if ev.text or ev.logprobs or ev.finish_reason:
+                yield shaper.chunk(c, ev.text, ev.logprobs, ev.finish_reason)
+        if shaper.include_usage:
+            yield shaper.usage_chunk(prompt_tokens, sum(c.completion_tokens for c in choices.values()))
+        yield sse("[DONE]")
+    finally:  # also runs when the client disconnects and the response task is cancelled
+        finish(sum(c.completion_tokens for c in choices.values()))

@@ -1,0 +1,96 @@
+"""`exaflop serve RUN [RUN ...]`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directory (serves its newest checkpoint, hot-reloading newer ones) or a "
+                        "checkpoint directory; the model id is the run name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs API keys)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", help="file with one API key per line (also: EXAFLOP_API_KEYS=k1,k2)")
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences that may wait; beyond it: 503")
+    p.add_argument("--prefill-tokens", type=int, default=4096,
+                   help="padded prompt tokens prefilled per step (bounds the stall new prompts cause)")
+    p.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0: off)")
+    p.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0: off)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument("--reload-interval", type=float, default=2.0,
+                   help="seconds between checks for a newer checkpoint (0: never reload)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="weights and KV cache (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    from exaflop.errors import UserError
+
+    for flag, value, low in (("--max-running", args.max_running, 1), ("--max-queue", args.max_queue, 0),
+                             ("--prefill-tokens", args.prefill_tokens, 1), ("--rate-limit-rpm", args.rate_limit_rpm, 0),
+                             ("--rate-limit-tpm", args.rate_limit_tpm, 0), ("--threads", args.threads, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: must be between 1 and 65535")
+    if args.max_body_mb <= 0 or args.reload_interval < 0:
+        raise UserError("--max-body-mb must be > 0 and --reload-interval >= 0")
+
+
+def build_server(args):
+    """Validate everything a user can get wrong, then assemble the (not yet started) server."""
+    import torch
+
+    from exaflop.errors import UserError
+    from exaflop.serve.app import Server
+    from exaflop.serve.auth import KeyChecker, RateLimiter, check_bind, load_keys
+    from exaflop.serve.engine import Engine
+    from exaflop.serve.metrics import Metrics
+    from exaflop.serve.reload import Reloader, ServedModel, resolve_run
+
+    _check(args)
+    keys = load_keys(args.api_key_file)
+    check_bind(args.host, keys)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    metrics = Metrics()
+    models: dict[str, ServedModel] = {}
+    for run in args.runs:
+        name, path, watch = resolve_run(run)
+        if name in models:
+            raise UserError(f"{run}: model id {name!r} is already taken by {models[name].path}; "
+                            "serve runs with distinct names")
+        engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens)
+        models[name] = ServedModel(name, path, engine, watch)
+    reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval)
+    return Server(models, metrics, KeyChecker(keys), RateLimiter(args.rate_limit_rpm, args.rate_limit_tpm),
+                  reloader, int(args.max_body_mb * (1 << 20)))
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from exaflop.serve.app import create_app
+
+    server = build_server(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    names = ", ".join(server.models)
+    auth = "API keys required" if server.keys.enabled else "no API keys (loopback only)"
+    print(f"exaflop serve: {names} at http://{args.host}:{args.port}/v1 ({auth})", flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
+    return 0

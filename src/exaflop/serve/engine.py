@@ -1,0 +1,209 @@
+"""Continuous batching: one background thread per served model.
+
+Each step the loop (1) drops sequences whose client went away, (2) admits waiting
+sequences into free KV-cache slots and prefills them together — prompts of different
+lengths are right-padded, which is exact because a row's queries only see keys at or
+before their own position and each row's cache length is set to its real prompt
+length afterwards, so the padding is overwritten before it is ever attended — and
+(3) decodes one token for every running sequence in one batched forward.
+
+A hot-reloaded checkpoint becomes `current`: new sequences start on it, while
+sequences already running keep the weights (and KV cache) they started with until
+they finish; then the old weights are released.
+
+The loop runs in a thread, not the asyncio loop: torch releases the GIL inside
+kernels, so HTTP handling continues while a batch computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+from torch import Tensor
+
+from exaflop.serve.metrics import Metrics
+from exaflop.serve.sampling import sample_rows
+from exaflop.serve.sequence import Event, Sequence
+
+log = logging.getLogger("exaflop.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+def forward_last(model, idx: Tensor, cache, rows: Tensor, last: Tensor) -> Tensor:
+    """Logits (B, V) at position `last[b]` of each row, filling the cache for all of idx.
+
+    Same computation as LM.forward, but the LM head runs on one position per row
+    instead of all T: for a long prompt and a large vocabulary that is most of the
+    prefill's memory.
+    """
+    x = model.tok_emb(idx)
+    rope = (model.rope_cos, model.rope_sin)
+    for i, block in enumerate(model.blocks):
+        x = block(x, rope, cache, i, rows)
+    x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
+    return model.lm_head(model.norm(x)).float()
+
+
+class Engine:
+    def __init__(self, name: str, metrics: Metrics, max_running: int = 32, max_queue: int = 256,
+                 prefill_tokens: int = 4096):
+        self.name, self.metrics = name, metrics
+        self.max_running, self.max_queue, self.prefill_tokens = max_running, max_queue, prefill_tokens
+        self.current = None  # Weights new sequences start on; None while loading
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self.steps = 0
+
+    # -- called from the HTTP side -------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def swap(self, weights) -> None:
+        """Start new sequences on `weights`; running ones finish on what they started with."""
+        with self._cond:
+            self.current = weights
+            self._cond.notify_all()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self._cond:
+            free_slots = max(0, self.max_running - len(self.running))
+            if len(self.waiting) + len(seqs) > self.max_queue + free_slots:
+                raise QueueFull(f"{len(self.waiting)} sequences already waiting (--max-queue {self.max_queue})")
+            self.waiting.extend(seqs)
+            self._gauges()
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Called when a client disconnects, so an idle-waiting loop notices promptly."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the loop ----------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopped and not (self.running or self.waiting):
+                        self._cond.wait(1.0)
+                    if self._stopped:
+                        return
+                    self._drop_cancelled()
+                    admitted = self._admit()
+                    self._gauges()
+                if not admitted and not self.running:
+                    time.sleep(0.005)  # waiting but nothing admissible (model still loading)
+                    continue
+                try:
+                    self._step(admitted)
+                except Exception as e:  # keep serving: fail these sequences, not the server
+                    log.exception("engine %s: step failed", self.name)
+                    for s in self.running + admitted:
+                        s.handle.deliver(Event(s.index, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                        self._release(s)
+                    self.running = []
+                self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        for s in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(s)
+            self.metrics.aborted.inc(model=self.name)
+        for s in [s for s in self.running if s.cancelled]:
+            self.running.remove(s)
+            self._release(s)
+            self.metrics.aborted.inc(model=self.name)
+
+    def _admit(self) -> list[Sequence]:
+        w = self.current
+        out: list[Sequence] = []
+        if w is None:
+            return out
+        longest = 0
+        while self.waiting and len(self.running) + len(out) < self.max_running:
+            s = self.waiting[0]
+            longest_if = max(longest, len(s.prompt_ids))
+            if out and longest_if * (len(out) + 1) > self.prefill_tokens:
+                break  # the rest prefill next step, so running sequences are not stalled long
+            self.waiting.popleft()
+            longest = longest_if
+            s.start(w, w.take_slot(self.max_running), w.device)
+            out.append(s)
+        return out
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(len(self.running), model=self.name)
+        self.metrics.waiting.set(len(self.waiting), model=self.name)
+
+    # -- one step -------------------------------------------------------------
+    def _step(self, admitted: list[Sequence]) -> None:
+        decoding = self.running
+        by_weights: dict[int, list[Sequence]] = {}
+        for s in decoding:
+            by_weights.setdefault(id(s.weights), []).append(s)
+        for group in by_weights.values():
+            self._decode(group)
+        if admitted:
+            self._prefill(admitted)
+        self.running = [s for s in decoding + admitted if s.finish_reason is None]
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        w = seqs[0].weights
+        lens = [len(s.prompt_ids) for s in seqs]
+        x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, :lens[i]] = torch.tensor(s.prompt_ids)
+        rows = torch.tensor([s.slot for s in seqs], device=w.device)
+        lens_t = torch.tensor(lens, device=w.device)
+        w.cache.lengths[rows] = 0
+        logits = forward_last(w.model, x.to(w.device), w.cache, rows, lens_t - 1)
+        w.cache.lengths[rows] = lens_t
+        self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
+        self._emit(seqs, logits)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        w = seqs[0].weights
+        x = torch.tensor([[s.out_ids[-1]] for s in seqs], device=w.device)
+        rows = torch.tensor([s.slot for s in seqs], device=w.device)
+        logits = forward_last(w.model, x, w.cache, rows, torch.zeros(len(seqs), dtype=torch.long,
+                                                                       device=w.device))
+        w.cache.lengths[rows] += 1
+        self._emit(seqs, logits)
+
+    def _emit(self, seqs: list[Sequence], logits: Tensor) -> None:
+        ids, lps = sample_rows(logits, seqs)
+        now = time.perf_counter()
+        m = self.metrics
+        m.generated_tokens.inc(len(ids), model=self.name)
+        for s, tok, lp in zip(seqs, ids, lps, strict=True):
+            if s.t_first is None:
+                s.t_first = now
+                m.ttft.observe(now - s.handle.arrival, model=self.name)
+            else:
+                m.itl.observe(now - s.t_last, model=self.name)  # type: ignore[operator]
+            s.t_last = now
+            ev = s.add_token(tok, lp)
+            if ev is not None:
+                s.handle.deliver(ev)
+            if s.finish_reason is not None:
+                m.e2e.observe(now - s.handle.arrival, model=self.name)
+                self._release(s)
+
+    def _release(self, s: Sequence) -> None:
+        if s.weights is not None and s.slot >= 0:
+            s.weights.free_slot(s.slot)
+            s.slot = -1

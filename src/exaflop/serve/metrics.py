@@ -1,0 +1,122 @@
+"""Prometheus metrics in the text exposition format (version 0.0.4), no client library.
+
+The engine threads and the HTTP handlers both update these, so every family
+takes a lock; labels are given as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+def _labels(key: LabelKey, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    items = key + extra
+    if not items:
+        return ""
+    esc = [(k, v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")) for k, v in items]
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc) + "}"
+
+
+def _num(x: float) -> str:
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    return repr(float(x)) if not float(x).is_integer() else str(int(x))
+
+
+class _Family:
+    kind = ""
+
+    def __init__(self, name: str, help: str):
+        self.name, self.help = name, help
+        self._lock = threading.Lock()
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Family):
+    kind = "counter"
+
+    def __init__(self, name: str, help: str):
+        super().__init__(name, help)
+        self._values: dict[LabelKey, float] = {}
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + amount
+
+    def get(self, **labels: str) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return self.header() + [f"{self.name}{_labels(k)} {_num(v)}" for k, v in self._values.items()]
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] = value
+
+
+class Histogram(_Family):
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Iterable[float]):
+        super().__init__(name, help)
+        self.buckets = sorted(buckets)
+        self._data: dict[LabelKey, list[float]] = {}  # per-bucket counts..., then sum, count
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            d = self._data.setdefault(key, [0.0] * (len(self.buckets) + 2))
+            for i, b in enumerate(self.buckets):
+                if value <= b:
+                    d[i] += 1
+            d[-2] += value
+            d[-1] += 1
+
+    def lines(self) -> list[str]:
+        out = self.header()
+        with self._lock:
+            for key, d in self._data.items():
+                for i, b in enumerate(self.buckets):
+                    out.append(f"{self.name}_bucket{_labels(key, (('le', _num(b)),))} {_num(d[i])}")
+                out.append(f"{self.name}_bucket{_labels(key, (('le', '+Inf'),))} {_num(d[-1])}")
+                out.append(f"{self.name}_sum{_labels(key)} {_num(d[-2])}")
+                out.append(f"{self.name}_count{_labels(key)} {_num(d[-1])}")
+        return out
+
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        p = "exaflop"
+        self.requests = Counter(f"{p}_requests_total", "HTTP requests by route and status code")
+        self.running = Gauge(f"{p}_requests_running", "sequences decoding now")
+        self.waiting = Gauge(f"{p}_requests_waiting", "sequences queued for a KV-cache slot")
+        self.aborted = Counter(f"{p}_requests_aborted_total", "sequences dropped because the client left")
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens_total", "prompt tokens prefilled")
+        self.generated_tokens = Counter(f"{p}_generation_tokens_total", "tokens generated")
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "arrival to first token", LATENCY)
+        self.itl = Histogram(f"{p}_inter_token_latency_seconds", "time between tokens of a sequence", LATENCY)
+        self.e2e = Histogram(f"{p}_e2e_request_latency_seconds", "arrival to last token", LATENCY)
+        self.checkpoint_step = Gauge(f"{p}_checkpoint_step", "checkpoint step being served")
+        self.reload_failures = Counter(f"{p}_reload_failures_total", "checkpoints that failed to load")
+
+    def render(self) -> str:
+        families = [self.requests, self.running, self.waiting, self.aborted, self.prompt_tokens,
+                    self.generated_tokens, self.ttft, self.itl, self.e2e, self.checkpoint_step,
+                    self.reload_failures]
+        return "\n".join(line for f in families for line in f.lines()) + "\n"

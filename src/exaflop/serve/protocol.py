@@ -1,0 +1,141 @@
+"""Request bodies of the OpenAI-compatible API, and the OpenAI error shape.
+
+Every model forbids unknown fields, so a typo (`max_token`) is a 400 naming the
+field instead of being silently ignored. Bounds here are the static ones; limits
+that depend on the model (context length, vocabulary) are checked in app.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 8  # choices per request (and prompts per completions request)
+MAX_STOP = 4
+MAX_STOP_CHARS = 200
+MAX_TOP_LOGPROBS_CHAT = 20
+MAX_LOGPROBS_COMPLETIONS = 5
+MAX_MESSAGES = 512
+MAX_TOKENS_FIELD = 1 << 20  # far above any context; the context check gives the real bound
+
+Int64 = Annotated[int, Field(ge=-(1 << 63), lt=1 << 64)]
+StopField = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+
+
+class SamplingFields(Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=1 << 20, description="extension: 0 or -1 disables")
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: StopField | list[StopField] | None = Field(None, max_length=MAX_STOP)
+    seed: Int64 | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=300)
+    user: str | None = Field(None, max_length=256)  # accepted, ignored
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+PromptIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)] | PromptIds | \
+        Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_N)]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETIONS)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = Field(None, max_length=0, description="not supported; must be empty")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)  # accepted, ignored
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+
+
+class DriveFrames(Strict):
+    """JSON form of /v1/drive/predict: frames as nested [H][W][3] uint8 lists."""
+
+    model: str = Field(min_length=1, max_length=256)
+    frames: list[list[list[list[Annotated[int, Field(ge=0, le=255)]]]]] = Field(min_length=1, max_length=64)
+
+
+class APIError(Exception):
+    """A 4xx/5xx answered in the OpenAI error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.retry_after = param, code, retry_after
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One readable line (and the offending field) from pydantic/FastAPI validation errors."""
+    if not errors:
+        return "invalid request body", None
+    # Prefer the error that names an unknown field: it is the most actionable.
+    extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+    err = extra[0] if extra else errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # Unions report one error per branch under the branch's type name; drop those segments.
+    loc = [p for p in loc if not _is_union_branch(p)]
+    param = ".".join(loc) or None
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON ({err.get('msg', '')})", None
+    if err.get("type") == "missing":
+        return f"Missing required parameter: {param}", param
+    where = f"{param}: " if param else "request body: "
+    return where + str(err.get("msg", "invalid value")), param
+
+
+def _is_union_branch(part: str) -> bool:
+    return any(c in part for c in "[]()") or part in {"str", "int", "list", "float", "bool", "dict"} \
+        or part.startswith(("constrained-", "function-"))

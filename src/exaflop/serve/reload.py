@@ -1,0 +1,168 @@
+"""Loading served models, and hot reload when a run writes a newer checkpoint.
+
+A `Weights` is one loaded checkpoint with its own KV cache. The reloader polls each
+run's `checkpoints/` (`read_latest` only returns checkpoints whose every shard is
+on disk at its recorded size, so a checkpoint still being written is never
+picked up), loads a newer one in this thread, and hands it to the engine, which
+swaps it in atomically for new requests. A load that fails is logged, counted in
+/metrics, not retried until that checkpoint changes, and the old weights keep
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exaflop.engine.checkpoint import load_for_inference, read_latest
+from exaflop.errors import UserError
+from exaflop.lm.tokenizer import load_tokenizer, special_ids
+from exaflop.serve.engine import Engine
+from exaflop.serve.metrics import Metrics
+from exaflop.serve.sequence import token_byte_table
+
+log = logging.getLogger("exaflop.serve")
+
+
+class Weights:
+    """One loaded language-model checkpoint, plus the KV cache its sequences decode in."""
+
+    def __init__(self, cfg, model, tok, ckpt: Path, device: torch.device):
+        self.cfg, self.model, self.tok, self.ckpt, self.device = cfg, model, tok, ckpt, device
+        self.step = int(getattr(model, "checkpoint_step", 0))
+        self.ctx = cfg.model.seq_len
+        self.vocab_size = cfg.model.vocab_size
+        special = set(special_ids(tok).values())
+        self.stop_ids = frozenset(special)  # any special token ends a reply (<|end|>, EOT, a new role)
+        self.eot_id = tok.token_to_id("<|endoftext|>")
+        self._bytes = token_byte_table(tok, self.vocab_size, special)
+        self.cache = None
+        self._free: list[int] = []
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._bytes[token] if 0 <= token < len(self._bytes) else b""
+
+    def take_slot(self, slots: int) -> int:
+        if self.cache is None:  # allocated on first use: an idle reloaded model costs no cache memory
+            self.cache = self.model.new_cache(slots, self.ctx)
+            self._free = list(range(slots - 1, -1, -1))
+        return self._free.pop()
+
+    def free_slot(self, slot: int) -> None:
+        self._free.append(slot)
+
+
+def find_tokenizer(cfg, run_dir: Path) -> Path:
+    """data.path is relative to where training ran; also try beside the run and its parents."""
+    rel = Path(cfg.data.path) / "tokenizer.json"
+    for base in (Path.cwd(), run_dir, run_dir.parent, run_dir.parent.parent):
+        p = rel if rel.is_absolute() else base / rel
+        if p.is_file():
+            return p
+    if (run_dir / "tokenizer.json").is_file():
+        return run_dir / "tokenizer.json"
+    raise UserError(f"{run_dir}: tokenizer {rel} not found (data.path in config.toml); run the server "
+                    "from the directory training ran in, or copy tokenizer.json into the run directory")
+
+
+def load_weights(ckpt: Path, run_dir: Path, device: torch.device, dtype: torch.dtype | None) -> Weights:
+    cfg, _task, model = load_for_inference(ckpt, device)
+    if cfg.task != "lm":
+        raise UserError(f"{run_dir}: a {cfg.task!r} run; only language models are served on /v1/*")
+    if dtype is not None:
+        model.to(dtype)
+    tok = load_tokenizer(find_tokenizer(cfg, run_dir))
+    return Weights(cfg, model, tok, ckpt, device)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path  # run directory, or a fixed checkpoint directory (then never reloaded)
+    engine: Engine
+    watch: bool = True
+    weights: Weights | None = None
+    failed: set[tuple[str, float]] = field(default_factory=set)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path if self.watch else self.path.parent.parent
+
+
+def resolve_run(path_str: str) -> tuple[str, Path, bool]:
+    """(model id, path, watch) for a RUN argument; raises UserError for anything unservable."""
+    path = Path(path_str).resolve()
+    if (path / "meta.json").is_file() and path.name.startswith("step_"):
+        return path.parent.parent.name, path, False
+    if not (path / "config.toml").is_file():
+        raise UserError(f"{path_str}: not a run directory (no config.toml) nor a checkpoint "
+                        "directory (step_*/meta.json); pass runs/<name>")
+    ckpt, problems = read_latest(path / "checkpoints")
+    if ckpt is None:
+        raise UserError(f"{path_str}: no complete checkpoint yet" + (f" ({problems[0]})" if problems else ""))
+    return path.name, path, True
+
+
+class Reloader:
+    """Background thread: initial load of every model, then polling for newer checkpoints."""
+
+    def __init__(self, models: list[ServedModel], metrics: Metrics, device: torch.device,
+                 dtype: torch.dtype | None = None, interval: float = 2.0):
+        self.models, self.metrics, self.device, self.dtype = models, metrics, device, dtype
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reloader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for m in self.models:
+                self.check(m)
+            if not self.interval:
+                return
+            self._stop.wait(self.interval)
+
+    def check(self, m: ServedModel) -> None:
+        if m.watch:
+            ckpt, _ = read_latest(m.path / "checkpoints")
+        else:
+            ckpt = m.path if m.weights is None else None
+        if ckpt is None or (m.weights is not None and _step_of(ckpt) <= m.weights.step):
+            return
+        try:
+            key = (str(ckpt), (ckpt / "meta.json").stat().st_mtime)
+        except OSError:  # pruned between listing and stat: try again next poll
+            return
+        if key in m.failed:
+            return
+        try:
+            w = load_weights(ckpt, m.run_dir, self.device, self.dtype)
+        except Exception as e:  # a bad checkpoint must not take the server down
+            m.failed.add(key)
+            self.metrics.reload_failures.inc(model=m.name)
+            log.warning("%s: could not load %s (%s: %s); still serving %s", m.name, ckpt,
+                        type(e).__name__, e, f"step {m.weights.step}" if m.weights else "nothing yet")
+            return
+        old = m.weights
+        m.weights = w
+        m.engine.swap(w)
+        self.metrics.checkpoint_step.set(w.step, model=m.name)
+        log.info("%s: serving %s (step %d)%s", m.name, ckpt.name, w.step,
+                 f", was step {old.step}" if old else "")
+
+
+def _step_of(ckpt: Path) -> int:
+    try:
+        return int(ckpt.name.split("_")[1])
+    except (IndexError, ValueError):
+        return -1
