@@ -44,7 +44,9 @@ class ShardWriter:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode, info.mtime = len(blob), 0o644, 0  # mtime 0: byte-reproducible shards
             self.tar.addfile(info, io.BytesIO(blob))
-            ranges.append((self.tar.members[-1].offset_data, len(blob)))
+            # addfile leaves tar.offset after the member's data padded to 512-byte blocks.
+            padded = -(-len(blob) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            ranges.append((self.tar.offset - padded, len(blob)))
         start = ranges[0][0]
         end = ranges[-1][0] + ranges[-1][1]
         # [key, start, length, then (offset-from-start, size) for each member]
