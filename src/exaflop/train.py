@@ -17,11 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--record-samples", action="store_true",
+                   help="write runs/<name>/samples_rank<r>.jsonl: the global sample ids of every step")
     args = p.parse_args(argv)
     from exaflop.config import load_config
     from exaflop.engine.checkpoint import read_latest
+    from exaflop.engine.runtime import CollectiveTimeout
     from exaflop.engine.trainer import train_main
 
+    if args.record_samples:
+        os.environ["EXAFLOP_RECORD_SAMPLES"] = "1"
     try:
         cfg = load_config(args.config, args.overrides)
         resume = args.resume
@@ -32,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"exaflop: error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         return 2
+    except CollectiveTimeout as e:
+        print(f"exaflop: error: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done at step {result['step']} -> {result['run_dir']}", file=sys.stderr)
     return 0

@@ -1,27 +1,188 @@
 """Wrap a model for the process layout in the config (single process: unchanged).
 
-The distributed layouts (DDP, FSDP2, tensor parallel, HSDP) live here so the
-trainer loop stays the same for one CPU core and a GPU cluster.
+Order matters and follows what the torch.distributed composable APIs expect:
+tensor parallel first (it turns weights into DTensors on the tp mesh), then
+activation checkpointing inside each block, then FSDP2 per block and at the root
+(it shards those DTensors again over the data-parallel mesh), or DDP.
+
+What a block is and how its matmuls split is task knowledge: the engine asks the
+task object, then an optional `exaflop.<task>.parallel_plan` module, for
+
+    blocks(model) -> list[nn.Module]                 # repeated units: FSDP + checkpointing
+    apply_tp(model, tp_mesh, sequence_parallel)      # parallelize_module with its plan
+
+so the engine itself never learns what attention or a token is.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+from functools import partial
+from types import ModuleType
+from typing import Any
+
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from exaflop.engine.mesh import Layout, build_mesh, resolve_layout
 from exaflop.engine.runtime import Runtime
+from exaflop.errors import UserError
 
 
 def data_parallel_size(cfg, rt: Runtime) -> tuple[int, int]:
     """(dp world size, this rank's dp index): ranks that consume different samples."""
-    return rt.world, rt.rank
+    layout = resolve_layout(cfg.parallel, rt.world)
+    return layout.dp, layout.dp_rank(rt.rank)
+
+
+def _plan_module(task_name: str) -> ModuleType | None:
+    name = f"exaflop.{task_name}.parallel_plan"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+
+
+def _hook(task, cfg, name: str):
+    """The task's own `name` hook, else its parallel_plan module's, else None."""
+    fn = getattr(task, name, None)
+    if fn is None:
+        fn = getattr(_plan_module(cfg.task), name, None) if cfg.task else None
+    return fn
+
+
+def model_blocks(model: nn.Module, task, cfg) -> list[nn.Module]:
+    fn = _hook(task, cfg, "blocks")
+    if fn is not None:
+        return list(fn(model))
+    for attr in ("blocks", "layers"):  # the common convention, so a new task works unchanged
+        mods = getattr(model, attr, None)
+        if isinstance(mods, nn.ModuleList):
+            return list(mods)
+    return []
 
 
 def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
+    par = cfg.parallel
+    layout = resolve_layout(par, rt.world)
+    rt.layout = layout
     model.to(rt.device)
-    if not rt.distributed:
+    blocks = model_blocks(model, task, cfg)
+    if par.activation_checkpoint != "none":
+        if not blocks:
+            raise UserError(f"parallel.activation_checkpoint={par.activation_checkpoint}: task "
+                            f"{cfg.task!r} exposes no blocks; set it to none")
+        for b in blocks:
+            checkpoint_block(b, par.activation_checkpoint)
+    if layout.world == 1:
         return model
-    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    mesh = build_mesh(layout, rt.device.type)
+    rt.mesh = mesh
+    if layout.tp > 1:
+        apply_tp = _hook(task, cfg, "apply_tp")
+        if apply_tp is None:
+            raise UserError(f"parallel.tp={layout.tp}: task {cfg.task!r} has no tensor-parallel plan "
+                            "(exaflop.<task>.parallel_plan.apply_tp); set parallel.tp=1")
+        apply_tp(model, mesh["tp"], par.sequence_parallel)
+    if layout.wrap == "ddp":
+        return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    if layout.wrap == "fsdp":
+        _fully_shard(model, blocks, layout, mesh, rt)
+    return model
+
+
+def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh, rt: Runtime) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # HSDP when there is a replicate dim: shard inside a group, all-reduce across groups.
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+    # bf16 compute with fp32 master weights (the sharded parameters stay fp32, so AdamW
+    # updates fp32) and fp32 gradient reduction so the sum over many ranks does not lose bits.
+    mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.dtype else None
+    kw: dict[str, Any] = {"mesh": dp_mesh}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for i, b in enumerate(blocks):
+        # The last block's parameters are needed again right away by backward: keep them.
+        fully_shard(b, reshard_after_forward=i < len(blocks) - 1, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)
+
+
+# -- activation checkpointing ----------------------------------------------------------
+
+_SAVE_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_cudnn_attention", "linear"}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    # Matmul and attention outputs are expensive to recompute and cheap to keep relative to the
+    # pointwise ops (norms, activations, rotary) around them, which are recomputed.
+    name = getattr(op, "__name__", str(op)).split(".")[0]
+    return CheckpointPolicy.MUST_SAVE if name in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_block(block: nn.Module, mode: str) -> None:
+    """Recompute this block's activations in backward. Done by replacing `forward` on the
+    instance (not by a wrapper module) so parameter names, and so checkpoints, do not change."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    inner = block.forward
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
+
+    def forward(*args, **kw):
+        return checkpoint(inner, *args, **kwargs, **kw)
+
+    block.forward = forward  # type: ignore[method-assign]
+
+
+# -- gradient clipping across meshes ----------------------------------------------------
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of the gradients (clipped to max_norm when > 0), for any mix of plain
+    tensors and DTensors on different meshes (TP blocks next to replicated embeddings)."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    total_sq = 0.0
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(n, "full_tensor"):
+            n = n.full_tensor()
+        total_sq += float(n) ** 2
+    total = math.sqrt(total_sq)
+    if max_norm > 0 and math.isfinite(total):
+        coef = max_norm / (total + 1e-6)
+        if coef < 1:
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef)
+    return total
+
+
+def set_grad_sync(model: nn.Module, sync: bool):
+    """Context for one micro-batch: skip the gradient reduction on all but the last."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    if not sync and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ class Runtime:
     local_rank: int
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = fp32
+    layout: Any = None  # engine.mesh.Layout, set by parallelize()
+    mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard, tp) when distributed
 
     @property
     def is_main(self) -> bool:
@@ -81,8 +85,6 @@ def set_rng_state(state: dict) -> None:
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.4) -> float:
     """Dense matmul FLOP/s of this device in the training dtype (the MFU denominator)."""
-    import time
-
     n = 1024 if device.type == "cpu" else 8192
     dt = dtype or torch.float32
     # A private generator: measuring must not advance the training RNG (exact resume).
@@ -99,3 +101,52 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, seconds:
         el = time.perf_counter() - t0
         if el > seconds:
             return 2 * n**3 * iters / el
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within parallel.timeout_s: some rank is hung or gone."""
+
+
+class Heartbeat:
+    """Each rank records the step it is on in the rendezvous store, so that when a collective
+    times out the survivor can name the rank that stopped, instead of a bare socket error."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.step = 0
+        self.store = None
+        if rt.distributed:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self.store = _get_default_store()
+
+    def beat(self, step: int) -> None:
+        self.step = step
+        if self.store is not None:
+            self.store.set(f"exaflop/heartbeat/{self.rt.rank}", f"{step} {time.time():.3f}")
+
+    def explain(self, step: int, timeout_s: float) -> str:
+        seen: dict[int, tuple[int, float]] = {}
+        if self.store is not None:
+            for r in range(self.rt.world):
+                key = f"exaflop/heartbeat/{r}"
+                try:
+                    if self.store.check([key]):
+                        s, t = self.store.get(key).decode().split()
+                        seen[r] = (int(s), float(t))
+                except Exception:  # the store itself may be gone with the failed rank
+                    break
+        behind = [r for r in range(self.rt.world) if r not in seen or seen[r][0] < step]
+        if behind:
+            who = ", ".join(f"rank {r} (last seen at step {seen[r][0]}, {time.time() - seen[r][1]:.0f}s ago)"
+                            if r in seen else f"rank {r} (never reported)" for r in behind)
+        else:
+            who = "no rank is behind in the step count; one is stuck inside this step"
+        return (f"rank {self.rt.rank}: a collective at step {step} timed out after "
+                f"parallel.timeout_s={timeout_s:g}s; stuck: {who}. Check that rank's log; "
+                "raise parallel.timeout_s if steps are legitimately slow")
+
+
+def is_timeout(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text

@@ -46,3 +46,26 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def peak_mem_mb() -> float:
+    """This process's peak memory: CUDA allocator peak on GPU, max resident set on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def per_rank(value: float, distributed: bool, device="cpu") -> list[float]:
+    """`value` from every rank, in rank order (a collective: all ranks must call it)."""
+    if not distributed:
+        return [value]
+    import torch
+    import torch.distributed as dist
+
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
+    return [float(t.item()) for t in out]

@@ -10,6 +10,7 @@ needed to continue bit-exactly: model, optimizer, step (= data cursor), RNG.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,10 +23,17 @@ from exaflop.config import Config, save_config
 from exaflop.data.stream import StreamLayout, eval_batches, make_loader
 from exaflop.engine import runtime as rtm
 from exaflop.engine.checkpoint import Checkpointer
+from exaflop.engine.faults import maybe_inject
 from exaflop.engine.optim import build_optimizer, lr_at
-from exaflop.engine.parallel import data_parallel_size, parallelize, unwrap
+from exaflop.engine.parallel import (
+    clip_grad_norm,
+    data_parallel_size,
+    parallelize,
+    set_grad_sync,
+    unwrap,
+)
 from exaflop.engine.task import build_task
-from exaflop.engine.telemetry import MetricsLog
+from exaflop.engine.telemetry import MetricsLog, peak_mem_mb, per_rank
 from exaflop.errors import UserError
 from exaflop.progress import console, progress_bar
 
@@ -51,7 +59,7 @@ class _StopFlag:
 
     def any_rank(self, rt) -> bool:
         """Preemption may reach one rank only: all ranks agree so they save together."""
-        flag = torch.tensor([1 if self.signal is not None else 0])
+        flag = torch.tensor([1 if self.signal is not None else 0], device=rt.device)
         if rt.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -86,6 +94,18 @@ def _check_resume_compatible(cfg: Config, meta: dict[str, Any]) -> None:
 def train(cfg: Config, resume: bool = False, quiet: bool = False,
           record_samples: bool = False) -> dict[str, Any]:
     rt = rtm.setup(cfg)
+    heartbeat = rtm.Heartbeat(rt)
+    try:
+        return _train(cfg, rt, heartbeat, resume, quiet, record_samples)
+    except Exception as e:
+        # A hung peer shows up as a socket timeout deep in gloo/NCCL: say which rank stopped.
+        if rt.distributed and rtm.is_timeout(e):
+            raise rtm.CollectiveTimeout(heartbeat.explain(heartbeat.step, cfg.parallel.timeout_s)) from e
+        raise
+
+
+def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool, quiet: bool,
+           record_samples: bool) -> dict[str, Any]:
     run_dir = cfg.run_dir
     task = build_task(cfg)
     model = task.build_model()
@@ -124,7 +144,12 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
     flops_step = task.flops_per_sample() * B
     tps = getattr(task, "tokens_per_sample", 0)
     total = cfg.train.steps
+    record_samples = record_samples or os.environ.get("EXAFLOP_RECORD_SAMPLES") == "1"
+    if record_samples:
+        run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
     samples_file = open(run_dir / f"samples_rank{rt.rank}.jsonl", "a") if record_samples else None
+    if rt.is_main and rt.distributed and not quiet:
+        console.print(f"[dim]{rt.layout.describe()}")
 
     result: dict[str, Any] = {"step": start_step, "stopped_by_signal": False}
     ckpt_time, skipped, bad_run = 0.0, 0, 0
@@ -134,6 +159,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
         bar_task = bar.add_task("train", total=total, completed=start_step, loss="-", rate="-", mfu="-")
         t_last, step = time.perf_counter(), start_step
         for step in range(start_step, total):
+            heartbeat.beat(step)
+            maybe_inject(step, rt.rank)
             lr = lr_at(step, total, cfg.optim)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -143,9 +170,9 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
                 batch = _to_device(next(loader), rt.device)
                 if samples_file is not None:
                     samples_file.write(f'{{"step": {step}, "ids": {batch["sample_ids"].tolist()}}}\n')
+                    samples_file.flush()  # a killed rank must leave what it consumed on disk
                 sync = micro == layout.accum_steps - 1
-                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
-                with ctx, rt.autocast():
+                with set_grad_sync(model, sync), rt.autocast():
                     loss, metrics = task.loss(model, batch)
                 (loss / layout.accum_steps).backward()
                 loss_sum += loss.detach().float().item() / layout.accum_steps
@@ -153,7 +180,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v / layout.accum_steps
             if step == cfg.train.inject_nan_at_step:
                 next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-            grad_norm = _clip(model, cfg.optim.grad_clip)
+            grad_norm = _clip(model, cfg.optim.grad_clip, rt)
             loss_all = _mean_over_ranks(loss_sum, rt)
             if not (math.isfinite(grad_norm) and math.isfinite(loss_all)):
                 skipped += 1
@@ -178,10 +205,14 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
                 t_last = now
                 sps = n_steps * B / dt
                 mfu = flops_step * n_steps / dt / (peak * rt.world)
+                mem = per_rank(peak_mem_mb(), rt.distributed, rt.device)
                 last = {"kind": "train", "step": done, "loss": loss_all, "lr": lr, "grad_norm": grad_norm,
                         "samples_per_s": sps, "tokens_per_s": sps * tps, "mfu": mfu,
                         "skipped_steps": skipped, "ckpt_s": ckpt_time, "elapsed_s": dt,
-                        "peak_mem_mb": _peak_mem_mb(rt), **metrics_sum}
+                        "peak_mem_mb": max(mem), **metrics_sum}
+                if rt.distributed:
+                    last.update({"world": rt.world, "tokens_per_s_per_rank": sps * tps / rt.world,
+                                 "peak_mem_mb_per_rank": mem})
                 log.log(last)
                 rate = f"{sps * tps:,.0f} tok/s" if tps else f"{sps:,.1f} samples/s"
                 bar.update(bar_task, loss=f"{loss_all:.3f}", rate=rate, mfu=f"{100 * mfu:.1f}%")
@@ -192,7 +223,10 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
             sliced = bool(cfg.train.stop_after) and done - start_step >= cfg.train.stop_after and done != total
             stopping = stop.any_rank(rt) or sliced
             if stopping or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total):
-                ckpt_time += _save(ckpt, model, optimizer, cfg, done, skipped)
+                blocked = _save(ckpt, model, optimizer, cfg, done, skipped)
+                ckpt_time += blocked
+                log.log({"kind": "checkpoint", "step": done, "blocked_s": blocked, "ckpt_s": ckpt_time,
+                         "async": ckpt.async_save})
             if stopping:
                 result["stopped_by_signal"] = not sliced
                 result["stopped_early"] = True
@@ -211,14 +245,6 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False,
     if samples_file:
         samples_file.close()
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _load(ckpt, model, optimizer, cfg):
@@ -241,8 +267,10 @@ def _save(ckpt: Checkpointer, model, optimizer, cfg: Config, step: int, skipped:
     return ckpt.save(model, optimizer, meta, rtm.rng_state())
 
 
-def _clip(model, max_norm: float) -> float:
+def _clip(model, max_norm: float, rt) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
+    if rt.distributed:  # DTensor gradients may live on several meshes (TP blocks, FSDP root)
+        return clip_grad_norm(params, max_norm)
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
@@ -255,17 +283,9 @@ def _clip(model, max_norm: float) -> float:
 def _mean_over_ranks(x: float, rt) -> float:
     if not rt.distributed:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return float(t.item() / rt.world)
-
-
-def _peak_mem_mb(rt) -> float:
-    if rt.device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 @torch.no_grad()
@@ -276,7 +296,7 @@ def _evaluate(task, model, val: list, rt, step: int) -> dict[str, Any]:
         res = task.evaluate(unwrap(model) if not rt.distributed else model, batches)
     if rt.distributed:
         keys = sorted(res)
-        t = torch.tensor([res[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([res[k] for k in keys], dtype=torch.float64, device=rt.device)
         dist.all_reduce(t)
         res = {k: float(v) / rt.world for k, v in zip(keys, t.tolist(), strict=True)}
     return {"kind": "eval", "step": step, **res}

@@ -1,0 +1,90 @@
+"""How the language model splits for the engine's parallel layouts (see engine/parallel.py).
+
+Tensor parallel, Megatron style: q/k/v and the MLP's gate/up projections are split
+by output features (column-wise: each rank owns whole heads / a slice of the
+hidden units), the attention output and MLP down projections by input features
+(row-wise), so each sub-layer needs one reduction. With sequence parallelism the
+norms and residual stream between sub-layers hold 1/tp of the sequence each
+(reduce-scatter + all-gather instead of an all-reduce: same traffic, 1/tp of the
+activation memory). Embedding, final norm and LM head stay replicated: the head is
+tied to the embedding, and the two would need opposite splits.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from exaflop.errors import UserError
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.blocks)
+
+
+def check_tp(cfg, tp: int, sequence_parallel: bool) -> None:
+    """Refuse splits that do not divide, naming the numbers."""
+    need = {"model.n_head": cfg.n_head, "model.n_kv_head": cfg.n_kv_head, "model.d_ff": cfg.d_ff}
+    if sequence_parallel:
+        need["model.seq_len"] = cfg.seq_len
+    for field, value in need.items():
+        if value % tp:
+            hint = " or set parallel.sequence_parallel=false" if field == "model.seq_len" else ""
+            raise UserError(f"parallel.tp={tp} does not divide {field}={value}; pick a tp that "
+                            f"divides it{hint}")
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleInputOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    check_tp(model.cfg, tp_mesh.size(), sequence_parallel)
+    sp = sequence_parallel
+    # After each sub-layer: reduce-scatter to this rank's sequence part (SP) or all-reduce.
+    between = Shard(1) if sp else Replicate()
+    n_block_args = 5  # Block.forward(x, rope, cache, layer, rows)
+    rest = (None,) * (n_block_args - 1)
+    for block in model.blocks:
+        plan: dict = {
+            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=between),
+        }
+        moe = hasattr(block.mlp, "experts")
+        if moe:
+            # Each expert splits like the dense MLP; routing runs on the full (gathered) tokens.
+            for e in range(len(block.mlp.experts)):
+                plan[f"mlp.experts.{e}.w1"] = ColwiseParallel()
+                plan[f"mlp.experts.{e}.w3"] = ColwiseParallel()
+                plan[f"mlp.experts.{e}.w2"] = RowwiseParallel()
+        else:
+            plan.update({"mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(),
+                         "mlp.w2": RowwiseParallel(output_layouts=between)})
+        if sp:
+            plan.update({
+                "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
+                "attn": PrepareModuleInput(input_layouts=(Shard(1), *rest),
+                                           desired_input_layouts=(Replicate(), *rest)),
+            })
+            if moe:  # routing works on plain tensors; the residual wants the sequence shard back
+                plan["mlp"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
+            else:
+                plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        parallelize_module(block, tp_mesh, plan)
+    if sp:
+        # The residual stream is a plain tensor holding this rank's part of the sequence. The
+        # embedding output is the full sequence on every rank: the first block keeps its part.
+        parallelize_module(model.blocks[0], tp_mesh, PrepareModuleInput(
+            input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest),
+            use_local_output=True))
+        # ...and the last hands the full sequence to the replicated final norm and LM head.
+        parallelize_module(model.norm, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+
