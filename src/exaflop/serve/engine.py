@@ -118,6 +118,7 @@ class Engine:
                         self._release(s)
                     self.running = []
                 self.steps += 1
+                self._gauges()
 
     def _drop_cancelled(self) -> None:
         for s in [s for s in self.waiting if s.cancelled]:
