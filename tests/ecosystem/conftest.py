@@ -29,7 +29,7 @@ def write_corpus(root: Path, docs: int = 12) -> Path:
     return root
 
 
-def lm_config(tmp: Path, data: Path, name: str, **sections):
+def lm_config(tmp: Path, data_dir: Path, name: str, **sections):
     from exaflop.config import Config
 
     tree = {
@@ -38,7 +38,7 @@ def lm_config(tmp: Path, data: Path, name: str, **sections):
                 "seed": 0},
         "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "vocab_size": 320,
                   "seq_len": 64, "tie_embeddings": True},
-        "data": {"path": str(data)},
+        "data": {"path": str(data_dir)},
         "train": {"steps": 40, "global_batch": 8, "micro_batch": 8, "log_every": 5},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0},
         "eval": {"batches": 1},

@@ -43,9 +43,10 @@ def read_json(path: Path) -> dict[str, Any]:
 def _rope_theta(hf: dict[str, Any], where: Path) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise UserError(f"import hf: {where} uses RoPE scaling {kind!r}; exaflop implements plain RoPE only")
+    # transformers >= 5 writes rope_parameters, older versions rope_scaling: either may scale.
+    kinds = sorted({params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"})
+    if kinds:
+        raise UserError(f"import hf: {where} uses RoPE scaling {kinds[0]!r}; exaflop implements plain RoPE only")
     return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
 
 
