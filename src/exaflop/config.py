@@ -175,13 +175,30 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
+def format_validation_error(err: ValidationError, origin: str, prefix: str = "") -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"] if p not in ("function-after", "function-before"))
+    key = ".".join([prefix] * bool(prefix) + [str(p) for p in first["loc"]])
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key {key!r} (check the spelling; see configs/ for valid keys)"
     got = first.get("input")
+    if not first["loc"]:  # a whole-section check (e.g. heads must divide the width)
+        return f"{origin}: [{prefix}] {first['msg'].removeprefix('Value error, ')}"
     return f"{origin}: {key} = {got!r}: {first['msg']}"
+
+
+def validate_tree(tree: dict[str, Any], origin: str) -> Config:
+    """Config from a parsed TOML tree; errors name the full dotted key."""
+    if isinstance(tree.get("task", "lm"), str):
+        mod = task_config_module(tree.get("task", "lm"))
+        for section, klass in (("model", mod.ModelConfig), ("data", mod.DataConfig)):
+            try:
+                klass.model_validate(tree.get(section) or {})
+            except ValidationError as e:
+                raise UserError(format_validation_error(e, origin, section)) from None
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, origin)) from None
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
@@ -201,10 +218,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, b
         key, _, val = item.partition("=")
         apply_override(tree, key.strip(), parse_value(val.strip()))
         origin = f"{origin} (with --set)" if "--set" not in origin else origin
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise UserError(format_validation_error(e, origin)) from None
+    return validate_tree(tree, origin)
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -216,11 +230,12 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def load_config_file(path: Path) -> Config:
     try:
-        return Config.model_validate(tomllib.loads(Path(path).read_text()))
+        tree = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: no such config file") from None
-    except ValidationError as e:
-        raise UserError(format_validation_error(e, str(path))) from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    return validate_tree(tree, str(path))
 
 
 def _toml_value(v: Any) -> str:

@@ -1,0 +1,51 @@
+"""Fixtures for the foundation tests: a small real corpus, tokenized once per session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2",
+              "model.vocab_size=512", "model.seq_len=64"]
+
+
+def write_text_corpus(root: Path) -> Path:
+    """A few hundred KB of real text: the standard library's own docs of some modules."""
+    import importlib
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("json", "argparse", "collections", "pathlib", "textwrap", "functools", "string",
+                 "random", "heapq", "bisect", "shutil", "tempfile"):
+        mod = importlib.import_module(name)
+        (root / f"{name}.py").write_text(Path(mod.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    (root / "unicode.md").write_text("# Ünïcödé — naïve café, 日本語のテキスト, emoji 🚀\n" * 20,
+                                     encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return write_text_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_dir) -> Path:
+    from exaflop.lm.shards import build_text_dataset
+
+    out = tmp_path_factory.mktemp("data") / "text"
+    build_text_dataset(str(corpus_dir), out, vocab_size=512, val_fraction=0.1, quiet=True)
+    return out
+
+
+def tiny_overrides(tmp: Path, data: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.path={data}", f"run.out_dir={tmp / 'runs'}", f"run.name={name}", "run.dtype=fp32",
+            "run.tensorboard=false", "run.threads=1", "train.global_batch=8", "train.micro_batch=4",
+            "train.log_every=1", "eval.batches=2", "optim.warmup_steps=2", *TINY_MODEL, *extra]

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from exaflop.config import load_config
+from exaflop.lm.config import ModelConfig
+from exaflop.lm.generate import filter_logits, generate
+from exaflop.lm.model import LM
+
+
+def test_preset_sizes():
+    def params(preset):
+        return sum(p.numel() for p in LM(load_config(preset).model).parameters())
+
+    assert 1e6 <= params("lm-tiny") <= 3e6
+    assert 13e6 <= params("lm-small") <= 15e6
+    assert 120e6 <= params("lm-124m") <= 128e6
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_head": 1}, {"n_experts": 4, "top_k": 2}, {"tie_embeddings": False}])
+def test_kv_cache_matches_full_forward(extra):
+    torch.manual_seed(0)
+    m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=300, seq_len=32, **extra)).eval()
+    x = torch.randint(0, 300, (3, 20))
+    full, _ = m(x)
+    cache = m.new_cache(3)
+    out = []
+    for chunk in (x[:, :7], x[:, 7:8], x[:, 8:20]):
+        logits, _ = m(chunk, cache=cache)
+        cache.lengths += chunk.shape[1]
+        out.append(logits)
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_of_different_lengths_share_a_cache():
+    torch.manual_seed(0)
+    m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=300, seq_len=32)).eval()
+    a, b = torch.randint(0, 300, (1, 9)), torch.randint(0, 300, (1, 4))
+    cache = m.new_cache(2)
+    m(a, cache=cache, rows=torch.tensor([0]))
+    cache.lengths[0] += 9
+    m(b, cache=cache, rows=torch.tensor([1]))
+    cache.lengths[1] += 4
+    nxt = torch.randint(0, 300, (2, 1))
+    step, _ = m(nxt, cache=cache, rows=torch.tensor([0, 1]))
+    ref_a, _ = m(torch.cat([a, nxt[:1]], 1))
+    ref_b, _ = m(torch.cat([b, nxt[1:]], 1))
+    torch.testing.assert_close(step[0, -1], ref_a[0, -1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step[1, -1], ref_b[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_generation_equals_argmax_of_full_forward():
+    torch.manual_seed(0)
+    m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=300, seq_len=48)).eval()
+    prompt = [5, 17, 42]
+    got = list(generate(m, prompt, 10, temperature=0))
+    ids = list(prompt)
+    for _ in range(10):
+        logits, _ = m(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    assert got == ids[3:]
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).sum() == 3
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.9))
+    assert kept[0, 0] and kept.sum() < 5
