@@ -1,0 +1,40 @@
+# Two commands do all the set-up:  `make demo` (the main job) and `make test`.
+# Both create .venv and install what they need. torch is pinned to the CPU wheel
+# here; for a GPU install see the README ("GPU install").
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+EXTRAS ?= sim,parquet,hf,gguf,test
+
+.PHONY: install demo test test-all lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/exaflop demo
+
+test: install
+	$(PY) -m pytest -q
+
+# Everything, including the llama.cpp round trip (compiles llama.cpp: several minutes).
+test-all: install
+	$(PIP) install -q -e ".[llamacpp]"
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+
+bench: install
+	$(PIP) install -q -e ".[bench]"
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs data
