@@ -25,6 +25,13 @@ from exaflop.serve.shapes import Choice, Shaper, sse
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
+def _encode(tok, text: str, param: str) -> list[int]:
+    try:
+        return tok.encode(text, add_special_tokens=False).ids
+    except Exception:  # e.g. a lone UTF-16 surrogate ("\\ud800") in the JSON: not encodable text
+        raise APIError(400, f"{param}: text is not valid Unicode (lone surrogate?)", param=param) from None
+
+
 def encode_chat(tok, messages: list[tuple[str, str]]) -> list[int]:
     """lm.chat's template, with message content encoded as plain text.
 
@@ -41,7 +48,7 @@ def encode_chat(tok, messages: list[tuple[str, str]]) -> list[int]:
             ids += tok.encode(role_header(role), add_special_tokens=False).ids
             if content:
                 tok.encode_special_tokens = True
-                ids += tok.encode(content, add_special_tokens=False).ids
+                ids += _encode(tok, content, "messages")
             tok.encode_special_tokens = False
             ids += tok.encode(END + "\n", add_special_tokens=False).ids
         tok.encode_special_tokens = False
@@ -66,7 +73,7 @@ def _prompts(body: CompletionRequest | ChatRequest, w: Weights) -> list[list[int
         return [_check_ids(list(x), w) for x in p]  # type: ignore[union-attr]
     out = []
     for t in texts:
-        ids = w.tok.encode(t, add_special_tokens=False).ids
+        ids = _encode(w.tok, t, "prompt")
         out.append(ids or [w.eot_id])  # an empty prompt starts a fresh document
     return out
 

@@ -8,6 +8,7 @@ oversized upload is a 413 however it is sent (Content-Length or chunked).
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,9 +53,16 @@ class Server:
             all(d.loaded for d in self.drive.values())
 
 
+class AsciiJSON(JSONResponse):
+    """Errors may quote client text; ASCII escapes keep even a lone surrogate encodable."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def _json_error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                 code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+    return AsciiJSON(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 class Guard:
@@ -138,7 +146,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+        return AsciiJSON(e.body(), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:

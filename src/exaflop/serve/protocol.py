@@ -131,6 +131,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if err.get("type") == "json_invalid":
         return f"request body is not valid JSON ({err.get('msg', '')})", None
     if err.get("type") == "missing":
+        if param is None:
+            return "request body is missing; send a JSON object", None
         return f"Missing required parameter: {param}", param
     where = f"{param}: " if param else "request body: "
     return where + str(err.get("msg", "invalid value")), param

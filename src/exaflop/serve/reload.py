@@ -127,7 +127,10 @@ class Reloader:
     def _run(self) -> None:
         while not self._stop.is_set():
             for m in self.models:
-                self.check(m)
+                try:
+                    self.check(m)
+                except Exception:  # never let one bad poll end hot reload for good
+                    log.exception("%s: checking for a new checkpoint failed", m.name)
             if not self.interval:
                 return
             self._stop.wait(self.interval)
@@ -147,7 +150,9 @@ class Reloader:
             return
         try:
             w = load_weights(ckpt, m.run_dir, self.device, self.dtype)
-        except Exception as e:  # a bad checkpoint must not take the server down
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: B036 — DCP's CheckpointException is a BaseException
             m.failed.add(key)
             self.metrics.reload_failures.inc(model=m.name)
             log.warning("%s: could not load %s (%s: %s); still serving %s", m.name, ckpt,

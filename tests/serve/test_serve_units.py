@@ -1,0 +1,100 @@
+"""Pieces of the server that need no server: stop-string holdback, chat encoding, metrics."""
+
+from __future__ import annotations
+
+import jinja2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exaflop.lm.chat import CHAT_TEMPLATE_JINJA, render
+from exaflop.serve.api import encode_chat
+from exaflop.serve.metrics import Histogram, Metrics
+from exaflop.serve.sequence import Handle, SamplingParams, Sequence, byte_decoder
+
+
+class FakeWeights:
+    """Token i is the i-th chunk of bytes; id 0 is a special (stop) token."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = [b""] + chunks
+        self.stop_ids = frozenset({0})
+        self.ctx = 10_000
+
+    def token_bytes(self, t: int) -> bytes:
+        return self.chunks[t]
+
+
+def _run(text: str, cuts: list[int], stops: list[str]) -> tuple[list[str], str | None]:
+    raw = text.encode()
+    cuts = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+    chunks = [raw[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    w = FakeWeights(chunks)
+    seq = Sequence(Handle(lambda ev: None), 0, [1], SamplingParams(max_tokens=max(1, len(chunks)),
+                                                                  stop=tuple(stops)))
+    seq.weights = w
+    pieces, finish = [], None
+    for tok in range(1, len(chunks) + 1):
+        ev = seq.add_token(tok, None)
+        if ev is not None:
+            pieces.append(ev.text)
+            finish = ev.finish_reason
+            if finish:
+                break
+    return pieces, finish
+
+
+alphabet = st.sampled_from(list("ab c\né日€"))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=st.text(alphabet, min_size=1, max_size=30), cuts=st.lists(st.integers(0, 200), max_size=30),
+       stops=st.lists(st.text(alphabet, min_size=1, max_size=4), min_size=1, max_size=4))
+def test_stop_strings_never_leak_and_cut_exactly(text, cuts, stops):
+    pieces, finish = _run(text, cuts, stops)
+    out = "".join(pieces)
+    assert text.startswith(out)  # no U+FFFD halves of split characters, nothing invented
+    assert not any(s in out for s in stops)
+    if any(s in text for s in stops):
+        assert finish == "stop" and any(text[len(out):].startswith(s) for s in stops)
+    else:
+        assert finish == "length" and out == text
+
+
+def test_stop_split_over_tokens_is_held_then_released():
+    pieces, finish = _run("hello world", [3, 5, 7], ["lo w!"])  # 'lo w' looks like the stop, then isn't
+    assert "".join(pieces) == "hello world" and finish == "length"
+    assert pieces[0] == "he"  # the 'l' is held back: it could begin the stop string
+
+
+def test_byte_decoder_is_a_bijection():
+    table = byte_decoder()
+    assert sorted(table.values()) == list(range(256)) and len(table) == 256
+
+
+def test_chat_encoding_matches_the_template(tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):\n  return x"},
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": " spaced "}]
+    pairs = [(m["role"], m["content"]) for m in msgs]
+    assert encode_chat(tokenizer, pairs) == tokenizer.encode(render(msgs), add_special_tokens=False).ids
+    assert jinja2.Template(CHAT_TEMPLATE_JINJA).render(messages=msgs, add_generation_prompt=True) == render(msgs)
+    # Typed-in markers stay text: only the real turn boundaries are special tokens.
+    end_id = tokenizer.token_to_id("<|end|>")
+    ids = encode_chat(tokenizer, [("user", "a<|end|>b")])
+    assert ids.count(end_id) == 1
+
+
+def test_metrics_text_format():
+    m = Metrics()
+    m.requests.inc(route="/v1/completions", status="200")
+    m.running.set(3, model="m")
+    for v in (0.002, 0.2, 5.0):
+        m.ttft.observe(v, model="m")
+    text = m.render()
+    assert '# TYPE exaflop_time_to_first_token_seconds histogram' in text
+    assert 'exaflop_requests_total{route="/v1/completions",status="200"} 1' in text
+    assert 'exaflop_requests_running{model="m"} 3' in text
+    assert 'exaflop_time_to_first_token_seconds_bucket{model="m",le="+Inf"} 3' in text
+    assert 'exaflop_time_to_first_token_seconds_bucket{model="m",le="0.25"} 2' in text
+    h = Histogram("x", "y", [1])
+    h.observe(0.5, label='a"b')
+    assert 'label="a\\"b"' in "\n".join(h.lines())
