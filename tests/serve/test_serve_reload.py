@@ -41,7 +41,11 @@ def test_new_checkpoint_is_served_without_dropping_requests(reload_run, model_ro
     old_text = httpx.post(s.url + "/v1/completions", json=long, timeout=120).json()["choices"][0]["text"]
 
     in_flight: dict = {}
-    thread = threading.Thread(target=lambda: in_flight.update(zip(("text", "finish"), _stream(s.url, long))))
+
+    def stream_long() -> None:
+        in_flight["text"], in_flight["finish"] = _stream(s.url, long)
+
+    thread = threading.Thread(target=stream_long)
     stop, results = threading.Event(), []
 
     def hammer():
