@@ -73,6 +73,11 @@ def test_import_train_export_round_trip(hf_src, eco_data, tmp_path):
     _, _, tuned = load_for_inference(run)
     assert not torch.equal(tuned.blocks[0].attn.wq.weight, ours.blocks[0].attn.wq.weight)
 
+    # ... and serves: the sampler (which the server shares) loads the run and its tokenizer.
+    from exaflop.lm.sample import sample_text
+
+    assert isinstance(sample_text(run, "the quick", max_new_tokens=4, temperature=0), str)
+
     back = tmp_path / "back"
     assert main(["export", str(run), str(back), "--format", "hf"]) == 0
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
