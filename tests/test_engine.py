@@ -105,7 +105,9 @@ def test_full_disk_during_checkpoint_fails_cleanly(tmp_path, data_dir):
             "runpy.run_module('exaflop', run_name='__main__')"
     r = subprocess.run([sys.executable, "-c", limit, "train", "lm-tiny", "--quiet", "--resume", *_set(o)],
                        capture_output=True, text=True, cwd=REPO)
-    assert r.returncode != 0
+    assert r.returncode == 2
+    assert "step_000000002 is intact" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     root = tmp_path / "runs" / "full" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_000000002"
     assert read_latest(root)[0].name == "step_000000002"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -211,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         print("exaflop: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        if e.errno == 28:  # ENOSPC: say so plainly; checkpoints were written atomically
-            print(f"exaflop: error: disk full writing {getattr(e, 'filename', '')}; nothing "
-                  "already saved was damaged — free space and rerun", file=sys.stderr)
+        # ENOSPC, EFBIG, EDQUOT: say so plainly; checkpoints are written atomically, so the
+        # previous one and `latest` are intact.
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"exaflop: error: {e.strerror}{where}; nothing already saved was damaged "
+                  "(the previous checkpoint is intact) — free space and rerun with --resume", file=sys.stderr)
             return 2
         raise
 

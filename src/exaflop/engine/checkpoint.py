@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from exaflop.errors import UserError
@@ -115,9 +116,25 @@ class Checkpointer:
             self._pending = dcp.async_save(state, checkpoint_id=str(tmp))
             self._pending_finish = (tmp, final, meta)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            try:
+                dcp.save(state, checkpoint_id=str(tmp))
+            except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+                raise self._write_failed(tmp, step, e) from None
             self._finish(tmp, final, meta)
         return time.perf_counter() - t0
+
+    def _write_failed(self, tmp: Path, step: int, err: BaseException) -> UserError:
+        """A failed write (full disk, quota, I/O error): drop the partial dir, keep `latest`."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = err
+        if isinstance(err, CheckpointException):  # DCP wraps each rank's failure
+            cause = next(iter(err.failures.values()), err) if err.failures else err
+            if isinstance(cause, tuple):  # (exception, traceback) pairs in some versions
+                cause = cause[0]
+        previous, _ = read_latest(self.root)
+        kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+        return UserError(f"checkpoint step {step} could not be written to {self.root} "
+                         f"({getattr(cause, 'strerror', None) or cause}); {kept} — free space and rerun with --resume")
 
     def wait(self) -> None:
         if self._pending is not None:
