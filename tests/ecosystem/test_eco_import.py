@@ -57,8 +57,8 @@ def test_import_train_export_round_trip(hf_src, eco_data, tmp_path):
     assert main(["export", str(run), str(same), "--format", "hf"]) == 0
     a, b = load_file(hf_src / "model.safetensors"), load_file(same / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((same / "tokenizer_config.json").read_text()) == \
-        json.loads((hf_src / "tokenizer_config.json").read_text())
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert json.loads((same / name).read_text()) == json.loads((hf_src / name).read_text())
 
     # Fine-tune: the trainer resumes from the step-0 checkpoint with a fresh optimizer.
     from exaflop.engine.trainer import train

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from exaflop.errors import UserError
-from exaflop.lm.chat import CHAT_TEMPLATE_JINJA, END
+from exaflop.lm.chat import CHAT_TEMPLATE_JINJA
 from exaflop.lm.config import ModelConfig
-from exaflop.lm.hf import HF_TOKENIZER_CONFIG, PAD, load_exportable
-from exaflop.lm.tokenizer import EOT
+from exaflop.lm.hf import HF_TOKENIZER_CONFIG, check_tokenizer, load_exportable, special_token_ids
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -110,9 +109,8 @@ def tokenizer_metadata(data_dir: Path, vocab_size: int) -> dict[str, Any]:
     """Tokens, types, merges and special ids as llama.cpp's gpt2 tokenizer reads them."""
     from gguf import TokenType
 
+    check_tokenizer(data_dir)
     path = data_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"export: the run's tokenizer {path} is missing (data.path in the run's config.toml)")
     tj = json.loads(path.read_text())
     pre = pre_tokenizer_name(tj, path)
     vocab: dict[str, int] = dict(tj["model"]["vocab"])
@@ -134,9 +132,8 @@ def tokenizer_metadata(data_dir: Path, vocab_size: int) -> dict[str, Any]:
     chat_template, hf_cfg = CHAT_TEMPLATE_JINJA, data_dir / HF_TOKENIZER_CONFIG
     if hf_cfg.is_file():
         chat_template = json.loads(hf_cfg.read_text()).get("chat_template") or None
-    ids = {name: vocab.get(tok) for name, tok in (("eos", EOT), ("end", END), ("pad", PAD))}
     return {"pre": pre, "tokens": tokens, "types": types, "merges": merges,
-            "chat_template": chat_template, "ids": ids}
+            "chat_template": chat_template, "ids": special_token_ids(data_dir)}
 
 
 def write_gguf(path: Path, name: str, mcfg: ModelConfig, state: dict[str, torch.Tensor],

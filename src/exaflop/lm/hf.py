@@ -28,6 +28,7 @@ from exaflop.lm.tokenizer import EOT
 # An imported HF tokenizer keeps its own tokenizer_config.json next to tokenizer.json
 # under this name, so exporting the fine-tuned model gives the original one back.
 HF_TOKENIZER_CONFIG = "hf_tokenizer_config.json"
+HF_GENERATION_CONFIG = "hf_generation_config.json"
 PAD = "<|pad|>"
 
 
@@ -38,6 +39,12 @@ def unsupported_features(mcfg: ModelConfig) -> list[str]:
         problems.append(f"mixture-of-experts MLP (model.n_experts={mcfg.n_experts}, top_k={mcfg.top_k}); "
                         "Llama has one dense SwiGLU per block — export a dense model (n_experts=1)")
     return problems
+
+
+def check_tokenizer(data_dir: Path) -> None:
+    if not (data_dir / "tokenizer.json").is_file():
+        raise UserError(f"export: the run's tokenizer {data_dir / 'tokenizer.json'} is missing "
+                        "(data.path in the run's config.toml)")
 
 
 def load_exportable(run: str | Path, fmt: str):
@@ -80,12 +87,22 @@ def to_hf_state(state: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict[str, 
             for ours, hf in name_pairs(mcfg.n_layer, mcfg.tie_embeddings)}
 
 
-def special_token_ids(tok: Tokenizer) -> dict[str, int | None]:
-    return {"eos": tok.token_to_id(EOT), "end": tok.token_to_id(END), "pad": tok.token_to_id(PAD)}
+def special_token_ids(data_dir: Path) -> dict[str, int | None]:
+    """eos / end-of-turn / pad ids: exaflop's special tokens, else an imported tokenizer's own."""
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    ids = {"eos": tok.token_to_id(EOT), "end": tok.token_to_id(END), "pad": tok.token_to_id(PAD)}
+    imported = data_dir / HF_TOKENIZER_CONFIG
+    if imported.is_file():
+        hf_tc = json.loads(imported.read_text())
+        for key, field in (("eos", "eos_token"), ("pad", "pad_token")):
+            token = hf_tc.get(field)
+            token = token.get("content") if isinstance(token, dict) else token
+            if ids[key] is None and isinstance(token, str):
+                ids[key] = tok.token_to_id(token)
+    return ids
 
 
-def hf_config(mcfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
-    ids = special_token_ids(tok)
+def hf_config(mcfg: ModelConfig, ids: dict[str, int | None]) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -117,25 +134,19 @@ def hf_config(mcfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def generation_config(tok: Tokenizer) -> dict[str, Any]:
-    ids = special_token_ids(tok)
+def generation_config(ids: dict[str, int | None]) -> dict[str, Any]:
     stops = [i for i in (ids["eos"], ids["end"]) if i is not None]
     return {"bos_token_id": ids["eos"], "eos_token_id": stops, "pad_token_id": ids["pad"],
             "do_sample": True, "temperature": 0.8, "top_p": 0.95}
 
 
-def write_tokenizer(data_dir: Path, out: Path, seq_len: int) -> Tokenizer:
+def write_tokenizer(data_dir: Path, out: Path, seq_len: int, ids: dict[str, int | None]) -> None:
     """tokenizer.json + tokenizer_config.json (with the chat template) into `out`."""
-    src = data_dir / "tokenizer.json"
-    if not src.is_file():
-        raise UserError(f"export: the run's tokenizer {src} is missing (data.path in the run's config.toml)")
-    tok = Tokenizer.from_file(str(src))
-    shutil.copyfile(src, out / "tokenizer.json")
+    shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
     imported = data_dir / HF_TOKENIZER_CONFIG
     if imported.is_file():  # came from `exaflop import hf`: give the original back
         shutil.copyfile(imported, out / "tokenizer_config.json")
-        return tok
-    ids = special_token_ids(tok)
+        return
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": seq_len,
@@ -151,7 +162,6 @@ def write_tokenizer(data_dir: Path, out: Path, seq_len: int) -> Tokenizer:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {k: v for k, v in (("eos_token", EOT), ("pad_token", config["pad_token"])) if v}, indent=1))
-    return tok
 
 
 def export(run: str | Path, out: str | Path) -> Path:
@@ -163,9 +173,14 @@ def export(run: str | Path, out: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"export --format hf: {out} is a file; give a directory")
     out.mkdir(parents=True, exist_ok=True)
-    tok = write_tokenizer(Path(cfg.data.path), out, mcfg.seq_len)
+    data_dir = Path(cfg.data.path)
+    check_tokenizer(data_dir)
+    ids = special_token_ids(data_dir)
+    write_tokenizer(data_dir, out, mcfg.seq_len, ids)
     state = to_hf_state(model.state_dict(), mcfg)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(mcfg, tok), indent=1))
-    (out / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=1))
+    (out / "config.json").write_text(json.dumps(hf_config(mcfg, ids), indent=1))
+    imported_gen = data_dir / HF_GENERATION_CONFIG
+    gen = json.loads(imported_gen.read_text()) if imported_gen.is_file() else generation_config(ids)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=1))
     return out

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from exaflop.errors import UserError
-from exaflop.lm.hf import HF_TOKENIZER_CONFIG, name_pairs
+from exaflop.lm.hf import HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG, name_pairs
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
 # Tensors HF checkpoints may carry that exaflop derives instead of storing.
@@ -159,8 +159,10 @@ def write_data_dir(src: Path, data_dir: Path, model_vocab: int) -> dict[str, Any
         raise UserError(f"import hf: {tj} has {vocab} tokens but config.json vocab_size is {model_vocab}")
     data_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tj, data_dir / "tokenizer.json")
-    if (src / "tokenizer_config.json").is_file():
-        shutil.copyfile(src / "tokenizer_config.json", data_dir / HF_TOKENIZER_CONFIG)
+    for theirs, ours in (("tokenizer_config.json", HF_TOKENIZER_CONFIG),
+                         ("generation_config.json", HF_GENERATION_CONFIG)):
+        if (src / theirs).is_file():  # kept so an export of the fine-tuned run gives them back
+            shutil.copyfile(src / theirs, data_dir / ours)
     manifest = {
         "version": MANIFEST_VERSION, "source": f"hf:{src}", "vocab_size": vocab,
         "dtype": token_dtype(vocab).name, "tokenizer_sha": tokenizer_hash(tok),
