@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exaflop: error: {e}", file=sys.stderr)
         return 3
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done at step {result['step']} -> {result['run_dir']}", file=sys.stderr)
+        state = "stopped early (checkpoint saved)" if result.get("stopped_early") else "done"
+        print(f"{state} at step {result['step']} -> {result['run_dir']}", file=sys.stderr)
     return 0
 
 

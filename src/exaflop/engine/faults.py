@@ -37,5 +37,8 @@ def maybe_inject(step: int, rank: int) -> None:
     elif kind == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
     else:
+        # Die on torchrun's SIGTERM when it tears the group down, as a process stuck in a
+        # kernel would (the trainer's handler would otherwise turn it into a checkpoint request).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:  # a stuck kernel or a dead NIC looks like this from the other ranks
             time.sleep(3600)

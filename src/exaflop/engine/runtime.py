@@ -55,11 +55,30 @@ def setup(cfg) -> Runtime:
         torch.set_num_threads(cfg.run.threads)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s),
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        dist.init_process_group(backend, timeout=timeout, store=_attempt_store(rank, world, timeout),
+                                rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     seed_everything(cfg.run.seed)
     dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
     return Runtime(rank, world, local_rank, device, dtype)
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta):
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    torchrun shares its agent's TCP store with every attempt of the worker group. Keys the
+    dead attempt left behind (gloo's peer addresses) are then read by the restarted group,
+    which tries to connect to dead ports and times out. A per-attempt prefix avoids that.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None:
+        return None  # not under torchrun: let init_process_group use its defaults
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, int(port), world, is_master=not agent and rank == 0, timeout=timeout,
+                          multi_tenant=not agent)
+    return dist.PrefixStore(f"exaflop/attempt_{attempt}", store)
 
 
 def seed_everything(seed: int) -> None:
@@ -108,8 +127,12 @@ class CollectiveTimeout(RuntimeError):
 
 
 class Heartbeat:
-    """Each rank records the step it is on in the rendezvous store, so that when a collective
-    times out the survivor can name the rank that stopped, instead of a bare socket error."""
+    """Names the rank that stopped when a collective times out, instead of a bare socket error.
+
+    Each rank records the step it starts in the rendezvous store. A rank whose collective
+    times out marks itself as a waiter, gives the others a moment to time out too, and
+    then names the ranks that are neither waiting nor ahead: those are the stuck ones.
+    """
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -125,26 +148,35 @@ class Heartbeat:
         if self.store is not None:
             self.store.set(f"exaflop/heartbeat/{self.rt.rank}", f"{step} {time.time():.3f}")
 
+    def _read(self, key: str) -> str | None:
+        try:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:  # the store may have gone down with the failed rank
+            return None
+
     def explain(self, step: int, timeout_s: float) -> str:
-        seen: dict[int, tuple[int, float]] = {}
-        if self.store is not None:
-            for r in range(self.rt.world):
-                key = f"exaflop/heartbeat/{r}"
-                try:
-                    if self.store.check([key]):
-                        s, t = self.store.get(key).decode().split()
-                        seen[r] = (int(s), float(t))
-                except Exception:  # the store itself may be gone with the failed rank
-                    break
-        behind = [r for r in range(self.rt.world) if r not in seen or seen[r][0] < step]
-        if behind:
-            who = ", ".join(f"rank {r} (last seen at step {seen[r][0]}, {time.time() - seen[r][1]:.0f}s ago)"
-                            if r in seen else f"rank {r} (never reported)" for r in behind)
-        else:
-            who = "no rank is behind in the step count; one is stuck inside this step"
-        return (f"rank {self.rt.rank}: a collective at step {step} timed out after "
-                f"parallel.timeout_s={timeout_s:g}s; stuck: {who}. Check that rank's log; "
-                "raise parallel.timeout_s if steps are legitimately slow")
+        head = (f"rank {self.rt.rank}: a collective at step {step} timed out after "
+                f"parallel.timeout_s={timeout_s:g}s")
+        if self.store is None:
+            return head
+        try:
+            self.store.set(f"exaflop/waiting/{self.rt.rank}", str(step))
+        except Exception:
+            return head + "; the rendezvous store is gone too (the launcher or rank 0 died)"
+        time.sleep(min(5.0, timeout_s / 2))  # peers blocked on the same rank time out about now
+        stuck = []
+        for r in range(self.rt.world):
+            if self._read(f"exaflop/waiting/{r}") is not None:
+                continue
+            beat = self._read(f"exaflop/heartbeat/{r}")
+            if beat is None:
+                stuck.append(f"rank {r} (never started a step)")
+            else:
+                s, t = beat.split()
+                stuck.append(f"rank {r} (in step {s} for {time.time() - float(t):.0f}s)")
+        who = ", ".join(stuck) if stuck else "every rank is waiting on a peer (a network fault?)"
+        return (f"{head}; not responding: {who}. Check that rank's log; raise parallel.timeout_s "
+                "if steps are legitimately this slow")
 
 
 def is_timeout(err: BaseException) -> bool:

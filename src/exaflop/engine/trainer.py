@@ -86,7 +86,7 @@ def _check_resume_compatible(cfg: Config, meta: dict[str, Any]) -> None:
         now = cfg.to_dict()["model"]
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
                 for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        what = diff[0] if diff else f"task {meta.get('task')!r} vs {cfg.task!r}"
+        what = "; model.".join(diff[:3]) if diff else f"task {meta.get('task')!r} vs {cfg.task!r}"
         raise UserError(f"--resume: the checkpoint does not fit this config (model.{what}); "
                         "use the original config or a new run name")
 
@@ -303,12 +303,16 @@ def _evaluate(task, model, val: list, rt, step: int) -> dict[str, Any]:
 
 
 def train_main(cfg: Config, resume: bool, quiet: bool = False) -> dict[str, Any]:
-    """Entry for `exaflop train` and `torchrun -m exaflop.train`: train, then tear down."""
-    try:
-        return train(cfg, resume=resume, quiet=quiet)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """Entry for `exaflop train` and `torchrun -m exaflop.train`: train, then tear down.
+
+    The process group is destroyed only after success: after a failure a peer may be gone,
+    teardown then talks to the rendezvous store the restarted group is about to use, and
+    the process is about to exit anyway.
+    """
+    result = train(cfg, resume=resume, quiet=quiet)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 __all__ = ["train", "train_main", "global_batch_of", "Path"]
