@@ -1,0 +1,51 @@
+"""Layout arithmetic and refusals: no processes needed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from exaflop.config import ParallelConfig, load_config
+from exaflop.engine.mesh import resolve_layout
+from exaflop.errors import UserError
+
+
+def layout(world, **kw):
+    return resolve_layout(ParallelConfig(**kw), world)
+
+
+def test_defaults_and_wrappers():
+    assert layout(1).wrap == "none"
+    two = layout(2)
+    assert (two.dp_replicate, two.dp_shard, two.tp, two.wrap) == (1, 2, 1, "fsdp")
+    assert layout(4, mode="ddp").dp_replicate == 4 and layout(4, mode="ddp").wrap == "ddp"
+    hsdp = layout(8, dp_replicate=2, tp=2)
+    assert (hsdp.dp_shard, hsdp.dp, hsdp.wrap) == (2, 4, "fsdp")
+    assert [hsdp.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert layout(2, tp=2).wrap == "none"  # tensor parallel alone needs no data-parallel wrapper
+    assert layout(4, dp_replicate=2, tp=2).wrap == "fsdp"  # DDP cannot hold DTensors: HSDP(shard=1)
+
+
+@pytest.mark.parametrize("world,kw,needle", [
+    (6, {"tp": 4}, "tp=4 = 4 does not divide the world size 6"),
+    (4, {"dp_replicate": 3}, "dp_replicate=3 × tp=1 = 3 does not divide the world size 4"),
+    (8, {"dp_shard": 3}, "dp_shard=3 × tp=1 = 3 but the world size is 8"),
+    (2, {"mode": "ddp", "dp_shard": 2}, "parallel.mode=ddp cannot shard (dp_shard=2)"),
+])
+def test_non_dividing_layouts_are_refused(world, kw, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        layout(world, **kw)
+
+
+def test_tp_must_divide_heads_and_sequence():
+    from exaflop.lm.parallel_plan import check_tp
+
+    model = load_config("lm-tiny").model  # 4 heads, 2 kv heads, seq 256
+    check_tp(model, 2, True)
+    with pytest.raises(UserError, match="parallel.tp=4 does not divide model.n_kv_head=2"):
+        check_tp(model, 4, True)
+    odd = load_config("lm-tiny", ["model.seq_len=255"]).model
+    with pytest.raises(UserError, match="model.seq_len=255.*sequence_parallel=false"):
+        check_tp(odd, 2, True)
+    check_tp(odd, 2, False)
