@@ -21,13 +21,19 @@ def _prompts(k: int) -> list[str]:
 
 def test_32_concurrent_streams_equal_one_at_a_time(server):
     prompts = _prompts(32)
+    # Different lengths too: sequences finish at different steps, so slots are freed and
+    # the survivors' caches compacted while others keep decoding.
+    lengths = [12 + (i * 7) % 17 for i in range(32)]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0,
-                                       logit_bias=NO_SPECIALS).choices[0].text for p in prompts]
-    steps_before = server.metrics().get('exaflop_generation_tokens_total{model="m"}', 0)
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0,
+                                       logit_bias=NO_SPECIALS).choices[0].text for p, n in zip(prompts, lengths, strict=True)]
+    before = server.metrics()
+    steps_before = before.get('exaflop_generation_tokens_total{model="m"}', 0)
+    small_before = before.get('exaflop_decode_batch_size_bucket{model="m",le="8"}', 0)
+    all_before = before.get('exaflop_decode_batch_size_count{model="m"}', 0)
 
-    async def one(ac: openai.AsyncOpenAI, p: str) -> str:
-        stream = await ac.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0,
+    async def one(ac: openai.AsyncOpenAI, p: str, n: int) -> str:
+        stream = await ac.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0,
                                              logit_bias=NO_SPECIALS, stream=True)
         return "".join([c.choices[0].text async for c in stream])
 
@@ -35,13 +41,16 @@ def test_32_concurrent_streams_equal_one_at_a_time(server):
         ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
                                 http_client=openai.DefaultAsyncHttpxClient(
                                     limits=httpx.Limits(max_connections=64)))
-        return await asyncio.gather(*(one(ac, p) for p in prompts))
+        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lengths, strict=True)))
 
     together = asyncio.run(all_at_once())
     assert together == alone
     m = server.metrics()
-    assert m['exaflop_generation_tokens_total{model="m"}'] - steps_before == 32 * 20
+    assert m['exaflop_generation_tokens_total{model="m"}'] - steps_before == sum(lengths)
     assert m['exaflop_requests_running{model="m"}'] == 0
+    # They really ran together: some decode steps carried more than 8 sequences.
+    assert m['exaflop_decode_batch_size_count{model="m"}'] - all_before > \
+        m['exaflop_decode_batch_size_bucket{model="m",le="8"}'] - small_before
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):

@@ -103,6 +103,7 @@ class Attention(nn.Module):
                        cache: KVCache, layer: int, rows: Tensor | None) -> Tensor:
         """Append this chunk's k/v at each row's own offset, then attend over the filled prefix."""
         B, _, T, _ = q.shape
+        contiguous = rows is None
         rows = torch.arange(B, device=q.device) if rows is None else rows
         start = cache.lengths[rows]  # (B,)
         pos = start[:, None] + torch.arange(T, device=q.device)  # (B, T) absolute positions
@@ -113,7 +114,10 @@ class Attention(nn.Module):
         kc[rows[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
         vc[rows[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
         end = int((start + T).max())
-        keys, vals = kc[rows, :, :end].to(q.dtype), vc[rows, :, :end].to(q.dtype)
+        if contiguous:  # rows 0..B-1: a view of the cache, not a gathered copy of every row's prefix
+            keys, vals = kc[:B, :, :end].to(q.dtype), vc[:B, :, :end].to(q.dtype)
+        else:
+            keys, vals = kc[rows, :, :end].to(q.dtype), vc[rows, :, :end].to(q.dtype)
         # Query at absolute position p sees keys 0..p of its own row.
         key_pos = torch.arange(end, device=q.device)
         mask = key_pos[None, None, :] <= pos[:, :, None]  # (B, T, end)

@@ -36,7 +36,7 @@ class QueueFull(Exception):
     pass
 
 
-def forward_last(model, idx: Tensor, cache, rows: Tensor, last: Tensor) -> Tensor:
+def forward_last(model, idx: Tensor, cache, rows: Tensor | None, last: Tensor) -> Tensor:
     """Logits (B, V) at position `last[b]` of each row, filling the cache for all of idx.
 
     Same computation as LM.forward, but the LM head runs on one position per row
@@ -142,7 +142,7 @@ class Engine:
                 break  # the rest prefill next step, so running sequences are not stalled long
             self.waiting.popleft()
             longest = longest_if
-            s.start(w, w.take_slot(self.max_running), w.device)
+            s.start(w, w.take_slot(s, self.max_running), w.device)
             out.append(s)
         return out
 
@@ -178,11 +178,17 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         w = seqs[0].weights
+        self.metrics.batch.observe(len(seqs), model=self.name)
+        seqs.sort(key=lambda s: s.slot)
         x = torch.tensor([[s.out_ids[-1]] for s in seqs], device=w.device)
-        rows = torch.tensor([s.slot for s in seqs], device=w.device)
-        logits = forward_last(w.model, x, w.cache, rows, torch.zeros(len(seqs), dtype=torch.long,
-                                                                       device=w.device))
-        w.cache.lengths[rows] += 1
+        packed = all(s.slot == i for i, s in enumerate(seqs))  # the usual case (see Weights.free_slot)
+        rows = None if packed else torch.tensor([s.slot for s in seqs], device=w.device)
+        last = torch.zeros(len(seqs), dtype=torch.long, device=w.device)
+        logits = forward_last(w.model, x, w.cache, rows, last)
+        if rows is None:
+            w.cache.lengths[:len(seqs)] += 1
+        else:
+            w.cache.lengths[rows] += 1
         self._emit(seqs, logits)
 
     def _emit(self, seqs: list[Sequence], logits: Tensor) -> None:

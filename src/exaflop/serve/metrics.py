@@ -112,11 +112,12 @@ class Metrics:
         self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "arrival to first token", LATENCY)
         self.itl = Histogram(f"{p}_inter_token_latency_seconds", "time between tokens of a sequence", LATENCY)
         self.e2e = Histogram(f"{p}_e2e_request_latency_seconds", "arrival to last token", LATENCY)
+        self.batch = Histogram(f"{p}_decode_batch_size", "sequences per decode step", (1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.checkpoint_step = Gauge(f"{p}_checkpoint_step", "checkpoint step being served")
         self.reload_failures = Counter(f"{p}_reload_failures_total", "checkpoints that failed to load")
 
     def render(self) -> str:
         families = [self.requests, self.running, self.waiting, self.aborted, self.prompt_tokens,
-                    self.generated_tokens, self.ttft, self.itl, self.e2e, self.checkpoint_step,
+                    self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch, self.checkpoint_step,
                     self.reload_failures]
         return "\n".join(line for f in families for line in f.lines()) + "\n"

@@ -41,19 +41,34 @@ class Weights:
         self.eot_id = tok.token_to_id("<|endoftext|>")
         self._bytes = token_byte_table(tok, self.vocab_size, special)
         self.cache = None
-        self._free: list[int] = []
+        self.owners: list = []  # owners[slot] = the sequence in that slot; slots 0..len-1 are in use
 
     def token_bytes(self, token: int) -> bytes:
         return self._bytes[token] if 0 <= token < len(self._bytes) else b""
 
-    def take_slot(self, slots: int) -> int:
+    def take_slot(self, seq, slots: int) -> int:
         if self.cache is None:  # allocated on first use: an idle reloaded model costs no cache memory
             self.cache = self.model.new_cache(slots, self.ctx)
-            self._free = list(range(slots - 1, -1, -1))
-        return self._free.pop()
+        self.owners.append(seq)
+        return len(self.owners) - 1
 
     def free_slot(self, slot: int) -> None:
-        self._free.append(slot)
+        """Keep used slots packed at 0..n-1 by moving the last sequence into the hole.
+
+        Packed slots let a decode step read the cache as a view (`rows=None`) instead of
+        gathering every row's prefix each step; a move copies one row, once.
+        """
+        last = len(self.owners) - 1
+        if slot != last:
+            mover = self.owners[last]
+            n = int(self.cache.lengths[last])
+            for kc, vc in zip(self.cache.k, self.cache.v, strict=True):
+                kc[slot, :, :n] = kc[last, :, :n]
+                vc[slot, :, :n] = vc[last, :, :n]
+            self.cache.lengths[slot] = n
+            self.owners[slot] = mover
+            mover.slot = slot
+        self.owners.pop()
 
 
 def find_tokenizer(cfg, run_dir: Path) -> Path:

@@ -33,10 +33,9 @@ def sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[T
         freq = logits.new_tensor([seqs[i].params.frequency_penalty for i in pen])[:, None]
         pres = logits.new_tensor([seqs[i].params.presence_penalty for i in pen])[:, None]
         logits[pen] -= freq * counts + pres * (counts > 0)
-    for i, s in enumerate(seqs):
-        if s.params.logit_bias:
-            ids = torch.tensor(list(s.params.logit_bias), device=logits.device)
-            logits[i, ids] += logits.new_tensor(list(s.params.logit_bias.values()))
+    biased = [i for i, s in enumerate(seqs) if s.bias is not None]
+    if biased:
+        logits[biased] += torch.stack([seqs[i].bias for i in biased])  # type: ignore[misc]
 
     tokens = logits.argmax(-1)  # greedy rows keep this
     for i, s in enumerate(seqs):

@@ -76,6 +76,7 @@ class Sequence:
         self.slot = -1
         self.out_ids: list[int] = []
         self.counts: torch.Tensor | None = None  # per-token output counts, for penalties
+        self.bias: torch.Tensor | None = None  # dense logit_bias row
         self.generator: torch.Generator | None = None
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # decoded output so far (held-back part included)
@@ -102,6 +103,10 @@ class Sequence:
                                    int(torch.randint(0, 1 << 62, ()).item()))
         if self.params.penalized:
             self.counts = torch.zeros(weights.vocab_size, device=device)
+        if self.params.logit_bias:  # dense once, so a step adds every row's bias in one op
+            self.bias = torch.zeros(weights.vocab_size, device=device)
+            self.bias[list(self.params.logit_bias)] = torch.tensor(list(self.params.logit_bias.values()),
+                                                                   device=device)
 
     def add_token(self, token: int, lp: TokenLogprob | None) -> Event | None:
         """Record a sampled token; returns what to deliver now (or None to wait)."""
