@@ -150,13 +150,7 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def deliver(ev: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-        except RuntimeError:  # event loop closed (server shutting down)
-            pass
-
-    handle = Handle(deliver)
+    handle = Handle(loop=loop, queue=queue)
     seqs = [Sequence(handle, pi * n + j, ids, params) for pi, ids in enumerate(prompts) for j in range(n)]
     try:
         served.engine.submit(seqs)

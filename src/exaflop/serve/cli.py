@@ -82,11 +82,16 @@ def build_server(args):
 
 
 def run(args) -> int:
+    import sys
+
     import uvicorn
 
     from exaflop.serve.app import create_app
 
     server = build_server(args)
+    # The engine thread needs the GIL back between torch kernels while the event loop
+    # thread writes streams; Python's default 5 ms switch interval would stall it.
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     names = ", ".join(server.models)
     auth = "API keys required" if server.keys.enabled else "no API keys (loopback only)"

@@ -62,6 +62,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._outbox: list[tuple[object, Event]] = []
         self.steps = 0
 
     # -- called from the HTTP side -------------------------------------------------
@@ -114,9 +115,11 @@ class Engine:
                 except Exception as e:  # keep serving: fail these sequences, not the server
                     log.exception("engine %s: step failed", self.name)
                     for s in self.running + admitted:
-                        s.handle.deliver(Event(s.index, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                        self._outbox.append((s.handle, Event(s.index, finish_reason="error",
+                                                             error=f"{type(e).__name__}: {e}")))
                         self._release(s)
                     self.running = []
+                self._flush()
                 self.steps += 1
                 self._gauges()
 
@@ -205,12 +208,32 @@ class Engine:
             s.t_last = now
             ev = s.add_token(tok, lp)
             if ev is not None:
-                s.handle.deliver(ev)
+                self._outbox.append((s.handle, ev))
             if s.finish_reason is not None:
                 m.e2e.observe(now - s.handle.arrival, model=self.name)
                 self._release(s)
+
+    def _flush(self) -> None:
+        """Hand this step's events over: one thread-safe call per event loop, not per event."""
+        by_loop: dict = {}
+        for handle, ev in self._outbox:
+            if handle.loop is None:
+                handle.deliver(ev)
+            else:
+                by_loop.setdefault(handle.loop, []).append((handle, ev))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # that event loop is closed: the server is shutting down
+                pass
 
     def _release(self, s: Sequence) -> None:
         if s.weights is not None and s.slot >= 0:
             s.weights.free_slot(s.slot)
             s.slot = -1
+
+
+def _deliver_all(items: list) -> None:
+    for handle, ev in items:
+        handle.deliver(ev)

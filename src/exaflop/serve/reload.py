@@ -36,8 +36,11 @@ class Weights:
         self.step = int(getattr(model, "checkpoint_step", 0))
         self.ctx = cfg.model.seq_len
         self.vocab_size = cfg.model.vocab_size
-        special = set(special_ids(tok).values())
-        self.stop_ids = frozenset(special)  # any special token ends a reply (<|end|>, EOT, a new role)
+        # Any special token ends a reply: <|end|>, <|endoftext|>, a new role marker, and for
+        # imported tokenizers their own end tokens (</s>, <|eot_id|>, ...).
+        special = set(special_ids(tok).values()) | {
+            i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.stop_ids = frozenset(special)
         self.eot_id = tok.token_to_id("<|endoftext|>")
         self._bytes = token_byte_table(tok, self.vocab_size, special)
         self.cache = None

@@ -10,6 +10,8 @@ a stop string never leaks into a stream.
 from __future__ import annotations
 
 import codecs
+import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,10 +63,16 @@ class Event:
 
 
 class Handle:
-    """The HTTP side of a request: a flag the engine polls, and where events go."""
+    """The HTTP side of a request: a flag the engine polls, and where its events go.
 
-    def __init__(self, deliver: Callable[[Event], None]):
-        self.deliver = deliver
+    With `loop` and `queue` set, the engine hands over all of one step's events to
+    each event loop in a single `call_soon_threadsafe` (one wake-up per step rather
+    than one per sequence); otherwise `deliver` is called directly.
+    """
+
+    def __init__(self, deliver: Callable[[Event], None] | None = None, loop: Any = None, queue: Any = None):
+        self.deliver = deliver or (lambda ev: queue.put_nowait(ev))
+        self.loop, self.queue = loop, queue
         self.cancelled = False
         self.arrival = time.perf_counter()
 
@@ -182,15 +190,29 @@ def byte_decoder() -> dict[str, int]:
 
 
 def token_byte_table(tok, vocab_size: int, special: set[int]) -> list[bytes]:
-    """Bytes of every token id of a byte-level BPE tokenizer (special tokens: their text)."""
+    """Bytes of every token id (special tokens: their text; ids past the tokenizer: none).
+
+    Byte-level BPE (exaflop's own, GPT-2 and Llama-3 style) maps each piece's chars
+    back through the byte alphabet; SentencePiece-style tokenizers (imported runs) use
+    "▁" for a space and "<0xNN>" pieces for raw bytes.
+    """
+    decoder = json.dumps(json.loads(tok.to_str()).get("decoder"))
+    byte_level = '"ByteLevel"' in decoder
     inverse = byte_decoder()
     table: list[bytes] = []
     for i in range(vocab_size):
         piece = tok.id_to_token(i)
         if piece is None:
             table.append(b"")
-        elif i in special or any(c not in inverse for c in piece):
-            table.append(tok.decode([i], skip_special_tokens=False).encode())
-        else:
+        elif i in special:
+            table.append(piece.encode())
+        elif byte_level and all(c in inverse for c in piece):
             table.append(bytes(inverse[c] for c in piece))
+        elif (m := _BYTE_PIECE.fullmatch(piece)) is not None:
+            table.append(bytes([int(m.group(1), 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode())
     return table
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
