@@ -172,6 +172,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         steps = {name: (m.weights.step if m.weights else None) for name, m in server.models.items()}
+        steps.update({name: (d.step if d.loaded else None) for name, d in server.drive.items()})
         status = 200 if server.loaded else 503
         return JSONResponse({"status": "ok" if status == 200 else "loading", "models": steps},
                             status_code=status, headers=None if status == 200 else {"Retry-After": "5"})

@@ -48,9 +48,11 @@ def build_server(args):
     """Validate everything a user can get wrong, then assemble the (not yet started) server."""
     import torch
 
+    from exaflop.config import load_config_file
     from exaflop.errors import UserError
     from exaflop.serve.app import Server
     from exaflop.serve.auth import KeyChecker, RateLimiter, check_bind, load_keys
+    from exaflop.serve.drive import DrivePredictor
     from exaflop.serve.engine import Engine
     from exaflop.serve.metrics import Metrics
     from exaflop.serve.reload import Reloader, ServedModel, resolve_run
@@ -69,16 +71,21 @@ def build_server(args):
         torch.set_num_threads(args.threads)
     metrics = Metrics()
     models: dict[str, ServedModel] = {}
+    drives: dict[str, DrivePredictor] = {}
     for run in args.runs:
         name, path, watch = resolve_run(run)
-        if name in models:
-            raise UserError(f"{run}: model id {name!r} is already taken by {models[name].path}; "
-                            "serve runs with distinct names")
+        if name in models or name in drives:
+            raise UserError(f"{run}: model id {name!r} is already taken; serve runs with distinct names")
+        run_dir = path if watch else path.parent.parent
+        if load_config_file(run_dir / "config.toml").task == "drive":
+            drives[name] = DrivePredictor(name, path, watch, device)
+            continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens)
         models[name] = ServedModel(name, path, engine, watch)
-    reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval)
+    reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
+                        drives=list(drives.values()))
     return Server(models, metrics, KeyChecker(keys), RateLimiter(args.rate_limit_rpm, args.rate_limit_tpm),
-                  reloader, int(args.max_body_mb * (1 << 20)))
+                  reloader, int(args.max_body_mb * (1 << 20)), drives)
 
 
 def run(args) -> int:

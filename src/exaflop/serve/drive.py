@@ -1,20 +1,177 @@
-"""/v1/drive/predict: camera frames in, waypoints and steering out, from a driving run.
+"""/v1/drive/predict: camera frames in, future waypoints and steering out, from a driving run.
 
-Until a driving run is passed to `exaflop serve`, every request is answered with a
-404 in the OpenAI error shape naming the model.
+Two request forms:
+- multipart/form-data: `model`, `video` (an MP4/H.264 clip; its last T frames are used,
+  resized to the model's input), optional `speed` and `steering` (JSON arrays of T
+  past values, m/s and degrees; zeros when absent);
+- application/json: {"model", "frames": [T][H][W][3] uint8, "speed"?, "steering"?}
+  with T, H, W exactly the model's.
+
+The answer: {"waypoints": [[x, y] × K] (metres, ego frame: x forward, y left),
+"steering": [K] (degrees), "dt": seconds between waypoints, "checkpoint_step"}.
+A server started without a driving run answers 404 in the OpenAI error shape.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
 from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from exaflop.serve.protocol import APIError
+from exaflop.engine.checkpoint import load_for_inference, read_latest
+from exaflop.serve.protocol import APIError, validation_message
+
+log = logging.getLogger("exaflop.serve")
 
 
-async def predict(server, request: Request):
-    model = request.query_params.get("model")
-    if not server.drive:
-        raise APIError(404, "no driving model is served here; start `exaflop serve` with a drive run "
-                       "(its id is the run name)", param="model", code="model_not_found")
-    raise APIError(404, f"The model `{model}` is not a driving model served here", param="model",
-                   code="model_not_found")
+class DriveJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256)
+    frames: list = Field(min_length=1, max_length=256)  # shape/range checked against the model
+    speed: list[float] | None = Field(None, max_length=256)
+    steering: list[float] | None = Field(None, max_length=256)
+
+
+class DrivePredictor:
+    """One driving run: its newest checkpoint, reloaded like the language models."""
+
+    def __init__(self, name: str, path: Path, watch: bool, device: torch.device):
+        self.name, self.path, self.watch, self.device = name, path, watch, device
+        self.model = None
+        self.cfg = None
+        self.step = -1
+        self._failed: set[str] = set()
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def poll(self) -> None:
+        ckpt = read_latest(self.path / "checkpoints")[0] if self.watch else (None if self.loaded else self.path)
+        if ckpt is None or str(ckpt) in self._failed:
+            return
+        step = json.loads((ckpt / "meta.json").read_text()).get("step", -1)
+        if step <= self.step:
+            return
+        try:
+            cfg, _task, model = load_for_inference(ckpt, self.device)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: B036 — DCP raises CheckpointException (a BaseException)
+            self._failed.add(str(ckpt))
+            log.warning("%s: could not load %s (%s); keeping step %d", self.name, ckpt, e, self.step)
+            return
+        self.cfg, self.model, self.step = cfg, model, step  # one assignment each: readers see old or new
+        log.info("%s: serving driving model %s (step %d)", self.name, ckpt.name, step)
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "exaflop", "task": "drive",
+                "checkpoint_step": self.step if self.loaded else None}
+
+    def predict(self, frames: np.ndarray, speed: np.ndarray, steering: np.ndarray) -> dict:
+        model, cfg, step = self.model, self.cfg, self.step
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].to(self.device)  # (1, T, C, H, W)
+        with torch.inference_mode():
+            wp, steer = model(video, torch.from_numpy(speed)[None].to(self.device),
+                              torch.from_numpy(steering)[None].to(self.device))
+        dt = float(model.t_future[0]) if hasattr(model, "t_future") else None
+        return {"object": "drive.prediction", "model": self.name, "checkpoint_step": step,
+                "waypoints": wp[0].float().cpu().tolist(), "steering": steer[0].float().cpu().tolist(),
+                "dt": dt, "frames": cfg.model.frames}
+
+
+def _past(values, name: str, t: int) -> np.ndarray:
+    if values is None:
+        return np.zeros(t, np.float32)
+    if len(values) != t:
+        raise APIError(400, f"{name}: give {t} past values (one per frame), got {len(values)}", param=name)
+    arr = np.asarray(values, np.float32)
+    if not np.isfinite(arr).all():
+        raise APIError(400, f"{name}: values must be finite numbers", param=name)
+    return arr
+
+
+def _decode_upload(data: bytes, cfg) -> np.ndarray:
+    from exaflop.drive.video import decode_video
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        try:
+            frames, _, _ = decode_video(f.name, cfg.width, cfg.height)
+        except Exception as e:  # BadInput and anything else from a hostile file
+            raise APIError(400, f"video: cannot decode the upload ({e})".replace(f.name, "upload"),
+                           param="video") from None
+    if len(frames) < cfg.frames:
+        raise APIError(400, f"video: the model needs {cfg.frames} frames, the clip has {len(frames)}", param="video")
+    return np.ascontiguousarray(frames[-cfg.frames:])
+
+
+async def predict(server, request: Request) -> dict:
+    ctype = request.headers.get("content-type", "")
+    form = None
+    if ctype.startswith("multipart/form-data"):
+        try:
+            form = await request.form()
+        except Exception as e:
+            raise APIError(400, f"request body: not valid multipart form data ({e})") from None
+        name = form.get("model")
+    else:
+        try:
+            body = DriveJSON.model_validate_json(await request.body())
+        except ValidationError as e:
+            message, param = validation_message(list(e.errors()))
+            raise APIError(400, message, param=param) from None
+        name = body.model
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "Missing required parameter: model", param="model")
+    drive = server.drive.get(name)
+    if drive is None:
+        what = "is a language model; /v1/drive/predict needs a driving run" if name in server.models \
+            else "does not exist" if server.drive else "does not exist (no driving run is served here)"
+        raise APIError(404, f"The model `{name}` {what}", param="model", code="model_not_found")
+    if not drive.loaded:
+        raise APIError(503, f"model `{name}` is still loading; retry shortly", type="server_error",
+                       code="model_loading", retry_after=5)
+    cfg = drive.cfg.model
+    if form is not None:
+        upload = form.get("video")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "video: attach the clip as a file field named 'video'", param="video")
+        frames = await asyncio.to_thread(_decode_upload, await upload.read(), cfg)
+        speed, steering = (_past(_json_list(form.get(k), k), k, cfg.frames) for k in ("speed", "steering"))
+    else:
+        frames = _frames(body.frames, cfg)
+        speed, steering = _past(body.speed, "speed", cfg.frames), _past(body.steering, "steering", cfg.frames)
+    return await asyncio.to_thread(drive.predict, frames, speed, steering)
+
+
+def _json_list(value, name: str):
+    if value is None:
+        return None
+    try:
+        out = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        out = None
+    if not isinstance(out, list) or not all(isinstance(v, (int, float)) for v in out):
+        raise APIError(400, f"{name}: a JSON array of numbers", param=name)
+    return out
+
+
+def _frames(frames: list, cfg) -> np.ndarray:
+    want = (cfg.frames, cfg.height, cfg.width, 3)
+    try:
+        arr = np.asarray(frames)
+    except ValueError:  # ragged nesting
+        arr = None
+    if arr is None or arr.shape != want or arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 255:
+        raise APIError(400, f"frames: need uint8 pixels shaped {list(want)} (frames, height, width, RGB)",
+                       param="frames")
+    return arr.astype(np.uint8)

@@ -87,13 +87,6 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
 
 
-class DriveFrames(Strict):
-    """JSON form of /v1/drive/predict: frames as nested [H][W][3] uint8 lists."""
-
-    model: str = Field(min_length=1, max_length=256)
-    frames: list[list[list[list[Annotated[int, Field(ge=0, le=255)]]]]] = Field(min_length=1, max_length=64)
-
-
 class APIError(Exception):
     """A 4xx/5xx answered in the OpenAI error shape."""
 

@@ -129,8 +129,9 @@ class Reloader:
     """Background thread: initial load of every model, then polling for newer checkpoints."""
 
     def __init__(self, models: list[ServedModel], metrics: Metrics, device: torch.device,
-                 dtype: torch.dtype | None = None, interval: float = 2.0):
+                 dtype: torch.dtype | None = None, interval: float = 2.0, drives: list | None = None):
         self.models, self.metrics, self.device, self.dtype = models, metrics, device, dtype
+        self.drives = drives or []  # serve.drive.DrivePredictor: poll() loads newer checkpoints
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reloader", daemon=True)
@@ -149,6 +150,11 @@ class Reloader:
                     self.check(m)
                 except Exception:  # never let one bad poll end hot reload for good
                     log.exception("%s: checking for a new checkpoint failed", m.name)
+            for d in self.drives:
+                try:
+                    d.poll()
+                except Exception:
+                    log.exception("%s: checking for a new checkpoint failed", d.name)
             if not self.interval:
                 return
             self._stop.wait(self.interval)

@@ -1,0 +1,108 @@
+"""/v1/drive/predict against a (tiny) trained driving run, served beside a language model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+FRAMES, SIZE, K = 4, 32, 4
+
+
+def _drive(root, name: str, seconds: float = 5.0, fps: float = 20.0, speed: float = 8.0) -> None:
+    from exaflop.drive.video import write_video
+
+    n = int(seconds * fps)
+    u = np.arange(64)[None, :]
+    frames = np.zeros((n, 48, 64, 3), np.uint8)
+    for i in range(n):  # a moving gradient: compresses well, frames differ
+        frames[i, :, :, 0] = (60 + (u + 3 * i) % 80).astype(np.uint8)
+        frames[i, :, :, 1:] = 90
+    root.mkdir(parents=True, exist_ok=True)
+    write_video(root / f"{name}.mp4", frames, fps)
+    t = np.arange(0, seconds + 1e-9, 0.02)
+    with open(root / f"{name}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t", "steering", "speed", "x", "y", "yaw"])
+        for ti in t:
+            w.writerow([f"{ti:.4f}", "0", f"{speed}", f"{speed * ti:.4f}", "0", "0"])
+
+
+@pytest.fixture(scope="module")
+def drive_run(tmp_path_factory):
+    from exaflop.config import load_config
+    from exaflop.drive.importers.clips import ImportOptions
+    from exaflop.drive.importers.run import run_import
+    from exaflop.engine.trainer import train
+
+    root = tmp_path_factory.mktemp("drive")
+    for i in range(3):
+        _drive(root / "raw", f"d{i}")
+    opts = ImportOptions(frames=FRAMES, fps=10.0, width=SIZE, height=SIZE, stride=2, waypoints=K, dt=0.5,
+                         workers=0, val_fraction=0.34, clips_per_shard=8)
+    run_import("generic", root / "raw", root / "data", opts, quiet=True)
+    cfg = load_config("drive-tiny", [
+        f"data.path={root / 'data'}", f"run.out_dir={root / 'runs'}", "run.name=pilot", "train.steps=2",
+        f"model.frames={FRAMES}", f"model.height={SIZE}", f"model.width={SIZE}", f"model.waypoints={K}",
+        "model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.global_batch=4", "train.micro_batch=4",
+        "checkpoint.every=2", "eval.every=1000", "eval.batches=1", "data.num_workers=0",
+        "run.tensorboard=false", "run.dtype=fp32"])
+    train(cfg, quiet=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def both(drive_run, run_dir, start_server):
+    return start_server([run_dir, drive_run / "runs" / "pilot"])
+
+
+def test_models_list_both(both):
+    data = httpx.get(both.url + "/v1/models").json()["data"]
+    assert {m["id"] for m in data} == {"m", "pilot"}
+    assert httpx.get(both.url + "/v1/models/pilot").json()["task"] == "drive"
+
+
+def test_predict_from_json_frames(both):
+    frames = np.random.default_rng(0).integers(0, 256, (FRAMES, SIZE, SIZE, 3)).tolist()
+    r = httpx.post(both.url + "/v1/drive/predict", json={"model": "pilot", "frames": frames,
+                                                         "speed": [8.0] * FRAMES})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["waypoints"]) == K and all(len(p) == 2 for p in body["waypoints"])
+    assert len(body["steering"]) == K and body["checkpoint_step"] == 2
+
+
+def test_predict_from_mp4_upload(both, drive_run):
+    clip = (drive_run / "raw" / "d0.mp4").read_bytes()
+    r = httpx.post(both.url + "/v1/drive/predict", data={"model": "pilot", "speed": json.dumps([8.0] * FRAMES)},
+                   files={"video": ("clip.mp4", clip, "video/mp4")})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["waypoints"]) == K
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "pilot", "frames": [[[[0, 0, 0]]]]},  # wrong shape
+    {"model": "pilot", "frames": np.full((FRAMES, SIZE, SIZE, 3), 300).tolist()},  # not uint8
+    {"model": "pilot", "frames": np.zeros((FRAMES, SIZE, SIZE, 3), int).tolist(), "speed": [1.0]},
+    {"model": "pilot", "frames": [[1], 2]},  # ragged
+    {"model": "pilot", "frame": []},  # unknown field
+])
+def test_bad_drive_requests_are_400(both, body):
+    r = httpx.post(both.url + "/v1/drive/predict", json=body)
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
+
+
+def test_garbage_upload_and_wrong_model(both):
+    r = httpx.post(both.url + "/v1/drive/predict", data={"model": "pilot"},
+                   files={"video": ("clip.mp4", b"\0not a video" * 50, "video/mp4")})
+    assert r.status_code == 400 and "video" in r.json()["error"]["message"]
+    r = httpx.post(both.url + "/v1/drive/predict", json={"model": "m", "frames": [[[[0, 0, 0]]]]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_no_driving_run_is_404(server):
+    r = httpx.post(server.url + "/v1/drive/predict", json={"model": "pilot", "frames": [[[[0, 0, 0]]]]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
