@@ -80,7 +80,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def summarize(name: str, wall: float, records: list[dict]) -> dict:
+def summarize(name: str, wall: float, records: list[dict], client_cpu: float | None = None) -> dict:
     ttft = [r["ttft"] for r in records]
     itl = [g for r in records for g in r["itl"]]
     tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
@@ -89,7 +89,10 @@ def summarize(name: str, wall: float, records: list[dict]) -> dict:
             "output_tok_s": round(tokens / wall, 1),
             "ttft_p50_ms": round(1000 * pct(ttft, 50), 1), "ttft_p99_ms": round(1000 * pct(ttft, 99), 1),
             "tpot_p50_ms": round(1000 * pct(tpot, 50), 2), "tpot_p99_ms": round(1000 * pct(tpot, 99), 2),
-            "itl_p50_ms": round(1000 * pct(itl, 50), 2), "itl_p99_ms": round(1000 * pct(itl, 99), 2)}
+            "itl_p50_ms": round(1000 * pct(itl, 50), 2), "itl_p99_ms": round(1000 * pct(itl, 99), 2),
+            # CPU the load generator itself burned, as a share of one core: on a small machine
+            # the client competes with the server for the same cores.
+            "client_cpu": round(client_cpu / wall, 2) if client_cpu is not None else None}
 
 
 # -- exaflop over HTTP ---------------------------------------------------------
@@ -277,8 +280,9 @@ def main() -> int:
             results.append(summarize(f"exaflop, Poisson {args.rate}/s", wall, recs))
         for c in levels:
             reqs = workload(args.requests_per_slot * c, vocab, ctx, 0, pr, orng)
+            cpu0 = time.process_time()
             wall, recs = asyncio.run(run_exaflop(url, reqs, c, 0))
-            results.append(summarize(f"exaflop, concurrency {c}", wall, recs))
+            results.append(summarize(f"exaflop, concurrency {c}", wall, recs, time.process_time() - cpu0))
     finally:
         proc.terminate()
         proc.wait()
@@ -301,9 +305,10 @@ def report(results: list[dict], model, diff: float, args) -> None:
     c = model.cfg
     print(f"model: {c.n_layer} layers, d_model {c.d_model}, {model.num_params(False) / 1e6:.1f}M params, "
           f"context {c.seq_len}; torch threads {torch.get_num_threads()}; max |logit diff| vs HF {diff:.1e}")
-    print(f"prompts {args.prompt_len} tokens, outputs {args.output_len} tokens (uniform, seeded)\n")
+    print(f"prompts {args.prompt_len} tokens, outputs {args.output_len} tokens (uniform, seeded); "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     cols = ["system", "requests", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-            "itl_p50_ms", "itl_p99_ms"]
+            "itl_p50_ms", "itl_p99_ms", "client_cpu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
