@@ -43,7 +43,7 @@ def need_llama_cpp() -> None:
 
 
 def bench_run(preset: str, tmp: Path) -> Path:
-    """A random model of the preset's shape whose stop tokens never win greedy decoding, so every
+    """A random model of the preset's shape whose special tokens never win greedy decoding, so every
     request generates exactly max_tokens on both servers (no logit_bias needed)."""
     import torch
 
@@ -51,7 +51,7 @@ def bench_run(preset: str, tmp: Path) -> Path:
     from exaflop.lm.hf_import import write_run
     from exaflop.lm.model import LM
     from exaflop.lm.shards import build_text_dataset
-    from exaflop.lm.tokenizer import load_tokenizer
+    from exaflop.lm.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
     base = load_config(preset)
     data = tmp / "data"
@@ -61,8 +61,8 @@ def bench_run(preset: str, tmp: Path) -> Path:
     torch.manual_seed(0)
     model = LM(cfg.model)
     tok = load_tokenizer(data / "tokenizer.json")
-    with torch.no_grad():  # logit exactly 0 for stop tokens: below the max of thousands of random logits
-        for t in ("<|endoftext|>", "<|end|>"):
+    with torch.no_grad():  # logit exactly 0 for special tokens: below the max of thousands of random logits
+        for t in SPECIAL_TOKENS:
             model.lm_head.weight[tok.token_to_id(t)] = 0
     return write_run(cfg, model, "bench", force=True)
 
