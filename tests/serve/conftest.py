@@ -113,7 +113,7 @@ class ServerProcess:
 
     def metrics(self, headers: dict | None = None) -> dict[str, float]:
         """Prometheus samples as {'name{labels}': value}."""
-        text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers=headers, timeout=120).text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -9,6 +9,8 @@ import time
 import httpx
 import openai
 
+http = httpx.Client(timeout=120)  # generous: CI machines can be busy
+
 MODEL = "m"
 NO_SPECIALS = {str(i): -100 for i in range(6)}  # special tokens are ids 0-5: never end early
 
@@ -73,7 +75,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert m['exaflop_requests_aborted_total{model="m"}'] == before + 1
     assert m['exaflop_requests_running{model="m"}'] == 0
     # The slot is really free: a fresh request is served at once.
-    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+    r = http.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2})
     assert r.status_code == 200
 
 
@@ -92,7 +94,7 @@ def test_stop_strings_split_across_tokens_never_stream(server, tokenizer):
     base = {"model": MODEL, "max_tokens": 40, "temperature": 0, "logit_bias": NO_SPECIALS}
     checked = 0
     for prompt in ["def ", "import ", "class ", "    return "]:
-        full = httpx.post(server.url + "/v1/completions", json={**base, "prompt": prompt}).json()
+        full = http.post(server.url + "/v1/completions", json={**base, "prompt": prompt}).json()
         text = full["choices"][0]["text"]
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         pieces = [tokenizer.decode([i]) for i in ids]

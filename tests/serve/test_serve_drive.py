@@ -9,6 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
+http = httpx.Client(timeout=120)  # generous: CI machines can be busy
+
 FRAMES, SIZE, K = 4, 32, 4
 
 
@@ -60,14 +62,14 @@ def both(drive_run, run_dir, start_server):
 
 
 def test_models_list_both(both):
-    data = httpx.get(both.url + "/v1/models").json()["data"]
+    data = http.get(both.url + "/v1/models").json()["data"]
     assert {m["id"] for m in data} == {"m", "pilot"}
-    assert httpx.get(both.url + "/v1/models/pilot").json()["task"] == "drive"
+    assert http.get(both.url + "/v1/models/pilot").json()["task"] == "drive"
 
 
 def test_predict_from_json_frames(both):
     frames = np.random.default_rng(0).integers(0, 256, (FRAMES, SIZE, SIZE, 3)).tolist()
-    r = httpx.post(both.url + "/v1/drive/predict", json={"model": "pilot", "frames": frames,
+    r = http.post(both.url + "/v1/drive/predict", json={"model": "pilot", "frames": frames,
                                                          "speed": [8.0] * FRAMES})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -77,7 +79,7 @@ def test_predict_from_json_frames(both):
 
 def test_predict_from_mp4_upload(both, drive_run):
     clip = (drive_run / "raw" / "d0.mp4").read_bytes()
-    r = httpx.post(both.url + "/v1/drive/predict", data={"model": "pilot", "speed": json.dumps([8.0] * FRAMES)},
+    r = http.post(both.url + "/v1/drive/predict", data={"model": "pilot", "speed": json.dumps([8.0] * FRAMES)},
                    files={"video": ("clip.mp4", clip, "video/mp4")})
     assert r.status_code == 200, r.text
     assert len(r.json()["waypoints"]) == K
@@ -91,18 +93,18 @@ def test_predict_from_mp4_upload(both, drive_run):
     {"model": "pilot", "frame": []},  # unknown field
 ])
 def test_bad_drive_requests_are_400(both, body):
-    r = httpx.post(both.url + "/v1/drive/predict", json=body)
+    r = http.post(both.url + "/v1/drive/predict", json=body)
     assert r.status_code == 400 and r.json()["error"]["message"], r.text
 
 
 def test_garbage_upload_and_wrong_model(both):
-    r = httpx.post(both.url + "/v1/drive/predict", data={"model": "pilot"},
+    r = http.post(both.url + "/v1/drive/predict", data={"model": "pilot"},
                    files={"video": ("clip.mp4", b"\0not a video" * 50, "video/mp4")})
     assert r.status_code == 400 and "video" in r.json()["error"]["message"]
-    r = httpx.post(both.url + "/v1/drive/predict", json={"model": "m", "frames": [[[[0, 0, 0]]]]})
+    r = http.post(both.url + "/v1/drive/predict", json={"model": "m", "frames": [[[[0, 0, 0]]]]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_no_driving_run_is_404(server):
-    r = httpx.post(server.url + "/v1/drive/predict", json={"model": "pilot", "frames": [[[[0, 0, 0]]]]})
+    r = http.post(server.url + "/v1/drive/predict", json={"model": "pilot", "frames": [[[[0, 0, 0]]]]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+http = httpx.Client(timeout=120)  # generous: CI machines can be busy
+
 MODEL = "m"
 EXAMPLES = 300
 
@@ -38,7 +40,7 @@ def _short(body):
 
 
 def test_fuzz_openapi_no_5xx_and_openai_errors(server):
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = http.get(server.url + "/openapi.json").json()
     client = httpx.Client(base_url=server.url, timeout=60)
     seen: dict[int, int] = {}
 
@@ -69,7 +71,7 @@ def test_fuzz_openapi_no_5xx_and_openai_errors(server):
 
     check()
     assert any(code == 200 for code in seen) and any(400 <= code < 500 for code in seen), seen
-    assert httpx.get(server.url + "/health").status_code == 200  # still alive
+    assert http.get(server.url + "/health").status_code == 200  # still alive
 
 
 NASTY = [
@@ -90,6 +92,6 @@ NASTY = [
 def test_nasty_bodies_are_4xx_in_openai_shape(server):
     for path in ("/v1/completions", "/v1/chat/completions"):
         for raw in NASTY:
-            r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"})
+            r = http.post(server.url + path, content=raw, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500 and r.status_code != 422, (path, raw, r.text)
             assert r.json()["error"]["message"], (path, raw)

@@ -10,6 +10,8 @@ import pytest
 
 from exaflop.errors import UserError
 
+http = httpx.Client(timeout=120)  # generous: CI machines can be busy
+
 MODEL = "m"
 
 
@@ -27,24 +29,24 @@ def test_missing_and_wrong_key_401_health_open(guarded_server):
     for headers in ({}, _auth("key-wrong"), {"Authorization": "key-alpha"}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics"),
                              ("GET", "/openapi.json"), ("GET", "/v1/nowhere")):
-            r = httpx.request(method, url + path, headers=headers, json={"model": MODEL, "prompt": "x"})
+            r = http.request(method, url + path, headers=headers, json={"model": MODEL, "prompt": "x"})
             assert r.status_code == 401 and _is_openai_error(r), (path, headers)
             assert r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(url + "/health").status_code == 200
+    assert http.get(url + "/health").status_code == 200
     # Keys from the file and from EXAFLOP_API_KEYS both work.
     for key in ("key-alpha", "key-charlie"):
-        assert httpx.get(url + "/v1/models", headers=_auth(key)).status_code == 200
+        assert http.get(url + "/v1/models", headers=_auth(key)).status_code == 200
 
 
 def test_rate_limit_429_per_key(guarded_server):
     url, body = guarded_server.url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1}
-    codes = [httpx.post(url, json=body, headers=_auth("key-alpha")).status_code for _ in range(5)]
+    codes = [http.post(url, json=body, headers=_auth("key-alpha")).status_code for _ in range(5)]
     assert codes[:4] == [200] * 4
-    r = httpx.post(url, json=body, headers=_auth("key-alpha"))
+    r = http.post(url, json=body, headers=_auth("key-alpha"))
     assert r.status_code == 429 and _is_openai_error(r)
     assert r.json()["error"]["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
     # Another key has its own budget.
-    assert httpx.post(url, json=body, headers=_auth("key-charlie")).status_code == 200
+    assert http.post(url, json=body, headers=_auth("key-charlie")).status_code == 200
 
 
 def test_queue_full_503_with_retry_after(guarded_server):
@@ -65,7 +67,7 @@ def test_queue_full_503_with_retry_after(guarded_server):
         if m.get('exaflop_requests_running{model="m"}') == 1 and m.get('exaflop_requests_waiting{model="m"}') == 1:
             break
         threading.Event().wait(0.02)
-    r = httpx.post(url, json=long, headers=_auth("key-bravo"))
+    r = http.post(url, json=long, headers=_auth("key-bravo"))
     for t in threads:
         t.join()
     assert r.status_code == 503 and _is_openai_error(r) and "retry-after" in r.headers
@@ -73,7 +75,7 @@ def test_queue_full_503_with_retry_after(guarded_server):
 
 
 def test_body_limit_413(guarded_server):
-    r = httpx.post(guarded_server.url + "/v1/completions", headers=_auth("key-charlie"),
+    r = http.post(guarded_server.url + "/v1/completions", headers=_auth("key-charlie"),
                    json={"model": MODEL, "prompt": "x" * 20_000})
     assert r.status_code == 413 and _is_openai_error(r)
 
@@ -83,7 +85,7 @@ def test_body_limit_413(guarded_server):
             yield b"y" * 1000
         yield b'"}'
 
-    r = httpx.post(guarded_server.url + "/v1/completions", headers=_auth("key-charlie"), content=chunks())
+    r = http.post(guarded_server.url + "/v1/completions", headers=_auth("key-charlie"), content=chunks())
     assert r.status_code == 413
 
 
