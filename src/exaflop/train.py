@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume when the run has a complete checkpoint, else start fresh (for "
+                        "requeued Slurm jobs and restarted pods: one command for both cases)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--record-samples", action="store_true",
                    help="write runs/<name>/samples_rank<r>.jsonl: the global sample ids of every step")
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         resume = args.resume
         # After torchrun restarts a failed group, continue from the newest complete checkpoint.
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        if args.auto_resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = read_latest(cfg.run_dir / "checkpoints")[0] is not None
         result = train_main(cfg, resume=resume, quiet=args.quiet)
     except UserError as e:

@@ -73,13 +73,20 @@ def test_sigterm_saves_on_all_ranks_then_resume_skips_nan(launcher):
     assert meta["step"] == 4 and meta["world_size"] == 2
     assert len(list(ckpt.glob("*.distcp"))) == 2 and len(list(ckpt.glob("rng_rank*.pt"))) == 2
 
-    run = launcher.run("preempted", 2, [*extra, "train.inject_nan_at_step=6"], resume=True)
+    # The resumed run saves asynchronously (step 5 overlaps training; step 10 at the end).
+    run = launcher.run("preempted", 2, [*extra, "train.inject_nan_at_step=6", "checkpoint.async_save=true"],
+                       resume=True)
     losses = run.losses()
     assert sorted(losses) == [1, 2, 3, 4, 5, 6, 8, 9, 10]  # step 7 (0-based 6) was skipped
     bad = run.records("bad_step")
     assert [b["step"] for b in bad] == [7] and bad[0]["skipped_steps"] == 1
     assert run.records("train")[-1]["skipped_steps"] == 1
     assert all(v == v for v in losses.values())  # the run went on with finite losses
+    from exaflop.engine.checkpoint import read_latest
+
+    latest, problems = read_latest(run.dir / "checkpoints")
+    assert latest.name == "step_000000010" and not problems
+    assert json.loads((latest / "meta.json").read_text())["skipped_steps"] == 1
 
 
 def test_truncated_or_missing_shard_falls_back(launcher, fsdp2, reference):

@@ -95,6 +95,8 @@ class Checkpointer:
         self.async_save = async_save
         self._pending: Any = None  # future of an in-flight async save
         self._pending_finish: Any = None
+        self._stager: _ReusedBufferStager | None = None
+        self._group: Any = None  # process group for async writes
 
     # -- save ---------------------------------------------------------------
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -113,7 +115,14 @@ class Checkpointer:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
         if self.async_save:
-            self._pending = dcp.async_save(state, checkpoint_id=str(tmp))
+            self._stager = self._stager or _ReusedBufferStager()
+            if dist.is_initialized() and self._group is None:
+                # The background write runs its own collectives (plan exchange, barrier). On the
+                # training group they would interleave with FSDP/TP collectives of the main
+                # thread in a different order on each rank: give it a group of its own.
+                self._group = dist.new_group(backend="gloo")
+            self._pending = dcp.async_save(state, checkpoint_id=str(tmp), async_stager=self._stager,
+                                           process_group=self._group)
             self._pending_finish = (tmp, final, meta)
         else:
             try:
@@ -136,9 +145,15 @@ class Checkpointer:
         return UserError(f"checkpoint step {step} could not be written to {self.root} "
                          f"({getattr(cause, 'strerror', None) or cause}); {kept} — free space and rerun with --resume")
 
+    def wait_staged(self) -> None:
+        """Block until an async save has copied the state: call before the optimizer changes it."""
+        if self._stager is not None:
+            self._stager.wait()
+
     def wait(self) -> None:
         if self._pending is not None:
-            self._pending.result()
+            # With background staging async_save returns (staging, upload) futures.
+            getattr(self._pending, "upload_completion", self._pending).result()
             tmp, final, meta = self._pending_finish
             self._pending = self._pending_finish = None
             self._finish(tmp, final, meta)
@@ -188,6 +203,55 @@ class Checkpointer:
         if meta.get("world_size") == _world() and rng_file.is_file():
             rng = torch.load(rng_file, weights_only=False)
         return meta, rng, problems
+
+
+class _ReusedBufferStager:
+    """dcp.async_save staging into host buffers allocated once and reused by every save,
+    copied by a background thread.
+
+    The state must be copied before the next optimizer step changes it, and that copy is
+    what an async save costs the training loop. Two things keep it off the loop: the
+    buffers are reused (fresh allocations cost more in page faults than the copy itself;
+    pinned on CUDA), and the copy runs in a thread while the next step's forward and
+    backward run, which change gradients, not parameters or optimizer state. The trainer
+    calls `wait()` (via Checkpointer.wait_staged) before `optimizer.step()`.
+    """
+
+    should_synchronize_after_execute = False  # the trainer synchronises before optimizer.step
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._cache: dict[str, Any] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="exaflop-ckpt-stage")
+        self._staging: Any = None
+
+    def stage(self, state_dict: dict[str, Any]):
+        self.wait()
+        self._staging = self._pool.submit(self._copy, state_dict)
+        return self._staging
+
+    def wait(self) -> None:
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def _copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        if self._cache is not None:
+            try:
+                return _copy_state_dict(state_dict, self._cache)
+            except (KeyError, RuntimeError, TypeError, AssertionError, IndexError):
+                self._cache = None  # the structure changed (new optimizer state): reallocate
+        self._cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self._cache)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _atomic_write(path: Path, text: str) -> None:

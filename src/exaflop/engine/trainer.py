@@ -137,7 +137,10 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     train_src = task.build_dataset("train")
     loader = make_loader(train_src, task.collate, layout, cfg.run.seed, start_step, workers)
     val_src = task.build_dataset("val")
-    val = eval_batches(val_src, task.collate, cfg.train.micro_batch, cfg.eval.batches, dp_rank, dp_world)
+    # Every data-parallel rank evaluates the same number of batches: FSDP and TP forwards are
+    # collectives, so a rank with one batch fewer would leave the others waiting forever.
+    n_eval = -(-cfg.eval.batches // dp_world) * dp_world
+    val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
 
     log = MetricsLog(run_dir, rt.is_main, cfg.run.tensorboard)
     peak = rtm.measure_peak_flops(rt.device, rt.dtype) if rt.is_main else 1.0
@@ -194,6 +197,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                 bar.update(bar_task, advance=1)
                 continue
             bad_run = 0
+            ckpt.wait_staged()  # an async save may still be copying the parameters
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -293,7 +297,8 @@ def _evaluate(task, model, val: list, rt, step: int) -> dict[str, Any]:
     model.eval()
     batches = [_to_device(b, rt.device) for b in val]
     with rt.autocast():
-        res = task.evaluate(unwrap(model) if not rt.distributed else model, batches)
+        # DDP's forward broadcasts buffers (a collective): evaluate the wrapped module directly.
+        res = task.evaluate(unwrap(model), batches)
     if rt.distributed:
         keys = sorted(res)
         t = torch.tensor([res[k] for k in keys], dtype=torch.float64, device=rt.device)
