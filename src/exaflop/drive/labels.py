@@ -45,10 +45,10 @@ def validate_series(name: str, column: str, t: np.ndarray, v: np.ndarray, max_ga
     """One telemetry signal with its own timestamps: finite, strictly increasing, no holes."""
     if len(t) < 2:
         raise BadInput(f"{name}: telemetry {column!r} has {len(t)} samples; need at least 2")
-    for what, arr in (("timestamps", t), (repr(column), v)):
+    for what, arr in (("timestamps", t), (f"column {column!r}", v)):
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise BadInput(f"{name}: telemetry {what} have NaN/inf at row {int(np.flatnonzero(bad)[0])}")
+            raise BadInput(f"{name}: telemetry {what}: NaN/inf at row {int(np.flatnonzero(bad)[0])}")
     dt = np.diff(t)
     if np.any(dt <= 0):
         row = int(np.flatnonzero(dt <= 0)[0]) + 1

@@ -66,28 +66,33 @@ class DriveTask:
         loss, wp_loss, steer_loss = inner.loss_terms(wp, steer, batch)
         with torch.no_grad():
             ade = (wp.float() - batch["waypoints"].float()).norm(dim=-1).mean()
-        return loss, {"wp_loss": float(wp_loss), "steer_loss": float(steer_loss), "ade": float(ade)}
+        return loss, {"wp_loss": wp_loss.item(), "steer_loss": steer_loss.item(), "ade": ade.item()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         was_training = model.training
         model.eval()
         k = self.mcfg.waypoints
-        meters = {name: M.TrajectoryMeter(k, self.dt) for name in ("", "cv_", "hold_")}
+        meters = {name: M.TrajectoryMeter(k, self.dt) for name in ("val_", "val_cv_", "val_hold_")}
         device = next(model.parameters()).device
         for batch in batches:
             batch = {n: v.to(device) if isinstance(v, Tensor) else v for n, v in batch.items()}
             wp, steer = model(batch["video"], batch["speed"], batch["steering"])
-            meters[""].add(wp, batch["waypoints"], steer, batch["future_steering"])
+            meters["val_"].add(wp, batch["waypoints"], steer, batch["future_steering"])
             for name, (b_wp, b_steer) in M.baselines(batch, k).items():
-                meters[f"{name}_"].add(b_wp, batch["waypoints"], b_steer, batch["future_steering"])
+                meters[f"val_{name}_"].add(b_wp, batch["waypoints"], b_steer, batch["future_steering"])
         model.train(was_training)
         out: dict[str, float] = {}
         for prefix, meter in meters.items():
             out.update(meter.result(prefix))
-        if out:
-            out["ade_vs_best_baseline"] = out["ade"] / max(min(out["cv_ade"], out["hold_ade"]), 1e-9)
+        if out:  # < 1: the model beats the better of the two baselines on ADE
+            best = min(out["val_cv_ade"], out["val_hold_ade"])
+            out["val_ade_vs_best_baseline"] = out["val_ade"] / max(best, 1e-9)
         return out
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Units for FSDP sharding and activation checkpointing (the CNN has none)."""
+        return list(getattr(model.backbone, "blocks", []))
 
     def flops_per_sample(self) -> float:
         """Forward+backward FLOPs of one clip: 3x the forward multiply-adds x2, counted by hooks."""

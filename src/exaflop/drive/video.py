@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,11 +24,17 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", *RAW_FORMATS)
 
 # One reformatter per process keeps its swscale context between frames; a fresh one per
 # frame (what frame.to_ndarray(format=...) does) costs ~3x the H.264 decode of a small clip.
-_REFORMATTER = VideoReformatter()
+# Keyed by pid: a context inherited through fork (DataLoader workers) can hold swscale's
+# worker threads, which do not exist in the child, and the first frame deadlocks.
+_REFORMATTERS: dict[int, VideoReformatter] = {}
 
 
 def to_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
-    return _REFORMATTER.reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
+    pid = os.getpid()
+    if pid not in _REFORMATTERS:
+        _REFORMATTERS.clear()
+        _REFORMATTERS[pid] = VideoReformatter()
+    return _REFORMATTERS[pid].reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
 
 
 def fit_frame(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
@@ -49,7 +56,8 @@ def decode_video(path: str | Path, width: int, height: int, codecs: Iterable[str
     try:
         container = av.open(str(path), format=raw)
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise BadInput(f"{path}: cannot open video ({e}); the file is corrupt, truncated or not a video") from None
+        why = getattr(e, "strerror", None) or e
+        raise BadInput(f"{path}: cannot open video ({why}); the file is corrupt, truncated or not a video") from None
     frames, times = [], []
     with container:
         if not container.streams.video:
@@ -66,7 +74,8 @@ def decode_video(path: str | Path, width: int, height: int, codecs: Iterable[str
                 frames.append(fit_frame(frame, width, height))
                 times.append(frame.time)
         except av.error.FFmpegError as e:
-            raise BadInput(f"{path}: video is corrupt or truncated after frame {len(frames)} ({e})") from None
+            why = getattr(e, "strerror", None) or e
+            raise BadInput(f"{path}: video is corrupt or truncated after frame {len(frames)} ({why})") from None
     if not frames:
         raise BadInput(f"{path}: no decodable video frames (corrupt, truncated or empty file)")
     if raw or any(t is None for t in times):
@@ -126,9 +135,26 @@ def _rate(fps: float):
     return Fraction(fps).limit_denominator(1001)
 
 
+def yuv420_to_rgb(planes: np.ndarray) -> np.ndarray:
+    """(H*3/2, W) stacked yuv420p planes -> (H, W, 3) RGB, BT.601 limited range (what
+    libx264 gets from rgb24 by default). numpy, not swscale: swscale keeps process-global
+    threads that a forked DataLoader worker does not inherit, and then waits for them forever."""
+    h = planes.shape[0] * 2 // 3
+    w = planes.shape[1]
+    y = (planes[:h].astype(np.float32) - 16.0) * (255.0 / 219.0)
+    chroma = planes[h:].reshape(2, h // 2, w // 2).astype(np.float32) - 128.0
+    u, v = (c.repeat(2, 0).repeat(2, 1) * (255.0 / 224.0) for c in chroma)
+    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], axis=-1)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
 def decode_clip(data: bytes) -> np.ndarray:
     """An MP4 clip's frames as uint8 (T, H, W, 3). Single-threaded: a few tiny frames per clip,
     and DataLoader workers already give one core each."""
     with av.open(io.BytesIO(data), format="mp4") as c:
         stream = c.streams.video[0]
-        return np.stack([to_rgb(f) for f in c.decode(stream)])
+        out = []
+        for f in c.decode(stream):
+            simple = f.format.name == "yuv420p" and f.width % 2 == 0 and f.height % 2 == 0
+            out.append(yuv420_to_rgb(f.to_ndarray()) if simple else to_rgb(f))
+        return np.stack(out)

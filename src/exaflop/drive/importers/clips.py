@@ -55,6 +55,14 @@ class Item:
     paths: dict[str, str]
     split: str = "train"
 
+    @property
+    def telemetry_name(self) -> str:
+        """What a telemetry problem is reported against: the file a user would open."""
+        for key in ("telemetry", "csv", "segment"):
+            if key in self.paths:
+                return self.paths[key]
+        return self.item_id
+
 
 @dataclass
 class Recording:

@@ -55,7 +55,7 @@ def convert_item(importer: str, item: Item, opts: ImportOptions, out: str) -> di
     out_dir = Path(out)
     try:
         rec = mod.load(item, opts)
-        clips = make_clips(item.item_id, rec, opts)
+        clips = make_clips(item.telemetry_name, rec, opts)
         first = next(clips)  # raises BadInput before any shard is opened
     except BadInput as e:
         return {"item": item.item_id, "skipped": str(e)}
