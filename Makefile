@@ -24,9 +24,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Everything, including the llama.cpp round trip (compiles llama.cpp: several minutes).
+# Everything, including the llama.cpp round trip (compiles llama.cpp: ~15 minutes on 2 cores).
 test-all: install
-	$(PIP) install -q -e ".[llamacpp]"
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q -e ".[$(EXTRAS),llamacpp]"
 	$(PY) -m pytest -q
 
 lint: install

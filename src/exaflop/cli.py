@@ -72,6 +72,7 @@ def _add_data(sub) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_data_text)
     _mount("exaflop.drive.cli", "add_data_parser", dsub)
+    _mount("exaflop.lm.sft", "add_data_parser", dsub)
 
 
 def _cmd_data_text(args) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from exaflop.engine.checkpoint import load_for_inference
 from exaflop.errors import UserError
 from exaflop.lm.generate import generate
-from exaflop.lm.tokenizer import EOT, load_tokenizer
+from exaflop.lm.tokenizer import end_of_text_id, load_tokenizer
 
 
 def load_lm(run: str | Path, device: str = "cpu"):
@@ -18,10 +18,16 @@ def load_lm(run: str | Path, device: str = "cpu"):
     return cfg, model, tok
 
 
+def stop_ids(tok, data_path: str | Path) -> tuple[int, ...]:
+    """Generation stops at the end of a document, or at the end of a chat turn."""
+    ids = {end_of_text_id(tok, Path(data_path) / "tokenizer.json"), tok.token_to_id("<|end|>")}
+    return tuple(i for i in ids if i is not None)
+
+
 def sample_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                 top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> str:
     cfg, model, tok = load_lm(run)
     ids = tok.encode(prompt, add_special_tokens=False).ids
     out = list(generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                        stop_ids=(tok.token_to_id(EOT),)))
+                        stop_ids=stop_ids(tok, cfg.data.path)))
     return tok.decode(out, skip_special_tokens=False)

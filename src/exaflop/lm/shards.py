@@ -23,7 +23,7 @@ import numpy as np
 
 from exaflop.errors import UserError
 from exaflop.lm.corpus import CorpusStats, Document, iter_documents
-from exaflop.lm.tokenizer import EOT, load_tokenizer, tokenizer_hash, train_tokenizer
+from exaflop.lm.tokenizer import end_of_text_id, load_tokenizer, tokenizer_hash, train_tokenizer
 from exaflop.progress import progress_bar
 
 MANIFEST_VERSION = 1
@@ -38,9 +38,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
 
 
-def _write_split(tok, docs: list[Document], split: str, out: Path, dtype: np.dtype,
+def _write_split(tok, eot: int, docs: list[Document], split: str, out: Path, dtype: np.dtype,
                  shard_tokens: int, bar, task) -> list[dict]:
-    eot = tok.token_to_id(EOT)
     shards: list[dict] = []
     buf: list[np.ndarray] = []
     n_buf = 0
@@ -92,8 +91,10 @@ def build_text_dataset(source: str, out_dir: str | Path, vocab_size: int = 4096,
 
     if tokenizer_path:
         tok = load_tokenizer(tokenizer_path)
+        eot = end_of_text_id(tok, tokenizer_path)
     else:
         tok = train_tokenizer((d.text for d in train_docs), vocab_size)
+        eot = end_of_text_id(tok, "")
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
 
@@ -102,8 +103,8 @@ def build_text_dataset(source: str, out_dir: str | Path, vocab_size: int = 4096,
         total_chars = sum(len(d.text) for d in docs)
         with progress_bar(quiet) as bar:
             task = bar.add_task("tokenizing", total=total_chars)
-            train = _write_split(tok, train_docs, "train", tmp, dtype, shard_tokens, bar, task)
-            val = _write_split(tok, val_docs, "val", tmp, dtype, shard_tokens, bar, task)
+            train = _write_split(tok, eot, train_docs, "train", tmp, dtype, shard_tokens, bar, task)
+            val = _write_split(tok, eot, val_docs, "val", tmp, dtype, shard_tokens, bar, task)
         tok.save(str(tmp / "tokenizer.json"))
         manifest = {
             "version": MANIFEST_VERSION,
@@ -111,7 +112,7 @@ def build_text_dataset(source: str, out_dir: str | Path, vocab_size: int = 4096,
             "vocab_size": vocab,
             "dtype": dtype.name,
             "tokenizer_sha": tokenizer_hash(tok),
-            "eot_id": tok.token_to_id(EOT),
+            "eot_id": eot,
             "val_fraction": val_fraction,
             "documents": {"train": len(train_docs), "val": len(val_docs)},
             "tokens": {"train": sum(s["tokens"] for s in train), "val": sum(s["tokens"] for s in val)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,9 +40,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise UserError(f"tokenizer: {path} is not a valid tokenizer.json ({e})") from None
-    if tok.token_to_id(EOT) is None:
-        raise UserError(f"tokenizer: {path} has no {EOT} token; exaflop needs it to separate documents")
     return tok
+
+
+def end_of_text_id(tok: Tokenizer, tokenizer_path: str | Path) -> int:
+    """The id that separates documents: <|endoftext|>, else an imported tokenizer's own eos.
+
+    Imported Hugging Face tokenizers (Llama 3's <|end_of_text|>, </s>, ...) keep their
+    tokenizer_config.json beside tokenizer.json; its eos_token is used then.
+    """
+    if tok.token_to_id(EOT) is not None:
+        return tok.token_to_id(EOT)
+    folder = Path(tokenizer_path).parent
+    for name in ("hf_tokenizer_config.json", "tokenizer_config.json"):
+        cfg_file = folder / name
+        if cfg_file.is_file():
+            eos = json.loads(cfg_file.read_text()).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str) and tok.token_to_id(eos) is not None:
+                return tok.token_to_id(eos)
+    raise UserError(f"tokenizer: {tokenizer_path} has no {EOT} token and no eos_token in a "
+                    "tokenizer_config.json beside it; add one so documents can be separated")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
