@@ -26,6 +26,10 @@ def _add_train(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume if the run has a complete checkpoint, else start fresh (requeued jobs)")
+    p.add_argument("--record-samples", action="store_true",
+                   help="write RUN/samples_rank<r>.jsonl with the global sample ids of every step")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a rank dies")
     p.add_argument("--quiet", action="store_true")
@@ -33,14 +37,21 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from exaflop.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before launching anything
+    if args.record_samples:
+        os.environ["EXAFLOP_RECORD_SAMPLES"] = "1"  # inherited by torchrun's workers
+    if args.auto_resume:
+        from exaflop.engine.checkpoint import read_latest
+
+        args.resume = read_latest(cfg.run_dir / "checkpoints")[0] is not None
     if args.nproc > 1:
         from exaflop.engine.launch import launch
 
         return launch(args.config, args.overrides, args.nproc, args.max_restarts, args.resume, args.quiet)
-    from exaflop.config import load_config
     from exaflop.engine.trainer import train_main
 
-    cfg = load_config(args.config, args.overrides)
     result = train_main(cfg, resume=args.resume, quiet=args.quiet)
     _print_result(result)
     return 0

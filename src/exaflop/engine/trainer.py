@@ -132,7 +132,10 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
 
     dp_world, dp_rank = data_parallel_size(cfg, rt)
     B = global_batch_of(cfg, task)
-    layout = StreamLayout(B, cfg.train.micro_batch, dp_rank, dp_world)
+    # A micro-batch larger than a rank's share of the global batch shrinks to that share,
+    # so a preset written for one process also runs on N.
+    micro = min(cfg.train.micro_batch, max(1, B // dp_world))
+    layout = StreamLayout(B, micro, dp_rank, dp_world)
     workers = getattr(cfg.data, "num_workers", 0)
     train_src = task.build_dataset("train")
     loader = make_loader(train_src, task.collate, layout, cfg.run.seed, start_step, workers)
