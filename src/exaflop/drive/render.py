@@ -64,8 +64,9 @@ def predict(model, source, ids: list[int], device: str = "cpu") -> dict[str, np.
 def overlay(frame: np.ndarray, trajs: dict[str, np.ndarray], view: dict, scale: int) -> np.ndarray:
     img = frame.repeat(scale, 0).repeat(scale, 1).copy()
     h, w = img.shape[:2]
-    for name in ("cv", "hold", "truth", "model"):  # truth and model on top
-        draw_polyline(img, project(trajs[name], view, w, h), COLORS[name], radius=max(1, scale // 2))
+    for name in ("cv", "hold", "truth", "model"):  # truth (wide) under the model (narrow)
+        radius = max(1, scale // 2) + (1 if name == "truth" else 0) - (1 if name == "model" else 0)
+        draw_polyline(img, project(trajs[name], view, w, h), COLORS[name], radius=max(radius, 0))
     return img
 
 

@@ -1,0 +1,159 @@
+"""Video loader throughput: raw PyAV decode vs the training loader, and loader vs model.
+
+One run, one machine, the same clips throughout:
+  1. raw decode: the clips' MP4 bytes, already in memory, decoded to RGB uint8 arrays by
+     PyAV in this one process (exaflop's decode_clip: PyAV decode + BT.601 conversion).
+     For reference also PyAV's stock `frame.to_ndarray(format="rgb24")` path.
+  2. loader: the engine's global-cursor stream (`make_loader`) over the shard index,
+     with W DataLoader workers: byte-range read, decode, augmentation, collate, IPC.
+     Reported per worker; target >= 0.9x the raw decode rate.
+  3. model: drive-small's training step (forward + backward + AdamW) on this CPU, in
+     clips/s, beside the loader's delivered clips/s (the loader must not be the bottleneck),
+     and both together: training fed by the loader.
+Usage:
+    python bench/video_loader.py [--data data/drive-sim] [--workers 1 2] [--seconds 8]
+If --data has no manifest, a small simulated dataset is made first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+
+def ensure_data(path: Path) -> None:
+    if (path / "manifest.json").is_file():
+        return
+    from exaflop.drive.importers.sim import SimOptions, run_sim_import
+
+    print(f"no dataset at {path}: simulating 8 episodes")
+    run_sim_import(path, SimOptions(episodes=8, seconds=30), quiet=True)
+
+
+def raw_decode(source, n_clips: int, stock: bool) -> tuple[float, int]:
+    import av
+    import numpy as np
+
+    from exaflop.drive import shards
+    from exaflop.drive.video import decode_clip
+
+    blobs = []
+    for i in range(min(n_clips, len(source))):
+        row = source.rows[i]
+        f = source._file(int(row[0]))
+        f.seek(int(row[1]))
+        blobs.append(shards.decode_record(f.read(int(row[2])), [None, 0, 0, *row[3:9].tolist()])[0])
+
+    def stock_decode(data: bytes):
+        with av.open(io.BytesIO(data), format="mp4") as c:
+            return np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(c.streams.video[0])])
+
+    fn = stock_decode if stock else decode_clip
+    fn(blobs[0])
+    frames = 0
+    t0 = time.perf_counter()
+    for b in blobs:
+        frames += len(fn(b))
+    return frames / (time.perf_counter() - t0), frames
+
+
+def loader_rate(source, collate, workers: int, batch: int, seconds: float) -> float:
+    """Frames/s delivered by the engine's stream with `workers` processes (after warm-up)."""
+    from exaflop.data.stream import StreamLayout, make_loader
+
+    it = make_loader(source, collate, StreamLayout(batch, batch), seed=0, start_step=0, num_workers=workers)
+    for _ in range(max(2, 2 * workers)):  # workers started, prefetch queues filled once
+        next(it)
+    frames, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b = next(it)
+        frames += b["video"].shape[0] * b["video"].shape[1]
+    rate = frames / (time.perf_counter() - t0)
+    del it
+    return rate
+
+
+def model_rate(cfg, task, batches: list, seconds: float, loader=None) -> float:
+    """drive-small clips/s: fwd + bwd + AdamW step, bf16 autocast like training."""
+    import torch
+
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    clips, t0, i = 0, None, 0
+    while True:
+        batch = next(loader) if loader is not None else batches[i % len(batches)]
+        i += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = task.loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if t0 is None:  # first step: allocation and kernel selection
+            t0 = time.perf_counter()
+            continue
+        clips += batch["video"].shape[0]
+        if time.perf_counter() - t0 > seconds:
+            return clips / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="data/drive-sim")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--clips", type=int, default=400, help="clips for the raw decode measurement")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=8.0, help="per loader / model measurement")
+    ap.add_argument("--model", default="drive-small")
+    args = ap.parse_args()
+
+    import torch
+
+    from exaflop.config import load_config
+    from exaflop.data.stream import StreamLayout, make_loader
+    from exaflop.drive.source import ClipSource, collate
+    from exaflop.drive.task import build_task
+
+    data = Path(args.data)
+    ensure_data(data)
+    source = ClipSource(str(data), "train")
+    clip = source.manifest["clip"]
+    print(f"clips: {data} train split, {len(source)} clips of {clip['frames']} frames "
+          f"{clip['width']}x{clip['height']}; cpu cores {os.cpu_count()}, load average "
+          f"{os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
+
+    raw, n = raw_decode(source, args.clips, stock=False)
+    stock, _ = raw_decode(source, args.clips, stock=True)
+    print(f"raw PyAV decode (1 process, {n} frames): {raw:,.0f} frames/s "
+          f"(PyAV's to_ndarray(rgb24): {stock:,.0f} frames/s)")
+    aug = {"brightness": 0.2, "contrast": 0.2, "mirror_prob": 0.5}
+    train_src = ClipSource(str(data), "train", augment=aug)
+    loader = {}
+    for w in args.workers:
+        loader[w] = loader_rate(train_src, collate, w, args.batch, args.seconds)
+        print(f"loader, {w} worker(s): {loader[w]:,.0f} frames/s = {loader[w] / w:,.0f} per worker "
+              f"-> {loader[w] / w / raw:.2f}x raw decode (target >= 0.9)")
+
+    cfg = load_config(args.model, [f"data.path={data}"])
+    task = build_task(cfg)
+    batches = [collate([train_src[i] for i in range(j, j + args.batch)]) for j in range(0, 4 * args.batch, args.batch)]
+    torch.set_num_threads(max(1, cfg.run.threads or torch.get_num_threads()))
+    alone = model_rate(cfg, task, batches, args.seconds)
+    w = cfg.data.num_workers
+    best = loader.get(w) or loader_rate(train_src, collate, w, args.batch, args.seconds)
+    loader_clips = best / clip["frames"]
+    print(f"{args.model} training step alone: {alone:,.1f} clips/s; loader ({w} workers) alone: "
+          f"{loader_clips:,.1f} clips/s -> loader/model {loader_clips / alone:.1f}x (must be > 1)")
+    it = make_loader(train_src, collate, StreamLayout(args.batch, args.batch), seed=0, start_step=0, num_workers=w)
+    fed = model_rate(cfg, task, batches, args.seconds, loader=it)
+    print(f"{args.model} fed by the loader ({w} workers, same cores): {fed:,.1f} clips/s "
+          f"= {fed / alone:.2f}x the model alone")
+
+
+if __name__ == "__main__":
+    main()

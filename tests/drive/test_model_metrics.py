@@ -1,0 +1,64 @@
+"""Metric definitions, baselines, and the models' shapes and starting point."""
+
+import math
+
+import pytest
+import torch
+
+from exaflop.config import load_config
+from exaflop.drive import metrics as M
+from exaflop.drive.model import DriveModel
+from exaflop.drive.task import count_flops
+
+
+def test_two_l2_definitions_are_named_apart():
+    k, dt = 6, 0.5
+    gt = torch.zeros(2, k, 2)
+    pred = gt.clone()
+    pred[..., 0] = torch.arange(1, k + 1, dtype=torch.float32)  # error k metres at step k
+    meter = M.TrajectoryMeter(k, dt)
+    meter.add(pred, gt, torch.ones(2, k), torch.zeros(2, k))
+    r = meter.result("val_")
+    assert r["val_ade"] == pytest.approx(3.5) and r["val_fde"] == 6
+    assert r["val_l2_at_1s"] == 2 and r["val_l2_mean_to_1s"] == pytest.approx(1.5)  # at 1 s vs mean of 0.5, 1 s
+    assert r["val_l2_at_3s"] == 6 and r["val_l2_mean_to_3s"] == pytest.approx(3.5)
+    assert r["val_steer_mae_deg"] == 1
+    # A horizon that is not a multiple of dt is left out rather than misreported.
+    assert "l2_at_1s" not in M.TrajectoryMeter(4, 0.3).result() and M.TrajectoryMeter(2, 0.4).n == 0
+
+
+def test_baselines():
+    batch = {"speed": torch.tensor([[9.0, 10.0]]), "steering": torch.tensor([[0.0, 30.0]]),
+             "future_steering": torch.zeros(1, 3), "vehicle": torch.tensor([[2.5, 15.0, 1.0]])}
+    b = M.baselines(batch, 3)
+    assert torch.allclose(b["cv"][0][0], torch.tensor([[10.0, 0], [20, 0], [30, 0]]))
+    radius = 2.5 / math.tan(math.radians(2.0))
+    theta = 10.0 / radius
+    assert torch.allclose(b["hold"][0][0, 0], torch.tensor([radius * math.sin(theta), radius * (1 - math.cos(theta))]))
+    assert torch.equal(b["hold"][1], torch.full((1, 3), 30.0)) and torch.equal(b["cv"][1], torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("arch", ["vit", "pilotnet"])
+def test_untrained_model_is_exactly_the_baselines(arch):
+    cfg = load_config("drive-tiny", [f"model.arch={arch}"])
+    stats = {"residual_std": [[0.1, 0.2]] * 6, "speed_mean": 20.0, "speed_std": 2.0, "steering_rms": 1.0}
+    model = DriveModel(cfg.model, stats, dt=0.5)
+    video = torch.randint(0, 255, (3, 8, 3, 64, 64), dtype=torch.uint8)
+    speed, steering = torch.full((3, 8), 20.0), torch.randn(3, 8)
+    wp, steer = model(video, speed, steering)
+    assert wp.shape == (3, 6, 2) and steer.shape == (3, 6)
+    batch = {"speed": speed, "steering": steering, "future_steering": steer, "vehicle": torch.tensor([[5.0, 1, 0.5]] * 3)}
+    assert torch.allclose(wp, M.baselines(batch, 6)["cv"][0])  # zero-initialised head: residual 0
+    assert torch.allclose(steer, steering[:, -1:].expand(-1, 6))
+    assert count_flops(model, cfg.model) > 1e6
+    # Dataset statistics travel inside the state dict.
+    assert torch.equal(model.state_dict()["resid_std"], torch.tensor(stats["residual_std"]))
+
+
+def test_config_errors_name_the_field():
+    from exaflop.errors import UserError
+
+    with pytest.raises(UserError, match="model"):
+        load_config("drive-tiny", ["model.patch=12"])
+    with pytest.raises(UserError, match="unknown key"):
+        load_config("drive-tiny", ["data.bogus=1"])
