@@ -62,3 +62,15 @@ def test_config_errors_name_the_field():
         load_config("drive-tiny", ["model.patch=12"])
     with pytest.raises(UserError, match="unknown key"):
         load_config("drive-tiny", ["data.bogus=1"])
+
+
+def test_photometric_jitter_is_applied_on_the_device():
+    cfg = load_config("drive-tiny", ["model.use_ego_state=false"])
+    model = DriveModel(cfg.model, {}, dt=0.5)
+    torch.nn.init.normal_(model.head.weight)  # make the output depend on the pixels
+    video = torch.randint(0, 255, (2, 8, 3, 64, 64), dtype=torch.uint8)
+    speed, steering = torch.zeros(2, 8), torch.zeros(2, 8)
+    plain, _ = model(video, speed, steering)
+    same, _ = model(video, speed, steering, torch.ones(2, 2))
+    darker, _ = model(video, speed, steering, torch.tensor([[0.7, 1.0], [0.7, 1.0]]))
+    assert torch.allclose(plain, same, atol=1e-5) and not torch.allclose(plain, darker)

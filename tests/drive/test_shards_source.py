@@ -91,7 +91,8 @@ def test_augmentation_mirrors_labels_and_is_a_function_of_the_sample_id(dataset)
     aug = ClipSource(str(dataset), "train", augment={"brightness": 0.2, "contrast": 0.2, "mirror_prob": 1.0})
     a, p = aug[5], plain[5]
     assert np.allclose(a["waypoints"][:, 1], -p["waypoints"][:, 1]) and np.allclose(a["steering"], -p["steering"])
-    assert not np.array_equal(a["video"], p["video"])
+    assert np.array_equal(a["video"], p["video"][..., ::-1])  # dashcam view: mirror the width axis
+    assert a["photometric"].shape == (2,) and not np.allclose(a["photometric"], 1.0)
     assert all(np.array_equal(a[k], aug[5][k]) for k in a)
 
 

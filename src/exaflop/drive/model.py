@@ -100,9 +100,18 @@ class DriveModel(nn.Module):
         self.register_buffer("steer_std", torch.tensor(max(float(stats.get("steering_rms", 1.0)), 1e-3)))
         self.register_buffer("t_future", torch.arange(1, k + 1, dtype=torch.float32) * dt)
 
-    def forward(self, video: Tensor, speed: Tensor, steering: Tensor) -> tuple[Tensor, Tensor]:
-        """uint8 video (B,T,C,H,W), past speed/steering (B,T) -> waypoints (B,K,2) m, steering (B,K) deg."""
-        x = (video.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+    def forward(self, video: Tensor, speed: Tensor, steering: Tensor,
+                photometric: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """uint8 video (B,T,C,H,W), past speed/steering (B,T) -> waypoints (B,K,2) m, steering (B,K) deg.
+
+        photometric: (B, 2) brightness and contrast factors drawn by the loader (training only).
+        """
+        x = video.float() / 255.0
+        if photometric is not None:
+            b, c = (photometric[:, i, None, None, None, None].float() for i in range(2))
+            mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+            x = ((x - mean) * c + mean * b).clamp(0.0, 1.0)
+        x = (x - PIXEL_MEAN) / PIXEL_STD
         speed, steering = speed.float(), steering.float()
         ego = torch.cat([(speed - self.speed_mean) / self.speed_std, steering / self.steer_std], dim=-1)
         feat = self.backbone(x, ego)

@@ -56,7 +56,7 @@ def predict(model, source, ids: list[int], device: str = "cpu") -> dict[str, np.
     with torch.no_grad():
         wp, _ = model(batch["video"], batch["speed"], batch["steering"])
     base = M.baselines(batch, k)
-    return {"frames": np.stack([s["video"] for s in samples]),
+    return {"frames": np.stack([s["video"] for s in samples]).transpose(0, 1, 3, 4, 2),  # (N, T, H, W, C)
             "truth": batch["waypoints"].cpu().numpy(), "model": wp.float().cpu().numpy(),
             "cv": base["cv"][0].cpu().numpy(), "hold": base["hold"][0].cpu().numpy()}
 

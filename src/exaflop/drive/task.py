@@ -61,7 +61,7 @@ class DriveTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         # Through model(...), not a method of it: DDP/FSDP wrappers only intercept forward().
-        wp, steer = model(batch["video"], batch["speed"], batch["steering"])
+        wp, steer = model(batch["video"], batch["speed"], batch["steering"], batch.get("photometric"))
         inner = getattr(model, "module", model)
         loss, wp_loss, steer_loss = inner.loss_terms(wp, steer, batch)
         with torch.no_grad():

@@ -135,8 +135,8 @@ def _rate(fps: float):
     return Fraction(fps).limit_denominator(1001)
 
 
-def yuv420_to_rgb(planes: np.ndarray) -> np.ndarray:
-    """(H*3/2, W) stacked yuv420p planes -> (H, W, 3) RGB, BT.601 limited range (what
+def yuv420_to_rgb(planes: np.ndarray, channels_first: bool = False) -> np.ndarray:
+    """(H*3/2, W) stacked yuv420p planes -> (H, W, 3) RGB (or (3, H, W)), BT.601 limited range (what
     libx264 gets from rgb24 by default). numpy, not swscale: swscale keeps process-global
     threads that a forked DataLoader worker does not inherit, and then waits for them forever."""
     h = planes.shape[0] * 2 // 3
@@ -144,17 +144,22 @@ def yuv420_to_rgb(planes: np.ndarray) -> np.ndarray:
     y = (planes[:h].astype(np.float32) - 16.0) * (255.0 / 219.0)
     chroma = planes[h:].reshape(2, h // 2, w // 2).astype(np.float32) - 128.0
     u, v = (c.repeat(2, 0).repeat(2, 1) * (255.0 / 224.0) for c in chroma)
-    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], axis=-1)
+    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u],
+                   axis=0 if channels_first else -1)
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
-def decode_clip(data: bytes) -> np.ndarray:
-    """An MP4 clip's frames as uint8 (T, H, W, 3). Single-threaded: a few tiny frames per clip,
-    and DataLoader workers already give one core each."""
+def decode_clip(data: bytes, channels_first: bool = False) -> np.ndarray:
+    """An MP4 clip's frames as uint8 (T, H, W, 3), or (T, 3, H, W) with channels_first (the
+    batch layout, produced directly: no transpose copy afterwards)."""
     with av.open(io.BytesIO(data), format="mp4") as c:
         stream = c.streams.video[0]
         out = []
         for f in c.decode(stream):
             simple = f.format.name == "yuv420p" and f.width % 2 == 0 and f.height % 2 == 0
-            out.append(yuv420_to_rgb(f.to_ndarray()) if simple else to_rgb(f))
+            if simple:
+                out.append(yuv420_to_rgb(f.to_ndarray(), channels_first))
+            else:
+                rgb = to_rgb(f)
+                out.append(rgb.transpose(2, 0, 1) if channels_first else rgb)
         return np.stack(out)
