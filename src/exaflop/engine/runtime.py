@@ -102,24 +102,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.4) -> float:
-    """Dense matmul FLOP/s of this device in the training dtype (the MFU denominator)."""
-    n = 1024 if device.type == "cpu" else 8192
+# Matmul shapes (M, K, N) whose best rate is taken as the device's peak. On CPUs with
+# bf16 matrix units a cache-sized matmul runs ~2x faster than a 2048^3 one, so a single
+# large square matmul would understate the peak and overstate MFU.
+_PEAK_SHAPES_CPU = ((1024, 1024, 1024), (2048, 384, 1024), (2048, 1024, 384), (2048, 2048, 2048))
+_PEAK_SHAPES_CUDA = ((8192, 8192, 8192),)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.6) -> float:
+    """Best dense-matmul FLOP/s of this device in the training dtype (the MFU denominator)."""
     dt = dtype or torch.float32
+    shapes = _PEAK_SHAPES_CPU if device.type == "cpu" else _PEAK_SHAPES_CUDA
     # A private generator: measuring must not advance the training RNG (exact resume).
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
-    a @ b  # warm-up
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        iters += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        el = time.perf_counter() - t0
-        if el > seconds:
-            return 2 * n**3 * iters / el
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dt, generator=gen)
+        b = torch.randn(k, n, device=device, dtype=dt, generator=gen)
+        a @ b  # warm-up
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            iters += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            el = time.perf_counter() - t0
+            if el > seconds / len(shapes):
+                break
+        best = max(best, 2 * m * k * n * iters / el)
+    return best
 
 
 class CollectiveTimeout(RuntimeError):
