@@ -40,9 +40,19 @@ class SimOptions:
     workers: int = 2
 
 
+def _quiet_sdl() -> None:
+    """SDL prints "XDG_RUNTIME_DIR is invalid" once per render on headless machines: give it
+    a private runtime dir. (Never set SDL_VIDEODRIVER=dummy: highway-env then renders black.)"""
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        import tempfile
+
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="exaflop-xdg-")
+
+
 def simulate_episode(index: int, raw_dir: str, so: SimOptions) -> str:
     """Worker: one seeded episode -> episode_NNNN.mp4 + .csv (csv written last = done marker)."""
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    _quiet_sdl()
     import gymnasium as gym
     import highway_env  # noqa: F401  (registers the environments)
     from highway_env.vehicle.behavior import IDMVehicle
