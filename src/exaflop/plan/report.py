@@ -57,7 +57,7 @@ def print_plan(console: Console, d: dict[str, Any]) -> None:
                           f"({_fmt_time(run['ideal_days'])} without failures)"),
         ("accel-hours", f"{run['accel_hours']:.3g}"),
         ("power / energy", f"{run['avg_power_mw']:.1f} MW at PUE {d['inputs']['pue']}, {run['energy_mwh']:.3g} MWh"),
-        ("cost", f"${run['cost_usd']:.3g} at ${d['inputs']['usd_per_accel_hour']}/accel-hour"),
+        ("cost", f"${run['cost_usd']:.3g} at ${d['inputs']['usd_per_accel_hour']:.3g}/accel-hour"),
         ("reliability", f"job MTBF {run['job_mtbf_h']:.2f} h, {run['interruptions']:.0f} interruptions expected"),
         ("checkpoint", f"{run['checkpoint_gb']:.0f} GB, written in {run['checkpoint_write_s']:.1f} s, "
                        f"every {run['checkpoint_interval_s'] / 60:.1f} min (Young/Daly)"),
