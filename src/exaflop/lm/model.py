@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from exaflop.lm.config import ModelConfig
 from exaflop.nn import Block, KVCache, RMSNorm, rope_tables
+from exaflop.nn.loss import linear_cross_entropy
 
 
 class LM(nn.Module):
@@ -42,7 +43,7 @@ class LM(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                rows: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                rows: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """idx: (B, T) token ids. With `cache`, positions continue from each row's cache length."""
         x = self.tok_emb(idx)
         if cache is None:
@@ -55,13 +56,18 @@ class LM(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x).float(), None
-        logits = self.lm_head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-        if loss_mask is None:
-            loss = loss.mean()
+        if torch.is_grad_enabled() and type(x) is torch.Tensor:  # plain tensor: not under TP/SP
+            # Training: fused head + loss in chunks, no full logits tensor (nn/loss.py).
+            logits = None
+            loss = linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask)
         else:
-            m = loss_mask.reshape(-1).float()
-            loss = (loss * m).sum() / m.sum().clamp(min=1)
+            logits = self.lm_head(x).float()
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            if loss_mask is None:
+                loss = loss.mean()
+            else:
+                m = loss_mask.reshape(-1).float()
+                loss = (loss * m).sum() / m.sum().clamp(min=1)
         if self.cfg.n_experts > 1:
             aux = sum(b.mlp.aux_loss for b in self.blocks)
             loss = loss + 0.01 * aux / self.cfg.n_layer

@@ -21,7 +21,12 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 so bf16 activations do not lose the mean-square precision.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        out = x32 * self.weight.float()
+        # Under autocast, hand the next matmuls their compute dtype once here; otherwise
+        # each of q/k/v (and gate/up) would cast the same fp32 activation separately.
+        if torch.is_autocast_enabled(x.device.type):
+            return out.to(torch.get_autocast_dtype(x.device.type))
+        return out.type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
