@@ -22,6 +22,7 @@ demo: install
 	$(VENV)/bin/exaflop demo
 
 test: install
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
 # Everything, including the llama.cpp round trip (compiles llama.cpp: ~15 minutes on 2 cores).
