@@ -88,6 +88,14 @@ def read_latest(root: Path) -> tuple[Path | None, list[str]]:
     return None, problems
 
 
+def latest_complete(root: Path, what: str) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies (and problems with newer ones), or a one-line error."""
+    ckpt, problems = read_latest(root)
+    if ckpt is None:
+        raise UserError(f"{what}: no complete checkpoint under {root}" + (f" ({problems[0]})" if problems else ""))
+    return ckpt, problems
+
+
 class Checkpointer:
     def __init__(self, root: Path, keep: int = 3, async_save: bool = False):
         self.root = Path(root)
@@ -185,10 +193,7 @@ class Checkpointer:
         """
         problems: list[str] = []
         if ckpt is None:
-            ckpt, problems = read_latest(self.root)
-        if ckpt is None:
-            detail = f" ({problems[0]})" if problems else ""
-            raise UserError(f"--resume: no complete checkpoint under {self.root}{detail}")
+            ckpt, problems = latest_complete(self.root, "--resume")
         meta = json.loads((ckpt / "meta.json").read_text())
         msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (
             get_state_dict(model, [], options=StateDictOptions())[0], None)
@@ -281,9 +286,7 @@ def load_for_inference(run_or_ckpt: str | Path, device: str | torch.device = "cp
         run_dir = path
         if not (run_dir / "config.toml").is_file():
             raise UserError(f"{run_dir}: not a run directory (no config.toml); pass runs/<name>")
-        ckpt, problems = read_latest(run_dir / "checkpoints")
-        if ckpt is None:
-            raise UserError(f"{run_dir}: no complete checkpoint yet" + (f" ({problems[0]})" if problems else ""))
+        ckpt, _ = latest_complete(run_dir / "checkpoints", str(run_dir))
     cfg = load_config_file(run_dir / "config.toml")
     task = build_task(cfg)
     model = task.build_model()

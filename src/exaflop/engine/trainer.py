@@ -9,6 +9,7 @@ needed to continue bit-exactly: model, optimizer, step (= data cursor), RNG.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from exaflop.config import Config, save_config
 from exaflop.data.stream import StreamLayout, eval_batches, make_loader
 from exaflop.engine import runtime as rtm
-from exaflop.engine.checkpoint import Checkpointer
+from exaflop.engine.checkpoint import Checkpointer, latest_complete
 from exaflop.engine.faults import maybe_inject
 from exaflop.engine.optim import build_optimizer, lr_at
 from exaflop.engine.parallel import (
@@ -117,8 +118,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
 
     start_step = 0
     if resume:
-        meta_probe = ckpt.root
-        if not meta_probe.exists():
+        if not ckpt.root.exists():
             raise UserError(f"--resume: {run_dir} has no checkpoints; start without --resume")
         meta, rng, problems = _load(ckpt, model, optimizer, cfg)
         for p in problems:
@@ -255,14 +255,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
 
 
 def _load(ckpt, model, optimizer, cfg):
-    from exaflop.engine.checkpoint import read_latest
-
-    path, problems = read_latest(ckpt.root)
-    if path is None:
-        raise UserError(f"--resume: no complete checkpoint under {ckpt.root}"
-                        + (f" ({problems[0]})" if problems else ""))
-    import json
-
+    path, problems = latest_complete(ckpt.root, "--resume")
     _check_resume_compatible(cfg, json.loads((path / "meta.json").read_text()))
     meta, rng, _ = ckpt.load(model, optimizer, path)
     return meta, rng, problems
