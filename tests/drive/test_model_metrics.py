@@ -73,4 +73,7 @@ def test_photometric_jitter_is_applied_on_the_device():
     plain, _ = model(video, speed, steering)
     same, _ = model(video, speed, steering, torch.ones(2, 2))
     darker, _ = model(video, speed, steering, torch.tensor([[0.7, 1.0], [0.7, 1.0]]))
-    assert torch.allclose(plain, same, atol=1e-5) and not torch.allclose(plain, darker)
+    # (x - mean) * 1 + mean * 1 is x only up to float rounding, which the normal-init head
+    # amplifies to ~1e-5 on outputs of ~10; a 0.7 brightness moves them by tens.
+    assert (plain - same).abs().max() < 1e-3
+    assert (plain - darker).abs().max() > 1.0
