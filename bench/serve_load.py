@@ -142,9 +142,9 @@ async def run_exaflop(url: str, reqs: list, concurrency: int, rate: float) -> tu
         return time.perf_counter() - t0, records
 
 
-def start_server(run: Path, port: int, max_running: int, threads: int) -> subprocess.Popen:
+def start_server(run: Path, port: int, max_running: int, threads: int, dtype: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "exaflop", "serve", str(run), "--port", str(port), "--max-running",
-           str(max_running), "--log-level", "warning", "--reload-interval", "0"]
+           str(max_running), "--log-level", "warning", "--reload-interval", "0", "--dtype", dtype]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -242,7 +242,9 @@ def main() -> int:
     ap.add_argument("--run", help="serve this run instead of building a fresh lm-small-shaped one")
     ap.add_argument("--preset", default="lm-small", help="architecture when building the run")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--requests-per-slot", type=int, default=4, help="requests = this x concurrency")
+    ap.add_argument("--requests-per-slot", type=int, default=8,
+                    help="requests = this x concurrency; enough that the drain at the end (fewer "
+                    "than `concurrency` requests left) is a small part of the run")
     ap.add_argument("--hf-requests", type=int, default=16, help="requests for transformers one at a time")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--rate", type=float, default=0, help="Poisson arrivals per second (exaflop only)")
@@ -250,6 +252,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", default="16,128")
     ap.add_argument("--output-len", default="16,128")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both systems (0: default)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="weights, activations and KV cache of both systems")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--skip-hf", action="store_true", help="only the exaflop server")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -265,12 +269,14 @@ def main() -> int:
     hf = to_llama(model)
     diff = check_same_weights(model, hf)
     assert diff < 1e-3, f"weights do not map: max logit difference {diff}"
+    if args.dtype == "bf16":
+        hf.to(torch.bfloat16)
     ctx, vocab = model.cfg.seq_len, model.cfg.vocab_size
     pr = tuple(int(x) for x in args.prompt_len.split(","))
     orng = tuple(int(x) for x in args.output_len.split(","))
     levels = [int(c) for c in args.concurrency.split(",")]
     results = []
-    proc = start_server(run, args.port, max(levels + [args.hf_batch]), args.threads)
+    proc = start_server(run, args.port, max(levels + [args.hf_batch]), args.threads, args.dtype)
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     try:
         asyncio.run(run_exaflop(url, workload(4, vocab, ctx, 99, pr, orng), 4, 0))  # warm-up
@@ -304,7 +310,7 @@ def main() -> int:
 def report(results: list[dict], model, diff: float, args) -> None:
     c = model.cfg
     print(f"model: {c.n_layer} layers, d_model {c.d_model}, {model.num_params(False) / 1e6:.1f}M params, "
-          f"context {c.seq_len}; torch threads {torch.get_num_threads()}; max |logit diff| vs HF {diff:.1e}")
+          f"context {c.seq_len}; {args.dtype}; torch threads {torch.get_num_threads()}; max |logit diff| vs HF {diff:.1e}")
     print(f"prompts {args.prompt_len} tokens, outputs {args.output_len} tokens (uniform, seeded); "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     cols = ["system", "requests", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",

@@ -64,11 +64,7 @@ class Weights:
         last = len(self.owners) - 1
         if slot != last:
             mover = self.owners[last]
-            n = int(self.cache.lengths[last])
-            for kc, vc in zip(self.cache.k, self.cache.v, strict=True):
-                kc[slot, :, :n] = kc[last, :, :n]
-                vc[slot, :, :n] = vc[last, :, :n]
-            self.cache.lengths[slot] = n
+            self.cache.move_row(last, slot)
             self.owners[slot] = mover
             mover.slot = slot
         self.owners.pop()
