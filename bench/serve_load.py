@@ -252,8 +252,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", default="16,128")
     ap.add_argument("--output-len", default="16,128")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both systems (0: default)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="weights, activations and KV cache of both systems")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
+                    help="weights, activations and KV cache of both systems (bf16: this CPU's fast path)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate the systems this many times; report each's best")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--skip-hf", action="store_true", help="only the exaflop server")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -275,39 +276,58 @@ def main() -> int:
     pr = tuple(int(x) for x in args.prompt_len.split(","))
     orng = tuple(int(x) for x in args.output_len.split(","))
     levels = [int(c) for c in args.concurrency.split(",")]
-    results = []
+    big = max(levels)
+    rounds: list[list[dict]] = []
     proc = start_server(run, args.port, max(levels + [args.hf_batch]), args.threads, args.dtype)
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     try:
         asyncio.run(run_exaflop(url, workload(4, vocab, ctx, 99, pr, orng), 4, 0))  # warm-up
-        if args.rate:
-            reqs = workload(args.requests, vocab, ctx, 0, pr, orng)
-            wall, recs = asyncio.run(run_exaflop(url, reqs, 0, args.rate))
-            results.append(summarize(f"exaflop, Poisson {args.rate}/s", wall, recs))
-        for c in levels:
-            reqs = workload(args.requests_per_slot * c, vocab, ctx, 0, pr, orng)
-            cpu0 = time.process_time()
-            wall, recs = asyncio.run(run_exaflop(url, reqs, c, 0))
-            results.append(summarize(f"exaflop, concurrency {c}", wall, recs, time.process_time() - cpu0))
+        if not args.skip_hf:
+            run_hf(hf, workload(2, vocab, ctx, 99, pr, orng), 2)  # warm-up
+        # Rounds alternate the systems, so a slow spell of a shared machine hits both
+        # rather than one; each system's best round is reported (as timeit does).
+        for _ in range(args.rounds):
+            results = []
+            if args.rate:
+                reqs = workload(args.requests, vocab, ctx, 0, pr, orng)
+                wall, recs = asyncio.run(run_exaflop(url, reqs, 0, args.rate))
+                results.append(summarize(f"exaflop, Poisson {args.rate}/s", wall, recs))
+            for c in levels:
+                reqs = workload(args.requests_per_slot * c, vocab, ctx, 0, pr, orng)
+                cpu0 = time.process_time()
+                wall, recs = asyncio.run(run_exaflop(url, reqs, c, 0))
+                results.append(summarize(f"exaflop, concurrency {c}", wall, recs, time.process_time() - cpu0))
+            if not args.skip_hf:  # the server idles meanwhile (its engine thread sleeps)
+                reqs = workload(args.requests_per_slot * big, vocab, ctx, 0, pr, orng)
+                results.append(summarize("transformers, one at a time", *run_hf(hf, reqs[:args.hf_requests], 1)))
+                results.append(summarize(f"transformers, batched {args.hf_batch}", *run_hf(hf, reqs, args.hf_batch)))
+            rounds.append(results)
     finally:
         proc.terminate()
         proc.wait()
-    if args.skip_hf:
-        for r in results:
-            print(r)
-        return 0
-    big = max(levels)
-    reqs = workload(args.requests_per_slot * big, vocab, ctx, 0, pr, orng)
-    run_hf(hf, workload(2, vocab, ctx, 99, pr, orng), 2)  # warm-up
-    results.append(summarize("transformers, one at a time", *run_hf(hf, reqs[:args.hf_requests], 1)))
-    results.append(summarize(f"transformers, batched {args.hf_batch}", *run_hf(hf, reqs, args.hf_batch)))
-    report(results, model, diff, args)
+    best: dict[str, dict] = {}
+    for r in (r for results in rounds for r in results):
+        if r["system"] not in best or r["output_tok_s"] > best[r["system"]]["output_tok_s"]:
+            best[r["system"]] = r
+    report(list(best.values()), rounds, model, diff, args)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps({"best": list(best.values()), "rounds": rounds}, indent=1))
     return 0
 
 
-def report(results: list[dict], model, diff: float, args) -> None:
+def ratios(results: list[dict]) -> str:
+    top = max((r for r in results if r["system"].startswith("exaflop, concurrency")),
+              key=lambda r: int(r["system"].rsplit(" ", 1)[1]), default=None)
+    hf = [r for r in results if r["system"].startswith("transformers")]
+    if top is None or not hf:
+        return ""
+    hf_best = max(r["output_tok_s"] for r in hf)
+    hf_one = next((r["output_tok_s"] for r in hf if r["system"] == "transformers, one at a time"), hf_best)
+    return (f"{top['system']}: {top['output_tok_s'] / hf_one:.1f}x transformers one at a time, "
+            f"{top['output_tok_s'] / hf_best:.1f}x the best transformers mode")
+
+
+def report(results: list[dict], rounds: list[list[dict]], model, diff: float, args) -> None:
     c = model.cfg
     print(f"model: {c.n_layer} layers, d_model {c.d_model}, {model.num_params(False) / 1e6:.1f}M params, "
           f"context {c.seq_len}; {args.dtype}; torch threads {torch.get_num_threads()}; max |logit diff| vs HF {diff:.1e}")
@@ -319,13 +339,10 @@ def report(results: list[dict], model, diff: float, args) -> None:
     print("|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(str(r[k]) for k in cols) + " |")
-    hf_best = max(r["output_tok_s"] for r in results if r["system"].startswith("transformers"))
-    hf_one = next(r["output_tok_s"] for r in results if r["system"] == "transformers, one at a time")
-    top = max((r for r in results if r["system"].startswith("exaflop, concurrency")),
-              key=lambda r: int(r["system"].rsplit(" ", 1)[1]), default=None)
-    if top:
-        print(f"\n{top['system']}: {top['output_tok_s'] / hf_one:.1f}x transformers one at a time, "
-              f"{top['output_tok_s'] / hf_best:.1f}x the best transformers mode")
+    print(f"\nbest of {len(rounds)} rounds: {ratios(results)}")
+    for i, rnd in enumerate(rounds):
+        line = ratios(rnd) or ", ".join(f"{r['system']} {r['output_tok_s']}" for r in rnd)
+        print(f"round {i + 1}: {line}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,10 @@ class _MicroBatches(Dataset):
     def __getitem__(self, micro_index: int) -> Any:
         pos = self.layout.positions(micro_index)
         ids = self.order.sample_ids(pos.start, len(pos))
-        batch = self.collate([self.source[i] for i in ids])
+        # A source may build the batch itself (drive decodes clips straight into one buffer);
+        # it must equal collate([source[i] for i in ids]).
+        read_batch = getattr(self.source, "read_batch", None)
+        batch = read_batch(ids) if read_batch is not None else self.collate([self.source[i] for i in ids])
         batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
 

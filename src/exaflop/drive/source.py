@@ -58,47 +58,70 @@ class ClipSource:
             f = self._files[shard] = fsspec.open(self.urls[shard], "rb").open()
         return f
 
-    def read(self, sample_id: int, channels_first: bool = False) -> tuple[np.ndarray, dict, dict]:
-        """(frames (T,H,W,3) or (T,3,H,W) uint8, telemetry, labels) of one clip, unaugmented."""
+    def _record(self, sample_id: int) -> tuple[bytes, dict, dict]:
+        """(mp4 bytes, telemetry, labels) of one clip: one byte-range read through the index."""
         row = self.rows[sample_id]
         f = self._file(int(row[0]))
         f.seek(int(row[1]))
         blob = f.read(int(row[2]))
-        entry = [None, 0, 0, *row[3:9].tolist()]
-        mp4, telemetry, labels = shards.decode_record(blob, entry)
+        return shards.decode_record(blob, [None, 0, 0, *row[3:9].tolist()])
+
+    def read(self, sample_id: int, channels_first: bool = False) -> tuple[np.ndarray, dict, dict]:
+        """(frames (T,H,W,3) or (T,3,H,W) uint8, telemetry, labels) of one clip, unaugmented."""
+        mp4, telemetry, labels = self._record(sample_id)
         return decode_clip(mp4, channels_first), telemetry, labels
 
-    def __getitem__(self, sample_id: int) -> dict[str, np.ndarray]:
-        frames, tel, lab = self.read(sample_id, channels_first=True)
+    def _sample(self, sample_id: int, video_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One training sample; with video_out, the frames are decoded straight into it."""
+        mp4, tel, lab = self._record(sample_id)
+        photometric, mirror = draw_augment(self.seed, sample_id, self.augment)
+        flip = self.view.get("mirror_axis", "width") if mirror else None
+        try:
+            video = decode_clip(mp4, channels_first=True, out=video_out, flip=flip)
+        except ValueError as e:  # a clip whose frame count/size is not the manifest's
+            raise UserError(f"{self.root}: clip {self.keys[sample_id]!r}: {e}; re-import the dataset") from e
+        sign = -1.0 if mirror else 1.0  # mirroring the world flips lateral positions and steering
         sample = {
-            "video": frames,  # (T, C, H, W) uint8
+            "video": video,  # (T, C, H, W) uint8
             "speed": np.asarray(tel["speed"], np.float32),
-            "steering": np.asarray(tel["steering"], np.float32),
-            "waypoints": np.asarray(lab["waypoints"], np.float32),
-            "future_steering": np.asarray(lab["steering"], np.float32),
+            "steering": np.asarray(tel["steering"], np.float32) * sign,
+            "waypoints": np.asarray(lab["waypoints"], np.float32) * np.asarray([1.0, sign], np.float32),
+            "future_steering": np.asarray(lab["steering"], np.float32) * sign,
             "vehicle": np.asarray([lab["wheelbase"], lab["steer_ratio"], lab["dt"]], np.float32),
         }
-        if self.augment:
-            augment(sample, np.random.default_rng([self.seed, sample_id]), self.augment,
-                    self.view.get("mirror_axis", "width"))
+        if photometric is not None:
+            sample["photometric"] = photometric
         return sample
 
+    def __getitem__(self, sample_id: int) -> dict[str, np.ndarray]:
+        return self._sample(sample_id)
 
-def augment(sample: dict, rng: np.random.Generator, cfg: dict, mirror_axis: str) -> None:
-    """Draw the photometric jitter (applied on the device by the model: it is free there, and
-    per-pixel float work here would cost the worker ~15% of its decode rate) and apply the
-    label-consistent mirror."""
+    def read_batch(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """`collate([self[i] for i in ids])`, built in place: each clip decodes straight into
+        its slot of one (B, T, C, H, W) uint8 tensor, which inside a DataLoader worker lives
+        in shared memory, so neither stacking nor handing the batch to the trainer copies it."""
+        clip = self.manifest["clip"]
+        video = torch.empty((len(ids), clip["frames"], 3, clip["height"], clip["width"]), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            video.share_memory_()
+        slots = video.numpy()
+        samples = [self._sample(i, slots[j]) for j, i in enumerate(ids)]
+        batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0] if k != "video"}
+        return {"video": video, **batch}
+
+
+def draw_augment(seed: int, sample_id: int, cfg: dict | None) -> tuple[np.ndarray | None, bool]:
+    """(photometric (brightness, contrast) factors, mirror?) of one sample: a pure function of
+    (seed, sample id), so a resumed run sees the same batches. The photometric jitter is only
+    drawn here and applied on the device by the model: it is free there, while per-pixel float
+    work here would cost the worker ~15% of its decode rate. The mirror is applied here, to the
+    frames and labels together."""
+    if not cfg:
+        return None, False
+    rng = np.random.default_rng([seed, sample_id])
     b = 1.0 + rng.uniform(-cfg["brightness"], cfg["brightness"])
     c = 1.0 + rng.uniform(-cfg["contrast"], cfg["contrast"])
-    sample["photometric"] = np.asarray([b, c], np.float32)
-    if rng.uniform() < cfg["mirror_prob"]:
-        # Mirroring the world across the ego's forward axis: left becomes right, so lateral
-        # positions and steering change sign. Which image axis that is depends on the camera.
-        video = sample["video"]  # (T, C, H, W)
-        sample["video"] = np.ascontiguousarray(video[..., ::-1] if mirror_axis == "width" else video[..., ::-1, :])
-        sample["waypoints"][:, 1] *= -1
-        sample["steering"] *= -1
-        sample["future_steering"] *= -1
+    return np.asarray([b, c], np.float32), bool(rng.uniform() < cfg["mirror_prob"])
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -135,31 +135,60 @@ def _rate(fps: float):
     return Fraction(fps).limit_denominator(1001)
 
 
-def yuv420_to_rgb(planes: np.ndarray, channels_first: bool = False) -> np.ndarray:
-    """(H*3/2, W) stacked yuv420p planes -> (H, W, 3) RGB (or (3, H, W)), BT.601 limited range (what
-    libx264 gets from rgb24 by default). numpy, not swscale: swscale keeps process-global
-    threads that a forked DataLoader worker does not inherit, and then waits for them forever."""
-    h = planes.shape[0] * 2 // 3
-    w = planes.shape[1]
-    y = (planes[:h].astype(np.float32) - 16.0) * (255.0 / 219.0)
-    chroma = planes[h:].reshape(2, h // 2, w // 2).astype(np.float32) - 128.0
-    u, v = (c.repeat(2, 0).repeat(2, 1) * (255.0 / 224.0) for c in chroma)
-    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u],
-                   axis=0 if channels_first else -1)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+def yuv420_to_rgb(planes: np.ndarray, channels_first: bool = False, out: np.ndarray | None = None,
+                  flip: str | None = None) -> np.ndarray:
+    """Stacked yuv420p planes (..., H*3/2, W) -> RGB uint8 (..., H, W, 3), or (..., 3, H, W)
+    with channels_first; BT.601 limited range (what libx264 gets from rgb24 by default).
+
+    numpy, not swscale: swscale keeps process-global threads that a forked DataLoader worker
+    does not inherit, and then waits for them forever. Leading dims (a clip's frames) are
+    converted in one pass: for small frames the per-call cost of numpy is most of the work.
+    out: write into this array (a clip's slot in a batch) instead of a new one.
+    flip: "width" or "height" mirrors the images along that axis while writing them.
+    """
+    lead, (h, w) = planes.shape[:-2], (planes.shape[-2] * 2 // 3, planes.shape[-1])
+    y = planes[..., :h, :].astype(np.float32)
+    y -= 16.0
+    y *= 255.0 / 219.0
+    chroma = planes[..., h:, :].reshape(*lead, 2, h // 2, w // 2).astype(np.float32)
+    chroma -= 128.0
+    chroma *= 255.0 / 224.0
+    chroma = chroma.repeat(2, -2).repeat(2, -1)
+    u, v = chroma[..., 0, :, :], chroma[..., 1, :, :]
+    axis = len(lead) if channels_first else -1
+    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], axis=axis)
+    rgb += 0.5
+    np.clip(rgb, 0, 255, out=rgb)
+    if out is None:
+        out = np.empty(rgb.shape, np.uint8)
+    dst = out
+    if flip is not None:  # image axes: (H, W) are -2, -1 channels first, else -3, -2
+        ax = (-1 if flip == "width" else -2) - (0 if channels_first else 1)
+        dst = np.flip(out, ax)
+    np.copyto(dst, rgb, casting="unsafe")  # truncation after +0.5: rounding
+    return out
 
 
-def decode_clip(data: bytes, channels_first: bool = False) -> np.ndarray:
+def decode_clip(data: bytes, channels_first: bool = False, out: np.ndarray | None = None,
+                flip: str | None = None) -> np.ndarray:
     """An MP4 clip's frames as uint8 (T, H, W, 3), or (T, 3, H, W) with channels_first (the
-    batch layout, produced directly: no transpose copy afterwards)."""
+    batch layout, produced directly: no transpose copy afterwards).
+
+    out: decode into this (T, ...) uint8 array — a clip's slot in a batch — instead of a new
+    one; the clip must have exactly T frames. flip: mirror every frame ("width"/"height").
+    """
     with av.open(io.BytesIO(data), format="mp4") as c:
-        stream = c.streams.video[0]
-        out = []
-        for f in c.decode(stream):
-            simple = f.format.name == "yuv420p" and f.width % 2 == 0 and f.height % 2 == 0
-            if simple:
-                out.append(yuv420_to_rgb(f.to_ndarray(), channels_first))
-            else:
-                rgb = to_rgb(f)
-                out.append(rgb.transpose(2, 0, 1) if channels_first else rgb)
-        return np.stack(out)
+        frames = list(c.decode(c.streams.video[0]))
+    if out is not None and len(frames) != len(out):
+        raise ValueError(f"clip has {len(frames)} frames, expected {len(out)}")
+    if frames and all(f.format.name == "yuv420p" and f.width % 2 == 0 and f.height % 2 == 0 for f in frames):
+        return yuv420_to_rgb(np.stack([f.to_ndarray() for f in frames]), channels_first, out, flip)
+    rgb = np.stack([to_rgb(f) for f in frames])  # (T, H, W, 3)
+    if flip is not None:
+        rgb = np.flip(rgb, -2 if flip == "width" else -3)
+    if channels_first:
+        rgb = rgb.transpose(0, 3, 1, 2)
+    if out is None:
+        return np.ascontiguousarray(rgb)
+    out[...] = rgb
+    return out
