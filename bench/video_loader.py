@@ -39,14 +39,10 @@ def ensure_data(path: Path) -> None:
 def clip_bytes(source, n_clips: int, seed: int) -> list[bytes]:
     """The MP4 bytes of the first clips in the loader's own (shuffled) order, read up front."""
     from exaflop.data.stream import GlobalOrder
-    from exaflop.drive import shards
 
     blobs = []
     for i in GlobalOrder(len(source), seed).sample_ids(0, min(n_clips, len(source))):
-        row = source.rows[i]
-        f = source._file(int(row[0]))
-        f.seek(int(row[1]))
-        blobs.append(shards.decode_record(f.read(int(row[2])), [None, 0, 0, *row[3:9].tolist()])[0])
+        blobs.append(source._record(i)[0])
     return blobs
 
 
@@ -87,7 +83,7 @@ def loader_rate(source, collate, workers: int, batch: int, seconds: float) -> tu
     it = make_loader(source, collate, StreamLayout(batch, batch), seed=0, start_step=0, num_workers=workers)
     for _ in range(max(2, 2 * workers)):  # workers started, prefetch queues filled once
         next(it)
-    pids = [w.pid for w in getattr(it, "_workers", [])]
+    pids = it.worker_pids
     cpu0 = sum(_cpu_seconds(p) for p in pids) if pids else time.process_time()
     frames, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

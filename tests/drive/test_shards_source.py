@@ -115,6 +115,43 @@ def test_loader_resume_is_exact(dataset, workers):
     assert len(set(ids.tolist())) == min(len(ids), len(src))  # an epoch visits distinct clips
 
 
+def test_read_batch_equals_collate_of_samples(dataset):
+    src = ClipSource(str(dataset), "train", augment={"brightness": 0.2, "contrast": 0.2, "mirror_prob": 0.5})
+    ids = list(range(len(src)))
+    want = collate([src[i] for i in ids])
+    assert not torch.equal(want["video"], collate([ClipSource(str(dataset), "train")[i] for i in ids])["video"])
+    out = {"video": torch.full(src.batch_spec(len(ids))["video"][0], 7, dtype=torch.uint8)}
+    for got in (src.read_batch(ids), src.read_batch(ids, out)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pooled_worker_batches_are_the_samples_and_survive_slot_reuse(dataset):
+    """With workers, video travels through reused shared-memory slots; every batch the
+    consumer keeps must stay intact after its slot has been refilled many times."""
+    src = ClipSource(str(dataset), "train", augment={"brightness": 0.2, "contrast": 0.2, "mirror_prob": 0.5})
+    it = make_loader(src, collate, StreamLayout(global_batch=4, micro_batch=4), seed=3, start_step=0, num_workers=2)
+    kept = [next(it) for _ in range(40)]  # 20 per worker: each worker's 6 slots reused 3+ times
+    for b in kept:
+        want = collate([src[i] for i in b["sample_ids"].tolist()])
+        assert all(torch.equal(b[k], want[k]) for k in want)
+    from exaflop.data.stream import PREFETCH
+
+    assert it.pooled == 40  # no worker ever found its slots all taken
+    assert int(it._pool.busy.sum()) <= 2 * PREFETCH  # only batches still in flight hold a slot
+
+
+def test_batch_pool_slots_are_per_worker_and_run_out_cleanly():
+    from exaflop.data.stream import BatchPool
+
+    pool = BatchPool({"x": ((2, 3), torch.uint8)}, workers=2, slots=2)
+    assert [pool.acquire(1), pool.acquire(1), pool.acquire(1)] == [2, 3, None]  # None: caller allocates
+    assert pool.acquire(0) == 0
+    pool.views(2)["x"].fill_(5)
+    got = pool.take(2)
+    pool.views(2)["x"].fill_(9)  # the slot is free again and refilled; the taken batch is a copy
+    assert torch.equal(got["x"], torch.full((2, 3), 5, dtype=torch.uint8)) and pool.acquire(1) == 2
+
+
 def test_shard_checksums_in_manifest_match(dataset):
     m = json.loads((dataset / "manifest.json").read_text())
     import hashlib

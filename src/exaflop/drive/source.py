@@ -10,6 +10,7 @@ bit-identical batches.
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import fsspec
@@ -40,6 +41,7 @@ class ClipSource:
         # One int64 row per clip: shard number, byte start, length, then member offsets/sizes.
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 9)
         self._files: dict[int, Any] = {}
+        self._rows: list[list[int]] | None = None
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -48,23 +50,39 @@ class ClipSource:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_files"] = {}  # file handles never cross a process boundary
+        state["_rows"] = None
         return state
 
-    def _file(self, shard: int):
+    def _read(self, shard: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a shard file: one pread for a local file (the
+        reads are random, so no seek and no read-ahead buffer), fsspec's file for a URL."""
         if self._pid != os.getpid():  # forked worker: the parent's handles share offsets, reopen
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = fsspec.open(self.urls[shard], "rb").open()
-        return f
+            url = self.urls[shard]
+            path = url[len("file://"):] if url.startswith("file://") else url
+            if "://" not in path and hasattr(os, "pread"):
+                f = os.open(path, os.O_RDONLY)
+            else:
+                f = fsspec.open(url, "rb").open()
+            self._files[shard] = f
+        if isinstance(f, int):
+            return os.pread(f, length, offset)
+        f.seek(offset)
+        return f.read(length)
+
+    def __del__(self) -> None:
+        for f in getattr(self, "_files", {}).values():
+            if isinstance(f, int) and self._pid == os.getpid():
+                os.close(f)
 
     def _record(self, sample_id: int) -> tuple[bytes, dict, dict]:
         """(mp4 bytes, telemetry, labels) of one clip: one byte-range read through the index."""
-        row = self.rows[sample_id]
-        f = self._file(int(row[0]))
-        f.seek(int(row[1]))
-        blob = f.read(int(row[2]))
-        return shards.decode_record(blob, [None, 0, 0, *row[3:9].tolist()])
+        if self._rows is None:  # Python ints: per-clip numpy scalar conversions cost more than the read
+            self._rows = self.rows.tolist()
+        row = self._rows[sample_id]
+        return shards.decode_record(self._read(row[0], row[1], row[2]), row)
 
     def read(self, sample_id: int, channels_first: bool = False) -> tuple[np.ndarray, dict, dict]:
         """(frames (T,H,W,3) or (T,3,H,W) uint8, telemetry, labels) of one clip, unaugmented."""
@@ -80,15 +98,18 @@ class ClipSource:
             video = decode_clip(mp4, channels_first=True, out=video_out, flip=flip)
         except ValueError as e:  # a clip whose frame count/size is not the manifest's
             raise UserError(f"{self.root}: clip {self.keys[sample_id]!r}: {e}; re-import the dataset") from e
-        sign = -1.0 if mirror else 1.0  # mirroring the world flips lateral positions and steering
         sample = {
             "video": video,  # (T, C, H, W) uint8
             "speed": np.asarray(tel["speed"], np.float32),
-            "steering": np.asarray(tel["steering"], np.float32) * sign,
-            "waypoints": np.asarray(lab["waypoints"], np.float32) * np.asarray([1.0, sign], np.float32),
-            "future_steering": np.asarray(lab["steering"], np.float32) * sign,
+            "steering": np.asarray(tel["steering"], np.float32),
+            "waypoints": np.asarray(lab["waypoints"], np.float32),
+            "future_steering": np.asarray(lab["steering"], np.float32),
             "vehicle": np.asarray([lab["wheelbase"], lab["steer_ratio"], lab["dt"]], np.float32),
         }
+        if mirror:  # mirroring the world flips lateral positions and steering
+            sample["waypoints"][:, 1] *= -1
+            sample["steering"] *= -1
+            sample["future_steering"] *= -1
         if photometric is not None:
             sample["photometric"] = photometric
         return sample
@@ -96,14 +117,17 @@ class ClipSource:
     def __getitem__(self, sample_id: int) -> dict[str, np.ndarray]:
         return self._sample(sample_id)
 
-    def read_batch(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        """`collate([self[i] for i in ids])`, built in place: each clip decodes straight into
-        its slot of one (B, T, C, H, W) uint8 tensor, which inside a DataLoader worker lives
-        in shared memory, so neither stacking nor handing the batch to the trainer copies it."""
+    def batch_spec(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes of the fields `read_batch` can write in place (the engine pools them)."""
         clip = self.manifest["clip"]
-        video = torch.empty((len(ids), clip["frames"], 3, clip["height"], clip["width"]), dtype=torch.uint8)
-        if torch.utils.data.get_worker_info() is not None:
-            video.share_memory_()
+        return {"video": ((n, clip["frames"], 3, clip["height"], clip["width"]), torch.uint8)}
+
+    def read_batch(self, ids: list[int], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`collate([self[i] for i in ids])`, built in place: each clip decodes straight into
+        its slot of one (B, T, C, H, W) uint8 tensor — `out["video"]` when given (a reused
+        shared-memory buffer of the engine's loader), else a new one."""
+        video = out["video"] if out is not None else torch.empty(self.batch_spec(len(ids))["video"][0],
+                                                                 dtype=torch.uint8)
         slots = video.numpy()
         samples = [self._sample(i, slots[j]) for j, i in enumerate(ids)]
         batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0] if k != "video"}
@@ -118,10 +142,10 @@ def draw_augment(seed: int, sample_id: int, cfg: dict | None) -> tuple[np.ndarra
     frames and labels together."""
     if not cfg:
         return None, False
-    rng = np.random.default_rng([seed, sample_id])
+    rng = random.Random((seed << 40) ^ sample_id)  # ~4x cheaper per clip than a numpy Generator
     b = 1.0 + rng.uniform(-cfg["brightness"], cfg["brightness"])
     c = 1.0 + rng.uniform(-cfg["contrast"], cfg["contrast"])
-    return np.asarray([b, c], np.float32), bool(rng.uniform() < cfg["mirror_prob"])
+    return np.asarray([b, c], np.float32), rng.random() < cfg["mirror_prob"]
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
