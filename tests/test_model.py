@@ -31,6 +31,33 @@ def test_kv_cache_matches_full_forward(extra):
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_token_by_token_decode_matches_full_forward(dtype, n_kv_head):
+    """One token at a time to near the context end: covers decode reading a prefix of the
+    cache and (past a third of it) whole masked rows, with rows of different lengths."""
+    torch.manual_seed(0)
+    m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=n_kv_head, vocab_size=300, seq_len=32)).eval()
+    x = torch.randint(0, 300, (2, 30))
+    full, _ = m(x)
+    m = m.to(dtype)
+    cache = m.new_cache(2)
+    starts = [3, 6]  # row 1 runs 3 tokens ahead of row 0
+    for r, s in enumerate(starts):
+        m(x[r:r + 1, :s], cache=cache, rows=torch.tensor([r]))
+        cache.lengths[r] = s
+    steps = []
+    for t in range(0, 30 - max(starts)):
+        tok = torch.stack([x[r, s + t] for r, s in enumerate(starts)])[:, None]
+        logits, _ = m(tok, cache=cache)
+        cache.lengths += 1
+        steps.append(logits[:, 0].float())
+    got = torch.stack(steps, 1)  # (2, steps, V)
+    want = torch.stack([full[r, s:s + got.shape[1]] for r, s in enumerate(starts)])
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+    torch.testing.assert_close(got, want, **tol)
+
+
 def test_rows_of_different_lengths_share_a_cache():
     torch.manual_seed(0)
     m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=300, seq_len=32)).eval()
