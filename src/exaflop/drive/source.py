@@ -89,33 +89,48 @@ class ClipSource:
         mp4, telemetry, labels = self._record(sample_id)
         return decode_clip(mp4, channels_first), telemetry, labels
 
-    def _sample(self, sample_id: int, video_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """One training sample; with video_out, the frames are decoded straight into it."""
-        mp4, tel, lab = self._record(sample_id)
-        photometric, mirror = draw_augment(self.seed, sample_id, self.augment)
-        flip = self.view.get("mirror_axis", "width") if mirror else None
-        try:
-            video = decode_clip(mp4, channels_first=True, out=video_out, flip=flip)
-        except ValueError as e:  # a clip whose frame count/size is not the manifest's
-            raise UserError(f"{self.root}: clip {self.keys[sample_id]!r}: {e}; re-import the dataset") from e
-        sample = {
-            "video": video,  # (T, C, H, W) uint8
-            "speed": np.asarray(tel["speed"], np.float32),
-            "steering": np.asarray(tel["steering"], np.float32),
-            "waypoints": np.asarray(lab["waypoints"], np.float32),
-            "future_steering": np.asarray(lab["steering"], np.float32),
-            "vehicle": np.asarray([lab["wheelbase"], lab["steer_ratio"], lab["dt"]], np.float32),
+    def _labels(self, records: list[tuple[dict, dict, tuple | None, bool]]) -> dict[str, np.ndarray]:
+        """The label/telemetry fields of samples, batched: one array per field for all of
+        them (per-sample arrays cost more than the rest of the bookkeeping per clip).
+        records: (telemetry, labels, photometric factors or None, mirrored) per sample."""
+        f32 = np.float32
+        out = {
+            "speed": np.asarray([t["speed"] for t, _, _, _ in records], f32),
+            "steering": np.asarray([t["steering"] for t, _, _, _ in records], f32),
+            "waypoints": np.asarray([lab["waypoints"] for _, lab, _, _ in records], f32),
+            "future_steering": np.asarray([lab["steering"] for _, lab, _, _ in records], f32),
+            "vehicle": np.asarray([[lab["wheelbase"], lab["steer_ratio"], lab["dt"]] for _, lab, _, _ in records], f32),
         }
-        if mirror:  # mirroring the world flips lateral positions and steering
-            sample["waypoints"][:, 1] *= -1
-            sample["steering"] *= -1
-            sample["future_steering"] *= -1
-        if photometric is not None:
-            sample["photometric"] = photometric
-        return sample
+        mirrored = np.asarray([m for *_, m in records])
+        if mirrored.any():  # mirroring the world flips lateral positions and steering
+            out["waypoints"][mirrored, :, 1] *= -1
+            out["steering"][mirrored] *= -1
+            out["future_steering"][mirrored] *= -1
+        if self.augment:
+            out["photometric"] = np.asarray([p for _, _, p, _ in records], f32)
+        return out
+
+    def _bad_clip(self, sample_id: int, e: Exception) -> UserError:
+        return UserError(f"{self.root}: clip {self.keys[sample_id]!r}: {e}; re-import the dataset")
+
+    def _decode(self, sample_ids: list[int], slots: np.ndarray | None = None) -> tuple[list, dict]:
+        """Decode (into slots[j] when given) and label the samples: (videos, label fields)."""
+        videos, records = [], []
+        for j, i in enumerate(sample_ids):
+            mp4, tel, lab = self._record(i)
+            photometric, mirror = draw_augment(self.seed, i, self.augment)
+            flip = self.view.get("mirror_axis", "width") if mirror else None
+            try:
+                videos.append(decode_clip(mp4, channels_first=True, out=None if slots is None else slots[j],
+                                          flip=flip))
+            except ValueError as e:  # a clip whose frame count/size is not the manifest's
+                raise self._bad_clip(i, e) from e
+            records.append((tel, lab, photometric, mirror))
+        return videos, self._labels(records)
 
     def __getitem__(self, sample_id: int) -> dict[str, np.ndarray]:
-        return self._sample(sample_id)
+        videos, labels = self._decode([sample_id])
+        return {"video": videos[0], **{k: v[0] for k, v in labels.items()}}  # video: (T, C, H, W) uint8
 
     def batch_spec(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shapes of the fields `read_batch` can write in place (the engine pools them)."""
@@ -125,16 +140,15 @@ class ClipSource:
     def read_batch(self, ids: list[int], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """`collate([self[i] for i in ids])`, built in place: each clip decodes straight into
         its slot of one (B, T, C, H, W) uint8 tensor — `out["video"]` when given (a reused
-        shared-memory buffer of the engine's loader), else a new one."""
+        shared-memory buffer of the engine's loader), else a new one. (Converting many clips
+        to RGB in one numpy pass was measured slower: per clip, the temporaries stay in cache.)"""
         video = out["video"] if out is not None else torch.empty(self.batch_spec(len(ids))["video"][0],
                                                                  dtype=torch.uint8)
-        slots = video.numpy()
-        samples = [self._sample(i, slots[j]) for j, i in enumerate(ids)]
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0] if k != "video"}
-        return {"video": video, **batch}
+        _, labels = self._decode(ids, video.numpy())
+        return {"video": video, **{k: torch.from_numpy(v) for k, v in labels.items()}}
 
 
-def draw_augment(seed: int, sample_id: int, cfg: dict | None) -> tuple[np.ndarray | None, bool]:
+def draw_augment(seed: int, sample_id: int, cfg: dict | None) -> tuple[tuple[float, float] | None, bool]:
     """(photometric (brightness, contrast) factors, mirror?) of one sample: a pure function of
     (seed, sample id), so a resumed run sees the same batches. The photometric jitter is only
     drawn here and applied on the device by the model: it is free there, while per-pixel float
@@ -145,7 +159,7 @@ def draw_augment(seed: int, sample_id: int, cfg: dict | None) -> tuple[np.ndarra
     rng = random.Random((seed << 40) ^ sample_id)  # ~4x cheaper per clip than a numpy Generator
     b = 1.0 + rng.uniform(-cfg["brightness"], cfg["brightness"])
     c = 1.0 + rng.uniform(-cfg["contrast"], cfg["contrast"])
-    return np.asarray([b, c], np.float32), rng.random() < cfg["mirror_prob"]
+    return (b, c), rng.random() < cfg["mirror_prob"]
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
