@@ -65,6 +65,7 @@ def test_config_errors_name_the_field():
 
 
 def test_photometric_jitter_is_applied_on_the_device():
+    torch.manual_seed(0)
     cfg = load_config("drive-tiny", ["model.use_ego_state=false"])
     model = DriveModel(cfg.model, {}, dt=0.5)
     torch.nn.init.normal_(model.head.weight)  # make the output depend on the pixels
