@@ -76,12 +76,12 @@ class KVCache:
         self.k[layer][rows[:, None], :, pos] = k.transpose(1, 2).to(self.k[layer].dtype)
         self.v[layer][rows[:, None], :, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
 
-    def read(self, layer: int, rows: Tensor | None, end: int) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, K, end, D) of `rows` (a gathered copy), or of all slots as a
-        view of the cache when rows is None."""
+    def read(self, layer: int, rows: Tensor | int, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, K, end, D) of `rows` (a gathered copy), or, for an int B, of
+        rows 0..B-1 as a view of the cache."""
         kc, vc = self.k[layer], self.v[layer]
-        if rows is None:
-            return kc[:, :, :end], vc[:, :, :end]
+        if isinstance(rows, int):
+            return kc[:rows, :, :end], vc[:rows, :, :end]
         return kc[rows, :, :end], vc[rows, :, :end]
 
     def move_row(self, src: int, dst: int) -> None:
@@ -146,9 +146,8 @@ class Attention(nn.Module):
             # are contiguous, while PyTorch's bf16 batched matmul copies a prefix view
             # before using it, which costs more than reading the unused tail (measured).
             end = cache.max_len
-        keys, vals = cache.read(layer, None if contiguous else rows, end)
-        if contiguous:  # rows 0..B-1 (the serving engine keeps them packed so): a view, no gather
-            keys, vals = keys[:B], vals[:B]
+        # Rows 0..B-1 (the serving engine keeps them packed so) are read as a view, no gather.
+        keys, vals = cache.read(layer, B if contiguous else rows, end)
         keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         # Query at absolute position p sees keys 0..p of its own row.
         key_pos = torch.arange(end, device=q.device)
