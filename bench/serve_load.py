@@ -142,13 +142,16 @@ async def run_exaflop(url: str, reqs: list, concurrency: int, rate: float) -> tu
         return time.perf_counter() - t0, records
 
 
-def start_server(run: Path, port: int, max_running: int, threads: int, dtype: str) -> subprocess.Popen:
+def start_server(run: Path, port: int, max_running: int, threads: int, dtype: str,
+                 compile: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "exaflop", "serve", str(run), "--port", str(port), "--max-running",
            str(max_running), "--log-level", "warning", "--reload-interval", "0", "--dtype", dtype]
+    if compile:
+        cmd.append("--compile")
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+    for _ in range(1500):  # up to 5 minutes: --compile adds ~30 s of start-up
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -255,6 +258,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
                     help="weights, activations and KV cache of both systems (bf16: this CPU's fast path)")
     ap.add_argument("--rounds", type=int, default=2, help="alternate the systems this many times; report each's best")
+    ap.add_argument("--compile", action="store_true", help="serve with --compile (torch.compile'd decode step)")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--skip-hf", action="store_true", help="only the exaflop server")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -278,7 +282,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     big = max(levels)
     rounds: list[list[dict]] = []
-    proc = start_server(run, args.port, max(levels + [args.hf_batch]), args.threads, args.dtype)
+    proc = start_server(run, args.port, max(levels + [args.hf_batch]), args.threads, args.dtype, args.compile)
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     try:
         asyncio.run(run_exaflop(url, workload(4, vocab, ctx, 99, pr, orng), 4, 0))  # warm-up

@@ -121,3 +121,25 @@ def _hidden(m, x):
     for block in m.blocks:
         h = block(h, rope)
     return h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_fused_decode_attention_matches_the_matmul_form(dtype, groups):
+    """The compiler's form of decode attention (broadcast multiply + sum) equals the eager
+    one (two matmuls), masks and grouped-query heads included. Run eagerly here."""
+    from exaflop.nn.layers import _decode_attention, _decode_attention_fused
+
+    torch.manual_seed(0)
+    B, K, L, D = 4, 2, 24, 16
+    q = torch.randn(B, K * groups, 1, D, dtype=dtype)
+    k, v = torch.randn(B, K, L, D, dtype=dtype), torch.randn(B, K, L, D, dtype=dtype)
+    mask = (torch.arange(L)[None, :] < torch.tensor([1, 5, 17, 24])[:, None])[:, None, None, :]
+    want = _decode_attention(q, k, v, mask)
+    got = _decode_attention_fused(q.reshape(B, K, groups, D), k, v, mask).reshape(B, K * groups, 1, D)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got, want, **tol)
+    # A row sees only its unmasked keys: changing a masked value changes nothing.
+    v2 = v.clone()
+    v2[0, :, 1:] = 1e3
+    torch.testing.assert_close(_decode_attention_fused(q.reshape(B, K, groups, D), k, v2, mask)[0], got.reshape(B, K, groups, D)[0])

@@ -147,10 +147,10 @@ def start_server(tmp_path_factory):
     """Factory for tests that need their own server (stopped at the end of the session)."""
     started = []
 
-    def start(runs: list[Path], *args: str, env: dict | None = None) -> ServerProcess:
+    def start(runs: list[Path], *args: str, env: dict | None = None, timeout: float = 90) -> ServerProcess:
         s = ServerProcess(runs, tmp_path_factory.mktemp("own") / "server.log", *args, env=env)
         started.append(s)
-        return s.wait_ready()
+        return s.wait_ready(timeout)
 
     yield start
     for s in started:

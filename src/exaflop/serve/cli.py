@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights and KV cache (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step at load (~30 s more start-up on CPU; measured "
+                        "~1.7x faster decode steps at 32 running sequences)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -80,7 +83,7 @@ def build_server(args):
         if load_config_file(run_dir / "config.toml").task == "drive":
             drives[name] = DrivePredictor(name, path, watch, device)
             continue
-        engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens)
+        engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile)
         models[name] = ServedModel(name, path, engine, watch)
     reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
                         drives=list(drives.values()))

@@ -49,9 +49,13 @@ class Weights:
     def token_bytes(self, token: int) -> bytes:
         return self._bytes[token] if 0 <= token < len(self._bytes) else b""
 
-    def take_slot(self, seq, slots: int) -> int:
+    def ensure_cache(self, slots: int):
         if self.cache is None:  # allocated on first use: an idle reloaded model costs no cache memory
             self.cache = self.model.new_cache(slots, self.ctx)
+        return self.cache
+
+    def take_slot(self, seq, slots: int) -> int:
+        self.ensure_cache(slots)
         self.owners.append(seq)
         return len(self.owners) - 1
 
@@ -178,6 +182,7 @@ class Reloader:
             log.warning("%s: could not load %s (%s: %s); still serving %s", m.name, ckpt,
                         type(e).__name__, e, f"step {m.weights.step}" if m.weights else "nothing yet")
             return
+        m.engine.prepare(w)
         old = m.weights
         m.weights = w
         m.engine.swap(w)

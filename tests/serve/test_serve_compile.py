@@ -1,0 +1,71 @@
+"""`serve --compile`: the torch.compile'd decode step gives the eager step's logits.
+
+The only tests that compile (each compile costs seconds to tens of seconds on CPU),
+kept to one model and one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import torch
+
+from exaflop.serve.engine import Engine, forward_last
+from exaflop.serve.metrics import Metrics
+from exaflop.serve.reload import load_weights
+
+MODEL = "m"
+NO_SPECIALS = {str(i): -100 for i in range(6)}
+
+
+def test_compiled_decode_step_matches_eager(run_dir):
+    w = load_weights(run_dir, run_dir, torch.device("cpu"), None)
+    engine = Engine("m", Metrics(), max_running=8, compile=True)
+    engine.prepare(w)  # compiles for batches of 1 and of 2+
+    assert engine._compiled, "torch.compile failed on this machine (see the warning above)"
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    assert graphs.get("unique_graphs", 0) >= 1  # the counter below is not vacuous
+    torch.manual_seed(0)
+    cache = w.cache
+    eager_cache = w.model.new_cache(cache.slots, cache.max_len)
+    with torch.inference_mode():
+        # Rows with prompts of different lengths, then decode steps with a batch that
+        # changes size (5 rows, then 3, then 1): the compiled graph must not assume one.
+        lens = [3, 11, 7, 20, 5]
+        for r, n in enumerate(lens):
+            prompt = torch.randint(6, 300, (1, n))
+            for c in (cache, eager_cache):
+                forward_last(w.model, prompt, c, torch.tensor([r]), torch.tensor([n - 1]))
+                c.lengths[r] = n
+        for batch in [5] * 6 + [3] * 4 + [1] * 3:
+            x = torch.randint(6, 300, (batch, 1))
+            last = torch.zeros(batch, dtype=torch.long)
+            got = engine._decode_forward(w.model, x, cache, None, last)
+            want = forward_last(w.model, x, eager_cache, None, last)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            cache.lengths[:batch] += 1
+            eager_cache.lengths[:batch] += 1
+        # Nothing was compiled while serving: prepare() covered every batch size.
+        assert dict(torch._dynamo.utils.counters["stats"]) == graphs
+        # Whole rows are attended (masked) when compiled; the written keys agree too.
+        for a, b in zip(cache.k, eager_cache.k, strict=True):
+            torch.testing.assert_close(a[:5], b[:5], atol=1e-5, rtol=1e-5)
+
+
+def test_server_with_compile_streams_concurrently(run_dir, start_server):
+    s = start_server([run_dir], "--compile", "--max-running", "8", timeout=240)
+    assert "decode step compiled" in s.log.read_text()
+
+    async def run() -> list[openai.types.Completion]:
+        ac = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(ac.completions.create(
+            model=MODEL, prompt="def " * (1 + i), max_tokens=12 + i, temperature=0, logit_bias=NO_SPECIALS)
+            for i in range(8)))
+
+    results = asyncio.run(run())
+    assert [r.usage.completion_tokens for r in results] == [12 + i for i in range(8)]
+    assert all(r.choices[0].finish_reason == "length" for r in results)
+    m = s.metrics()
+    assert m['exaflop_requests_running{model="m"}'] == 0
+    assert m['exaflop_decode_batch_size_count{model="m"}'] > 0
