@@ -1,6 +1,7 @@
 """Load test: `exaflop serve` vs Hugging Face transformers `generate`, same weights, one run.
 
     python bench/serve_load.py                       # lm-small-shaped model, concurrency 1, 8, 32
+    python bench/serve_load.py --compile --hf-compile   # each system's compiled mode too
     python bench/serve_load.py --run runs/lm-small   # an existing run instead
     python bench/serve_load.py --rate 4 --requests 64   # Poisson arrivals (exaflop only)
 
@@ -14,7 +15,10 @@ only the tokens each request asked for.
   between streamed chunks; TPOT = (e2e - TTFT) / (tokens - 1).
 - transformers, one at a time: `LlamaForCausalLM.generate` per request.
 - transformers, batched: the same requests in batches of --hf-batch, left-padded;
-  a batch runs until its longest request is done (static batching).
+  a batch runs until its longest request is done (static batching). With --hf-compile,
+  also batched with transformers' static KV cache, which makes `generate` run a
+  torch.compile'd forward.
+- exaflop with --compile: the server's torch.compile'd decode step (`serve --compile`).
 
 The exaflop checkpoint is mapped into a LlamaForCausalLM (RoPE uses the same
 half-split layout, so q/k need no permutation) and logits are checked to agree.
@@ -208,7 +212,7 @@ class _Clock:
 
 
 @torch.inference_mode()
-def run_hf(hf, reqs: list, batch: int) -> tuple[float, list[dict]]:
+def run_hf(hf, reqs: list, batch: int, generation_config=None) -> tuple[float, list[dict]]:
     records = []
     t0 = time.perf_counter()
     for start in range(0, len(reqs), batch):
@@ -223,13 +227,28 @@ def run_hf(hf, reqs: list, batch: int) -> tuple[float, list[dict]]:
         clock = _Clock()
         b0 = time.perf_counter()
         hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                    streamer=clock, pad_token_id=0, suppress_tokens=list(range(1, SPECIALS)))
+                    streamer=clock, pad_token_id=0, suppress_tokens=list(range(1, SPECIALS)),
+                    generation_config=generation_config)
         steps = clock.times[1:]  # the first put() is the prompt
         for _, n in group:  # a request is done when its n-th token appears
             mine = steps[:n]
             records.append({"ttft": mine[0] - b0, "e2e": mine[-1] - b0, "tokens": n,
                             "itl": [b - a for a, b in zip(mine, mine[1:], strict=False)]})
     return time.perf_counter() - t0, records
+
+
+def compiled_static(hf):
+    """The same LlamaForCausalLM set up for transformers' own compiled decoding: a static
+    KV cache, which makes `generate` torch.compile the forward (on CPU only when asked)."""
+    import copy
+
+    from transformers import CompileConfig
+
+    gc = copy.deepcopy(hf.generation_config)
+    gc.cache_implementation = "static"
+    gc.compile_config = CompileConfig()
+    gc.compile_config._compile_all_devices = True  # transformers compiles on GPUs only by default
+    return gc
 
 
 def check_same_weights(model, hf) -> float:
@@ -259,6 +278,8 @@ def main() -> int:
                     help="weights, activations and KV cache of both systems (bf16: this CPU's fast path)")
     ap.add_argument("--rounds", type=int, default=2, help="alternate the systems this many times; report each's best")
     ap.add_argument("--compile", action="store_true", help="serve with --compile (torch.compile'd decode step)")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also run transformers batched with a static cache and its torch.compile'd forward")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--skip-hf", action="store_true", help="only the exaflop server")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -288,6 +309,9 @@ def main() -> int:
         asyncio.run(run_exaflop(url, workload(4, vocab, ctx, 99, pr, orng), 4, 0))  # warm-up
         if not args.skip_hf:
             run_hf(hf, workload(2, vocab, ctx, 99, pr, orng), 2)  # warm-up
+        static = compiled_static(hf) if args.hf_compile else None
+        if static is not None:  # compiles here, not in a timed round
+            run_hf(hf, workload(2 * args.hf_batch, vocab, ctx, 99, pr, orng), args.hf_batch, static)
         # Rounds alternate the systems, so a slow spell of a shared machine hits both
         # rather than one; each system's best round is reported (as timeit does).
         for _ in range(args.rounds):
@@ -305,6 +329,9 @@ def main() -> int:
                 reqs = workload(args.requests_per_slot * big, vocab, ctx, 0, pr, orng)
                 results.append(summarize("transformers, one at a time", *run_hf(hf, reqs[:args.hf_requests], 1)))
                 results.append(summarize(f"transformers, batched {args.hf_batch}", *run_hf(hf, reqs, args.hf_batch)))
+                if static is not None:
+                    results.append(summarize(f"transformers, batched {args.hf_batch}, static cache + compile",
+                                             *run_hf(hf, reqs, args.hf_batch, static)))
             rounds.append(results)
     finally:
         proc.terminate()

@@ -98,3 +98,10 @@ def test_metrics_text_format():
     h = Histogram("x", "y", [1])
     h.observe(0.5, label='a"b')
     assert 'label="a\\"b"' in "\n".join(h.lines())
+    # Buckets are cumulative and inclusive (value <= le), as Prometheus defines them.
+    h = Histogram("h", "y", [0.1, 1, 10])
+    h.observe_many([0.1, 0.5, 1.0, 98.0, 0.4], model="m")
+    lines = h.lines()
+    for le, n in (("0.1", 1), ("1", 4), ("10", 4), ("+Inf", 5)):
+        assert f'h_bucket{{model="m",le="{le}"}} {n}' in lines
+    assert 'h_count{model="m"} 5' in lines and 'h_sum{model="m"} 100' in lines

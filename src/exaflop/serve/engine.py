@@ -234,12 +234,13 @@ class Engine:
         now = time.perf_counter()
         m = self.metrics
         m.generated_tokens.inc(len(ids), model=self.name)
+        gaps = []
         for s, tok, lp in zip(seqs, ids, lps, strict=True):
             if s.t_first is None:
                 s.t_first = now
                 m.ttft.observe(now - s.handle.arrival, model=self.name)
             else:
-                m.itl.observe(now - s.t_last, model=self.name)  # type: ignore[operator]
+                gaps.append(now - s.t_last)  # type: ignore[operator]
             s.t_last = now
             ev = s.add_token(tok, lp)
             if ev is not None:
@@ -247,6 +248,7 @@ class Engine:
             if s.finish_reason is not None:
                 m.e2e.observe(now - s.handle.arrival, model=self.name)
                 self._release(s)
+        m.itl.observe_many(gaps, model=self.name)
 
     def _flush(self) -> None:
         """Hand this step's events over: one thread-safe call per event loop, not per event."""

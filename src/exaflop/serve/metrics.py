@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable
 
 LabelKey = tuple[tuple[str, str], ...]
@@ -73,24 +74,30 @@ class Histogram(_Family):
     def __init__(self, name: str, help: str, buckets: Iterable[float]):
         super().__init__(name, help)
         self.buckets = sorted(buckets)
-        self._data: dict[LabelKey, list[float]] = {}  # per-bucket counts..., then sum, count
+        # Per label set: how many values fell in each bucket (not cumulative: one bisect per
+        # value; the engine observes every generated token), then the sum, then the count.
+        self._data: dict[LabelKey, list[float]] = {}
 
     def observe(self, value: float, **labels: str) -> None:
+        self.observe_many((value,), **labels)
+
+    def observe_many(self, values: Iterable[float], **labels: str) -> None:
         key = tuple(sorted(labels.items()))
         with self._lock:
-            d = self._data.setdefault(key, [0.0] * (len(self.buckets) + 2))
-            for i, b in enumerate(self.buckets):
-                if value <= b:
-                    d[i] += 1
-            d[-2] += value
-            d[-1] += 1
+            d = self._data.setdefault(key, [0.0] * (len(self.buckets) + 3))
+            for v in values:
+                d[bisect_left(self.buckets, v)] += 1  # index len(buckets): above every bound
+                d[-2] += v
+                d[-1] += 1
 
     def lines(self) -> list[str]:
         out = self.header()
         with self._lock:
             for key, d in self._data.items():
+                below = 0.0
                 for i, b in enumerate(self.buckets):
-                    out.append(f"{self.name}_bucket{_labels(key, (('le', _num(b)),))} {_num(d[i])}")
+                    below += d[i]
+                    out.append(f"{self.name}_bucket{_labels(key, (('le', _num(b)),))} {_num(below)}")
                 out.append(f"{self.name}_bucket{_labels(key, (('le', '+Inf'),))} {_num(d[-1])}")
                 out.append(f"{self.name}_sum{_labels(key)} {_num(d[-2])}")
                 out.append(f"{self.name}_count{_labels(key)} {_num(d[-1])}")
