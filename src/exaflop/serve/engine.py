@@ -178,7 +178,15 @@ class Engine:
                 break  # the rest prefill next step, so running sequences are not stalled long
             self.waiting.popleft()
             longest = longest_if
-            s.start(w, w.take_slot(s, self.max_running), w.device)
+            s.weights, s.slot = w, w.take_slot(s, self.max_running)
+            try:
+                s.start(w, s.slot, w.device)
+            except Exception as e:  # fail this request, never the engine thread
+                log.exception("engine %s: could not start a sequence", self.name)
+                self._release(s)
+                self._outbox.append((s.handle, Event(s.index, finish_reason="error",
+                                                     error=f"{type(e).__name__}: {e}")))
+                continue
             out.append(s)
         return out
 

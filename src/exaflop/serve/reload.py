@@ -21,6 +21,7 @@ import torch
 from exaflop.engine.checkpoint import load_for_inference, read_latest
 from exaflop.errors import UserError
 from exaflop.lm.tokenizer import load_tokenizer, special_ids
+from exaflop.nn.layers import KVCache
 from exaflop.serve.engine import Engine
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.sequence import token_byte_table
@@ -49,7 +50,7 @@ class Weights:
     def token_bytes(self, token: int) -> bytes:
         return self._bytes[token] if 0 <= token < len(self._bytes) else b""
 
-    def ensure_cache(self, slots: int):
+    def ensure_cache(self, slots: int) -> KVCache:
         if self.cache is None:  # allocated on first use: an idle reloaded model costs no cache memory
             self.cache = self.model.new_cache(slots, self.ctx)
         return self.cache

@@ -114,7 +114,7 @@ class Sequence:
         if self.params.logit_bias:  # dense once, so a step adds every row's bias in one op
             self.bias = torch.zeros(weights.vocab_size, device=device)
             self.bias[list(self.params.logit_bias)] = torch.tensor(list(self.params.logit_bias.values()),
-                                                                   device=device)
+                                                                   dtype=self.bias.dtype, device=device)
 
     def add_token(self, token: int, lp: TokenLogprob | None) -> Event | None:
         """Record a sampled token; returns what to deliver now (or None to wait)."""
