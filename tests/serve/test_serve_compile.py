@@ -51,6 +51,19 @@ def test_compiled_decode_step_matches_eager(run_dir):
         # Whole rows are attended (masked) when compiled; the written keys agree too.
         for a, b in zip(cache.k, eager_cache.k, strict=True):
             torch.testing.assert_close(a[:5], b[:5], atol=1e-5, rtol=1e-5)
+    # A hot reload brings a new model object (loaded by the reloader thread, outside
+    # inference mode) and a new KV cache (made by the engine thread, inside it) of the
+    # same architecture: prepare() has nothing to do and the same graphs serve it.
+    w2 = load_weights(run_dir, run_dir, torch.device("cpu"), None)
+    engine.prepare(w2)
+    with torch.inference_mode():
+        cache2 = w2.ensure_cache(8)
+        x = torch.randint(6, 300, (4, 1))
+        got = engine._decode_forward(w2.model, x, cache2, None, torch.zeros(4, dtype=torch.long))
+        cache2.lengths.zero_()
+        want = forward_last(w2.model, x, cache2, None, torch.zeros(4, dtype=torch.long))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
 
 def test_server_with_compile_streams_concurrently(run_dir, start_server):

@@ -99,8 +99,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             compiled = torch.compile(forward_last, dynamic=True)
-            cache = weights.ensure_cache(self.max_running)
             with torch.inference_mode():
+                # The cache too is made under inference mode, as the engine thread makes
+                # every later one (take_slot): graphs are guarded on that tensor kind.
+                cache = weights.ensure_cache(self.max_running)
                 for batch in sorted({1, min(2, cache.slots)}):
                     cache.lengths[:batch] = 0
                     x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
