@@ -31,14 +31,14 @@ def test_compiled_decode_step_matches_eager(run_dir):
     eager_cache = w.model.new_cache(cache.slots, cache.max_len)
     with torch.inference_mode():
         # Rows with prompts of different lengths, then decode steps with a batch that
-        # changes size (5 rows, then 3, then 1): the compiled graph must not assume one.
+        # changes size (all 8 slots, 5 rows, 3, then 1): the graphs must not assume one.
         lens = [3, 11, 7, 20, 5]
         for r, n in enumerate(lens):
             prompt = torch.randint(6, 300, (1, n))
             for c in (cache, eager_cache):
                 forward_last(w.model, prompt, c, torch.tensor([r]), torch.tensor([n - 1]))
                 c.lengths[r] = n
-        for batch in [5] * 6 + [3] * 4 + [1] * 3:
+        for batch in [8] * 2 + [5] * 6 + [3] * 4 + [1] * 3:
             x = torch.randint(6, 300, (batch, 1))
             last = torch.zeros(batch, dtype=torch.long)
             got = engine._decode_forward(w.model, x, cache, None, last)
