@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step at load (~30 s more start-up on CPU; measured "
-                        "~1.7x faster decode steps at 32 running sequences)")
+                        "~1.3x the tokens/s at 32 streams, lm-small bf16)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 

@@ -180,7 +180,7 @@ class Engine:
                 break  # the rest prefill next step, so running sequences are not stalled long
             self.waiting.popleft()
             longest = longest_if
-            s.weights, s.slot = w, w.take_slot(s, self.max_running)
+            s.weights, s.slot = w, w.take_slot(s, self.max_running)  # so a failed start can free it
             try:
                 s.start(w, s.slot, w.device)
             except Exception as e:  # fail this request, never the engine thread
