@@ -147,16 +147,16 @@ class Attention(nn.Module):
             end = cache.max_len
         else:
             end = int((start + T).max())
+            if T > 1 and end == T:
+                # Every row starts at 0 (a fresh prompt): the chunk is all there is to attend
+                # to, so plain causal attention over it, without reading the cache back.
+                # Right padding is exact: a real query never sees the padding after it.
+                return self._attend(q, k, v, None, causal=True)
             if T == 1 and contiguous and q.device.type == "cpu" and 3 * end > cache.max_len:
                 # Decode on CPU reads whole rows (masked) once the cache is a third full: they
                 # are contiguous, while PyTorch's bf16 batched matmul copies a prefix view
                 # before using it, which costs more than reading the unused tail (measured).
                 end = cache.max_len
-        if T > 1 and end == T:
-            # Every row starts at 0 (a fresh prompt): the chunk is all there is to attend to,
-            # so plain causal attention over it, without reading the cache back. Right
-            # padding is exact: a real query never sees the padding after it.
-            return self._attend(q, k, v, None, causal=True)
         # Rows 0..B-1 (the serving engine keeps them packed so) are read as a view, no gather.
         keys, vals = cache.read(layer, B if contiguous else rows, end)
         keys, vals = keys.to(q.dtype), vals.to(q.dtype)
