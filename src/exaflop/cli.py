@@ -113,6 +113,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+                   help="compute precision (default: the run's run.dtype, normally auto: bf16 where "
+                        "this CPU runs bf16 matmuls fast, fp32 elsewhere)")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -122,7 +125,7 @@ def _cmd_sample(args) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("sample: need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
     text = sample_text(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                       args.top_p, args.seed)
+                       args.top_p, args.seed, dtype=args.dtype)
     print(args.prompt + text)
     return 0
 

@@ -37,7 +37,12 @@ class RunConfig(Strict):
     out_dir: str = "runs"
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bf16", "fp32"] = "bf16"  # autocast dtype; fp16 is never used on CPU
+    # Compute dtype. auto: bf16 autocast where the device runs bf16 matmuls fast (CUDA with
+    # bf16; a CPU with AMX / AVX-512 BF16, measured at start), fp32 elsewhere (AVX2-only
+    # CPUs emulate bf16 ~100x slower). fp16 is never used on CPU.
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    # Written by the trainer into the run's config.toml: what `dtype` resolved to. Informational.
+    resolved_dtype: Literal["", "bf16", "fp32"] = ""
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     compile: bool = False
     tensorboard: bool = True  # used only when tensorboard is installed

@@ -181,9 +181,9 @@ def _cmd_eval(args) -> int:
     from exaflop.drive.render import evaluate_split
     from exaflop.engine.checkpoint import load_for_inference
 
-    _, task, model = load_for_inference(args.run)
+    cfg, task, model = load_for_inference(args.run)
     source = task.build_dataset("val") if args.split == "val" else _train_source(task)
-    res = evaluate_split(task, model, source, limit=args.limit)
+    res = evaluate_split(task, model, source, limit=args.limit, dtype=cfg.run.dtype)
     if args.json:
         print(json.dumps(res, indent=1))
     else:

@@ -50,16 +50,16 @@ def run_demo(out_root: Path, data: Path = Path("data/drive-sim"), episodes: int 
     console.rule("[bold]3. evaluate on the held-out episodes")
     t2 = time.perf_counter()
     run_dir = Path(result["run_dir"])
-    _, task, model = load_for_inference(run_dir)
+    cfg, task, model = load_for_inference(run_dir)
     val = task.build_dataset("val")
-    res = evaluate_split(task, model, val)
+    res = evaluate_split(task, model, val, dtype=cfg.run.dtype)
     print_table(res)
     ids = [round(i * (len(val) - 1) / 7) for i in range(8)]
     png = run_dir / "render" / "contact_sheet.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     title = (f"drive-tiny on {res['clips']} held-out clips: ADE {res['val_ade']:.2f} m vs constant velocity "
              f"{res['val_cv_ade']:.2f} m, hold steering {res['val_hold_ade']:.2f} m")
-    contact_sheet(predict(model, val, ids), val.view, png, 4, title)
+    contact_sheet(predict(model, val, ids, dtype=cfg.run.dtype), val.view, png, 4, title)
     times["eval_s"] = time.perf_counter() - t2
     beats = res["val_ade"] < res["val_cv_ade"] and res["val_ade"] < res["val_hold_ade"]
     verdict = "[green]beats both baselines" if beats else "[red]does NOT beat both baselines"

@@ -46,14 +46,15 @@ def draw_polyline(img: np.ndarray, uv: np.ndarray, color: tuple[int, int, int], 
                 img[max(v - radius, 0):v + radius + 1, max(u - radius, 0):u + radius + 1] = color
 
 
-def predict(model, source, ids: list[int], device: str = "cpu") -> dict[str, np.ndarray]:
+def predict(model, source, ids: list[int], device: str = "cpu", dtype: str = "auto") -> dict[str, np.ndarray]:
     """Frames, ground truth, model and baseline trajectories for the given clips."""
     from exaflop.drive.source import collate
+    from exaflop.engine.precision import autocast_for
 
     samples = [source[i] for i in ids]
     batch = {k: v.to(device) for k, v in collate(samples).items()}
     k = batch["waypoints"].shape[1]
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(dtype, device):
         wp, _ = model(batch["video"], batch["speed"], batch["steering"])
     base = M.baselines(batch, k)
     return {"frames": np.stack([s["video"] for s in samples]).transpose(0, 1, 3, 4, 2),  # (N, T, H, W, C)
@@ -115,13 +116,17 @@ def contact_sheet(pred: dict[str, np.ndarray], view: dict, path: Path, scale: in
     plt.close(fig)
 
 
-def evaluate_split(task, model, source, batch_size: int = 64, limit: int = 0) -> dict[str, float]:
-    """Model and baselines over a whole split (or its first `limit` clips)."""
+def evaluate_split(task, model, source, batch_size: int = 64, limit: int = 0,
+                   dtype: str = "auto") -> dict[str, float]:
+    """Model and baselines over a whole split (or its first `limit` clips), in the precision
+    `dtype` resolves to on this machine (the run's own run.dtype, by the callers)."""
     from exaflop.drive.source import collate
+    from exaflop.engine.precision import autocast_for
 
     n = len(source) if not limit else min(limit, len(source))
     batches = (collate([source[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size))
-    out = task.evaluate(model, list(batches))
+    with autocast_for(dtype, next(model.parameters()).device):
+        out = task.evaluate(model, list(batches))
     out["clips"] = n
     return out
 
@@ -135,8 +140,8 @@ def render_run(run_dir: str | Path, out_dir: Path | None = None, clips: int = 8,
     source = task.build_dataset(split) if split != "train" else _plain_train(task)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "render"
     ids = np.linspace(0, len(source) - 1, num=min(clips, len(source))).round().astype(int).tolist()
-    pred = predict(model, source, ids)
-    summary = evaluate_split(task, model, source)
+    pred = predict(model, source, ids, dtype=cfg.run.dtype)
+    summary = evaluate_split(task, model, source, dtype=cfg.run.dtype)
     title = (f"{Path(run_dir).name}, {split} ({summary['clips']} clips): ADE model {summary['val_ade']:.2f} m, "
              f"constant velocity {summary['val_cv_ade']:.2f} m, hold steering {summary['val_hold_ade']:.2f} m")
     fps = float(task.manifest["clip"]["fps"])

@@ -22,6 +22,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = fp32
+    precision: Any = None  # engine.precision.Precision: what run.dtype resolved to, and why
     layout: Any = None  # engine.mesh.Layout, set by parallelize()
     mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard, tp) when distributed
 
@@ -60,8 +61,24 @@ def setup(cfg) -> Runtime:
                                 rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     seed_everything(cfg.run.seed)
-    dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
-    return Runtime(rank, world, local_rank, device, dtype)
+    from exaflop.engine.precision import resolve
+
+    precision = resolve(cfg.run.dtype, device)
+    if world > 1:
+        precision = _agree(precision, device)
+    return Runtime(rank, world, local_rank, device, precision.dtype, precision=precision)
+
+
+def _agree(precision, device: torch.device):
+    """Every rank must compute in the same dtype (FSDP's mixed-precision policy, the
+    checksums of bit-exact resume): take rank 0's decision, which the probe made on its
+    own core, so noisy measurements on two ranks cannot split the group."""
+    from dataclasses import replace
+
+    flag = torch.tensor([1 if precision.name == "bf16" else 0], device=device)
+    dist.broadcast(flag, src=0)
+    name = "bf16" if int(flag.item()) else "fp32"
+    return precision if name == precision.name else replace(precision, name=name, reason="rank 0's choice")
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta):

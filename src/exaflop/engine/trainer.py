@@ -33,6 +33,7 @@ from exaflop.engine.parallel import (
     set_grad_sync,
     unwrap,
 )
+from exaflop.engine.precision import peak_dtype
 from exaflop.engine.task import build_task
 from exaflop.engine.telemetry import MetricsLog, peak_mem_mb, per_rank
 from exaflop.errors import UserError
@@ -128,6 +129,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         if rng is not None:
             rtm.set_rng_state(rng)
     if rt.is_main:
+        # The run records what "auto" became on this machine (a resume elsewhere resolves again).
+        cfg.run.resolved_dtype = rt.precision.name
         save_config(cfg, run_dir / "config.toml")
 
     dp_world, dp_rank = data_parallel_size(cfg, rt)
@@ -146,7 +149,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
 
     log = MetricsLog(run_dir, rt.is_main, cfg.run.tensorboard)
-    peak = rtm.measure_peak_flops(rt.device, rt.dtype) if rt.is_main else 1.0
+    peak = rtm.measure_peak_flops(rt.device, peak_dtype(rt.precision)) if rt.is_main else 1.0
     flops_step = task.flops_per_sample() * B
     tps = getattr(task, "tokens_per_sample", 0)
     total = cfg.train.steps
@@ -156,13 +159,18 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     samples_file = open(run_dir / f"samples_rank{rt.rank}.jsonl", "a") if record_samples else None
     if rt.is_main and rt.distributed and not quiet:
         console.print(f"[dim]{rt.layout.describe()}")
+    if rt.is_main and not quiet:
+        console.print(f"[dim]precision: {rt.precision.describe()}; MFU against the measured "
+                      f"{str(peak_dtype(rt.precision)).removeprefix('torch.')} matmul peak {peak / 1e9:,.0f} GFLOP/s per rank", highlight=False)
+    log.log({"kind": "run", "step": start_step, "dtype": rt.precision.name, "dtype_requested": cfg.run.dtype,
+             "matmul_gflops": rt.precision.rates, "peak_gflops": peak / 1e9, "world": rt.world})
 
     result: dict[str, Any] = {"step": start_step, "stopped_by_signal": False}
     ckpt_time, skipped, bad_run = 0.0, 0, 0
     last = {}
     extra = "loss {task.fields[loss]} | {task.fields[rate]} | MFU {task.fields[mfu]}"
     with _StopFlag() as stop, progress_bar(quiet or not rt.is_main, extra) as bar:
-        bar_task = bar.add_task("train", total=total, completed=start_step, loss="-", rate="-", mfu="-")
+        bar_task = bar.add_task(f"train {rt.precision.name}", total=total, completed=start_step, loss="-", rate="-", mfu="-")
         t_last, step = time.perf_counter(), start_step
         for step in range(start_step, total):
             heartbeat.beat(step)
@@ -213,7 +221,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                 sps = n_steps * B / dt
                 mfu = flops_step * n_steps / dt / (peak * rt.world)
                 mem = per_rank(peak_mem_mb(), rt.distributed, rt.device)
-                last = {"kind": "train", "step": done, "loss": loss_all, "lr": lr, "grad_norm": grad_norm,
+                last = {"kind": "train", "step": done, "dtype": rt.precision.name, "loss": loss_all, "lr": lr,
+                        "grad_norm": grad_norm,
                         "samples_per_s": sps, "tokens_per_s": sps * tps, "mfu": mfu,
                         "skipped_steps": skipped, "ckpt_s": ckpt_time, "elapsed_s": dt,
                         "peak_mem_mb": max(mem), **metrics_sum}

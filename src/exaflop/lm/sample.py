@@ -25,9 +25,14 @@ def stop_ids(tok, data_path: str | Path) -> tuple[int, ...]:
 
 
 def sample_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> str:
+                top_k: int = 50, top_p: float = 0.95, seed: int | None = None, dtype: str | None = None) -> str:
+    """`dtype` None: the run's own run.dtype (normally auto), resolved on this machine."""
+    from exaflop.engine.precision import autocast_for
+
     cfg, model, tok = load_lm(run)
     ids = tok.encode(prompt, add_special_tokens=False).ids
-    out = list(generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                        stop_ids=stop_ids(tok, cfg.data.path)))
+    flag = "--dtype" if dtype else "run.dtype"
+    with autocast_for(dtype or cfg.run.dtype, next(model.parameters()).device, flag=flag):
+        out = list(generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                            stop_ids=stop_ids(tok, cfg.data.path)))
     return tok.decode(out, skip_special_tokens=False)

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                    help="seconds between checks for a newer checkpoint (0: never reload)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="weights and KV cache (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="weights and KV cache (auto: bf16 where the device runs bf16 matmuls fast -- CUDA, "
+                        "CPUs with AMX / AVX-512 BF16, measured at start -- fp32 elsewhere)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step at load (~30 s more start-up on CPU; measured "
@@ -67,9 +68,11 @@ def build_server(args):
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else None
+    from exaflop.engine.precision import resolve
+
+    precision = resolve(args.dtype, device, flag="--dtype")
+    dtype = precision.torch_dtype
+    logging.getLogger("exaflop.serve").info("precision: %s", precision.describe())
     if args.threads:
         torch.set_num_threads(args.threads)
     metrics = Metrics()
@@ -81,7 +84,7 @@ def build_server(args):
             raise UserError(f"{run}: model id {name!r} is already taken; serve runs with distinct names")
         run_dir = path if watch else path.parent.parent
         if load_config_file(run_dir / "config.toml").task == "drive":
-            drives[name] = DrivePredictor(name, path, watch, device)
+            drives[name] = DrivePredictor(name, path, watch, device, precision.dtype)
             continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile)
         models[name] = ServedModel(name, path, engine, watch)

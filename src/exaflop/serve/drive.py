@@ -42,8 +42,10 @@ class DriveJSON(BaseModel):
 class DrivePredictor:
     """One driving run: its newest checkpoint, reloaded like the language models."""
 
-    def __init__(self, name: str, path: Path, watch: bool, device: torch.device):
+    def __init__(self, name: str, path: Path, watch: bool, device: torch.device,
+                 autocast: torch.dtype | None = None):
         self.name, self.path, self.watch, self.device = name, path, watch, device
+        self.autocast = autocast  # bf16 where the device runs it fast (serve --dtype), else fp32
         self.model = None
         self.cfg = None
         self.step = -1
@@ -78,7 +80,8 @@ class DrivePredictor:
     def predict(self, frames: np.ndarray, speed: np.ndarray, steering: np.ndarray) -> dict:
         model, cfg, step = self.model, self.cfg, self.step
         video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].to(self.device)  # (1, T, C, H, W)
-        with torch.inference_mode():
+        amp = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        with torch.inference_mode(), amp:
             wp, steer = model(video, torch.from_numpy(speed)[None].to(self.device),
                               torch.from_numpy(steering)[None].to(self.device))
         dt = float(model.t_future[0]) if hasattr(model, "t_future") else None

@@ -1,0 +1,157 @@
+"""Precision chosen from what the hardware does: `dtype = "auto"`.
+
+bf16 autocast is a large win only where the device has bf16 matrix hardware: CUDA GPUs
+with bf16, and CPUs with AMX or AVX-512 BF16. On an AVX2-only CPU oneDNN *emulates* bf16
+matmuls (measured 1.3 GFLOP/s against 142 GFLOP/s fp32 on a 2-core AMD EPYC), so a bf16
+run is 20-30x slower than the same run in fp32. `auto` therefore decides from a short
+measurement on the device itself rather than from an assumption: a 256^3 matmul in each
+dtype (a few ms; an emulated bf16 one takes ~15 ms), cached per process.
+
+The rates can be injected with EXAFLOP_MATMUL_GFLOPS="fp32=142,bf16=1.3" so that both
+decisions are testable on any machine (and a user can force the measurement's outcome).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from exaflop.errors import UserError
+from exaflop.progress import console
+
+# bf16 must be measured this much faster than fp32 before `auto` picks it: autocast adds
+# casts and bf16 loses precision, so a marginal matmul gain is not worth it.
+BF16_MARGIN = 1.25
+_PROBE_N = 256
+_PROBE_BUDGET_S = 0.01  # per dtype, after one warm-up call
+ENV_RATES = "EXAFLOP_MATMUL_GFLOPS"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+_cache: dict[str, dict[str, float]] = {}
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved compute precision and why it was chosen."""
+
+    name: str  # "fp32" or "bf16": what actually runs
+    requested: str  # "auto", "fp32" or "bf16"
+    rates: dict[str, float] = field(default_factory=dict)  # probe GFLOP/s by dtype ({} on CUDA)
+    reason: str = ""
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype, None for plain fp32."""
+        return torch.bfloat16 if self.name == "bf16" else None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.requested}: {self.reason})" if self.reason else self.name
+
+
+def _parse_env(text: str) -> dict[str, float]:
+    rates = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        try:
+            rates[name] = float(value)
+        except ValueError:
+            rates[name] = -1.0
+        if name not in DTYPES or rates[name] <= 0:
+            raise UserError(f"{ENV_RATES}={text!r}: expected e.g. 'fp32=142,bf16=1.3' (GFLOP/s, both > 0)")
+    if set(rates) != set(DTYPES):
+        raise UserError(f"{ENV_RATES}={text!r}: give both fp32 and bf16 rates, e.g. 'fp32=142,bf16=1.3'")
+    return rates
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> float:
+    gen = torch.Generator(device=device).manual_seed(0)  # never advance the training RNG
+    a = torch.randn(_PROBE_N, _PROBE_N, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(_PROBE_N, _PROBE_N, device=device, dtype=dtype, generator=gen)
+    a @ b  # warm-up: oneDNN builds its kernel on the first call
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        el = time.perf_counter() - t0
+        if el > _PROBE_BUDGET_S:
+            break
+    return 2 * _PROBE_N**3 * iters / el / 1e9
+
+
+def matmul_rates(device: torch.device | str = "cpu") -> dict[str, float]:
+    """Measured GFLOP/s of a 256^3 matmul in fp32 and bf16 on this CPU (cached per process)."""
+    device = torch.device(device)
+    env = os.environ.get(ENV_RATES)
+    if env:
+        return _parse_env(env)
+    key = str(device)
+    if key not in _cache:
+        _cache[key] = {name: _probe(device, dt) for name, dt in DTYPES.items()}
+    return _cache[key]
+
+
+def bf16_is_fast(rates: dict[str, float]) -> bool:
+    return rates["bf16"] >= BF16_MARGIN * rates["fp32"]
+
+
+def resolve(requested: str, device: torch.device | str = "cpu", rates: dict[str, float] | None = None,
+            flag: str = "run.dtype") -> Precision:
+    """The precision to run in. `flag` names the setting in warnings ("--dtype", "run.dtype")."""
+    device = torch.device(device)
+    if requested not in ("auto", *DTYPES):
+        raise UserError(f"{flag} {requested!r}: choose auto, fp32 or bf16")
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return Precision("bf16" if ok else "fp32", "auto", {},
+                             "CUDA with bf16" if ok else "this GPU has no bf16")
+        return Precision(requested, requested)
+    if device.type != "cpu":
+        return Precision("fp32" if requested == "auto" else requested, requested)
+    rates = rates if rates is not None else matmul_rates(device)
+    fast = bf16_is_fast(rates)
+    measured = f"bf16 {rates['bf16']:.1f} vs fp32 {rates['fp32']:.1f} GFLOP/s"
+    if requested == "auto":
+        return Precision("bf16" if fast else "fp32", "auto", dict(rates), measured)
+    if requested == "bf16" and not fast and flag not in _warned:
+        _warned.add(flag)
+        console.print(f"[yellow]warning: {flag}=bf16 on a CPU where bf16 matmuls are slow ({measured}; "
+                      f"bf16 is emulated here): set {flag}{'=' if '.' in flag else ' '}auto or fp32",
+                      highlight=False, soft_wrap=True)
+    return Precision(requested, requested, dict(rates), measured)
+
+
+def peak_dtype(p: Precision) -> torch.dtype:
+    """The dtype whose matmul rate is the MFU denominator.
+
+    The dtype in use, unless that is an emulated (slower than fp32) bf16: then the
+    machine's real limit is its fp32 rate, and autocast still runs part of the step in
+    fp32, so a bf16 denominator would report MFU above 100% (seen: 349.9%).
+    """
+    if p.name == "bf16" and p.rates and not p.rates["bf16"] >= p.rates["fp32"]:
+        return torch.float32
+    return p.torch_dtype
+
+
+def cpu_capability() -> str:
+    """What the CPU offers torch, for benchmark reports: e.g. 'AVX512, 2 cores'."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    extra = f", ONEDNN_MAX_CPU_ISA={isa}" if isa else ""
+    return f"{cap}{extra}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def autocast_for(requested: str, device: torch.device | str = "cpu", flag: str = "run.dtype"):
+    """An autocast context for inference in the resolved precision (a no-op for fp32)."""
+    device = torch.device(device)
+    p = resolve(requested, device, flag=flag)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.name == "bf16")
