@@ -151,11 +151,13 @@ def add_parser(subparsers) -> None:
     r.add_argument("--out", help="output folder (default RUN/render)")
     r.add_argument("--clips", type=int, default=8)
     r.add_argument("--split", choices=["val", "train"], default="val")
+    r.add_argument("--data", help=DATA_HELP)
     r.set_defaults(func=_cmd_render)
     e = sub.add_parser("eval", help="ADE/FDE/L2/steering of a run beside both baselines on a whole split")
     e.add_argument("run")
     e.add_argument("--split", choices=["val", "train"], default="val")
     e.add_argument("--limit", type=int, default=0, help="only the first N clips (0: all)")
+    e.add_argument("--data", help=DATA_HELP)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=_cmd_eval)
     d = sub.add_parser("demo", help="simulate, train drive-tiny, evaluate against baselines, render")
@@ -166,11 +168,15 @@ def add_parser(subparsers) -> None:
     d.set_defaults(func=_cmd_demo)
 
 
+DATA_HELP = ("the imported dataset whose clips to use (default: data.path in the run's config.toml); "
+             "the run holds the model, not the clips")
+
+
 def _cmd_render(args) -> int:
     from exaflop.drive.render import render_run
     from exaflop.progress import console
 
-    res = render_run(args.run, Path(args.out) if args.out else None, args.clips, args.split)
+    res = render_run(args.run, Path(args.out) if args.out else None, args.clips, args.split, data=args.data)
     console.print(res["title"], markup=False)
     for kind, path in res["files"].items():
         console.print(f"{kind}: {path}")
@@ -182,6 +188,7 @@ def _cmd_eval(args) -> int:
     from exaflop.engine.checkpoint import load_for_inference
 
     cfg, task, model = load_for_inference(args.run)
+    task.use_data(args.data or cfg.data.path, "drive eval")
     source = task.build_dataset("val") if args.split == "val" else _train_source(task)
     res = evaluate_split(task, model, source, limit=args.limit, dtype=cfg.run.dtype)
     if args.json:

@@ -132,11 +132,12 @@ def evaluate_split(task, model, source, batch_size: int = 64, limit: int = 0,
 
 
 def render_run(run_dir: str | Path, out_dir: Path | None = None, clips: int = 8, split: str = "val",
-               png_only: bool = False) -> dict:
+               png_only: bool = False, data: str | None = None) -> dict:
     """`exaflop drive render RUN`: MP4 + PNG of held-out clips and a metrics summary."""
     from exaflop.engine.checkpoint import load_for_inference
 
     cfg, task, model = load_for_inference(run_dir)
+    task.use_data(data or cfg.data.path, "drive render")
     source = task.build_dataset(split) if split != "train" else _plain_train(task)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "render"
     ids = np.linspace(0, len(source) - 1, num=min(clips, len(source))).round().astype(int).tolist()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +15,8 @@ from exaflop.drive import shards
 from exaflop.drive.model import DriveModel
 from exaflop.drive.source import ClipSource, collate
 from exaflop.errors import UserError
+
+DATASET_SUMMARY = "dataset.json"
 
 
 class DriveTask:
@@ -36,6 +41,36 @@ class DriveTask:
                 raise UserError(f"model.{model_key}={getattr(self.mcfg, model_key)} but the clips in "
                                 f"{self.dcfg.path} have {clip_key}={clip[clip_key]}; set "
                                 f"--set model.{model_key}={clip[clip_key]} or re-import the data")
+
+    def save_assets(self, run_dir: Path) -> None:
+        """RUN/dataset.json: the manifest without its item lists (clip geometry, dt, label
+        statistics, view), all the model and /v1/drive/predict need without the clips."""
+        m = {k: v for k, v in self.manifest.items() if k not in ("splits", "skipped")}
+        m["copied_from"] = str(self.dcfg.path)
+        tmp = run_dir / f".{DATASET_SUMMARY}.tmp"
+        tmp.write_text(json.dumps(m, indent=1, sort_keys=True))
+        os.replace(tmp, run_dir / DATASET_SUMMARY)
+
+    def load_assets(self, run_dir: Path) -> None:
+        own = Path(run_dir) / DATASET_SUMMARY
+        if own.is_file():
+            self._manifest = json.loads(own.read_text())
+            self._check_geometry(self._manifest)
+        # else: an older run, read through data.path as before
+
+    def use_data(self, path: str, what: str) -> None:
+        """Point evaluation / rendering at a dataset (`--data PATH`, default data.path); the
+        run itself holds no clips. A missing one is one line naming the flag."""
+        try:
+            manifest = shards.load_manifest(path)
+        except UserError:
+            raise UserError(f"{what} needs the clips as well as the run: no dataset manifest at {path} "
+                            "(data.path in the run's config.toml); pass --data PATH to the imported "
+                            "dataset (exaflop data drive ...)") from None
+        self._check_geometry(manifest)
+        self.dcfg.path = path
+        if self._manifest is None:
+            self._manifest = manifest
 
     @property
     def dt(self) -> float:

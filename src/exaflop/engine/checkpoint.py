@@ -289,6 +289,8 @@ def load_for_inference(run_or_ckpt: str | Path, device: str | torch.device = "cp
         ckpt, _ = latest_complete(run_dir / "checkpoints", str(run_dir))
     cfg = load_config_file(run_dir / "config.toml")
     task = build_task(cfg)
+    if hasattr(task, "load_assets"):  # the run's own copy of what the data provided (read only)
+        task.load_assets(run_dir)
     model = task.build_model()
     meta = json.loads((ckpt / "meta.json").read_text())
     state = {"model": model.state_dict()}
@@ -296,4 +298,11 @@ def load_for_inference(run_or_ckpt: str | Path, device: str | torch.device = "cp
     model.load_state_dict(state["model"])
     model.to(device).eval()
     model.checkpoint_step = int(meta["step"])  # type: ignore[attr-defined]
+    model.run_dir = run_dir  # type: ignore[attr-defined]
     return cfg, task, model
+
+
+def run_dir_of(run_or_ckpt: str | Path) -> Path:
+    """The run directory of a RUN argument (a run directory or one of its checkpoints)."""
+    path = Path(run_or_ckpt)
+    return path.parent.parent if (path / "meta.json").is_file() and path.name.startswith("step_") else path

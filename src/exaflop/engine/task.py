@@ -44,6 +44,13 @@ class Task(Protocol):
     # def blocks(self, model) -> list[nn.Module]
     # def tp_plan(self, model, mesh) -> None
 
+    # Optional, for self-contained runs: the trainer calls save_assets once (rank 0) to copy
+    # into the run directory everything inference needs from the data (tokenizer, clip
+    # geometry and label statistics); load_for_inference calls load_assets so that sampling,
+    # serving and export read the run alone, never data.path.
+    # def save_assets(self, run_dir: Path) -> None
+    # def load_assets(self, run_dir: Path) -> None
+
 
 def build_task(cfg) -> Task:
     try:

@@ -132,6 +132,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         # The run records what "auto" became on this machine (a resume elsewhere resolves again).
         cfg.run.resolved_dtype = rt.precision.name
         save_config(cfg, run_dir / "config.toml")
+        if hasattr(task, "save_assets"):  # a copied run samples and serves without the data
+            task.save_assets(run_dir)
 
     dp_world, dp_rank = data_parallel_size(cfg, rt)
     B = global_batch_of(cfg, task)

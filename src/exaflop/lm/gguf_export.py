@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from exaflop.errors import UserError
+from exaflop.lm.assets import tokenizer_dir
 from exaflop.lm.chat import CHAT_TEMPLATE_JINJA
 from exaflop.lm.config import ModelConfig
 from exaflop.lm.hf import HF_TOKENIZER_CONFIG, check_tokenizer, load_exportable, special_token_ids
@@ -194,7 +195,7 @@ def export(run: str | Path, out: str | Path, dtype: str = "f32") -> Path:
     if out.is_dir():
         raise UserError(f"export --format gguf: {out} is a directory; give a file name like model.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer_metadata(Path(cfg.data.path), mcfg.vocab_size)
+    tok = tokenizer_metadata(tokenizer_dir(cfg, model.run_dir), mcfg.vocab_size)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         write_gguf(tmp, cfg.run.name, mcfg, model.state_dict(), tok, dtype)

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from exaflop.errors import UserError
+from exaflop.lm.assets import tokenizer_dir
 from exaflop.lm.chat import CHAT_TEMPLATE_JINJA, END
 from exaflop.lm.config import ModelConfig
 from exaflop.lm.tokenizer import EOT
@@ -43,8 +44,7 @@ def unsupported_features(mcfg: ModelConfig) -> list[str]:
 
 def check_tokenizer(data_dir: Path) -> None:
     if not (data_dir / "tokenizer.json").is_file():
-        raise UserError(f"export: the run's tokenizer {data_dir / 'tokenizer.json'} is missing "
-                        "(data.path in the run's config.toml)")
+        raise UserError(f"export: the run's tokenizer {data_dir / 'tokenizer.json'} is missing")
 
 
 def load_exportable(run: str | Path, fmt: str):
@@ -173,7 +173,7 @@ def export(run: str | Path, out: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"export --format hf: {out} is a file; give a directory")
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(cfg.data.path)
+    data_dir = tokenizer_dir(cfg, model.run_dir)  # the run's own copy (lm/assets.py)
     check_tokenizer(data_dir)
     ids = special_token_ids(data_dir)
     write_tokenizer(data_dir, out, mcfg.seq_len, ids)

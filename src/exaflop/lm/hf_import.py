@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from exaflop.errors import UserError
+from exaflop.lm.assets import save_assets
 from exaflop.lm.hf import HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG, name_pairs
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
@@ -187,6 +188,7 @@ def write_run(cfg, model: torch.nn.Module, source: str, force: bool) -> Path:
     if force:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     save_config(cfg, run_dir / "config.toml")
+    save_assets(cfg.data.path, run_dir)  # self-contained like a trained run (lm/assets.py)
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     meta = {"step": 0, "cursor": 0, "config_hash": cfg.hash(), "task": cfg.task,
             "model_config": cfg.to_dict()["model"], "skipped_steps": 0, "seed": cfg.run.seed,
@@ -228,11 +230,12 @@ def import_run(src: str | Path, name: str, out_dir: str = "runs", preset: str | 
     from exaflop.config import load_config
     from exaflop.engine.checkpoint import load_for_inference
 
-    src_cfg, _task, model = load_for_inference(src)
+    src_cfg, task, model = load_for_inference(src)
     if src_cfg.task != "lm":
         raise UserError(f"import run: {src} is a {src_cfg.task!r} run; only language models")
     model_sets = [f"model.{k}={v}" for k, v in src_cfg.to_dict()["model"].items()]
-    cfg = load_config(preset, [f"data.path={src_cfg.data.path}", *model_sets, f"run.name={name}",
+    # The tokenizer comes from the source run itself, so SFT from a copied run needs no data.
+    cfg = load_config(preset, [f"data.path={task.assets}", *model_sets, f"run.name={name}",
                                f"run.out_dir={out_dir}", *(overrides or [])])
     if cfg.hash() != src_cfg.hash():
         raise UserError(f"import run: --set may not change the model section of {src} (its weights fix it)")

@@ -11,10 +11,12 @@ from exaflop.lm.tokenizer import end_of_text_id, load_tokenizer
 
 
 def load_lm(run: str | Path, device: str = "cpu"):
+    """(cfg, model, tokenizer) from the run alone (its tokenizer/ folder; see lm/assets.py)."""
     cfg, task, model = load_for_inference(run, device)
     if cfg.task != "lm":
         raise UserError(f"{run}: a {cfg.task!r} run, not a language model")
-    tok = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
+    tok = load_tokenizer(task.assets / "tokenizer.json")
+    model.tokenizer_dir = task.assets
     return cfg, model, tok
 
 
@@ -34,5 +36,5 @@ def sample_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempera
     flag = "--dtype" if dtype else "run.dtype"
     with autocast_for(dtype or cfg.run.dtype, next(model.parameters()).device, flag=flag):
         out = list(generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                            stop_ids=stop_ids(tok, cfg.data.path)))
+                            stop_ids=stop_ids(tok, model.tokenizer_dir)))
     return tok.decode(out, skip_special_tokens=False)

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from exaflop.errors import UserError
+from exaflop.lm.assets import read_manifest as read_assets_manifest
+from exaflop.lm.assets import save_assets, tokenizer_dir
 from exaflop.lm.model import LM, flops_per_token
 from exaflop.lm.sft import collate_sft, sft_dataset
 from exaflop.lm.shards import TokenWindows, read_manifest
@@ -20,17 +22,34 @@ class LMTask:
     def __init__(self, cfg):
         self.cfg = cfg
         self.mcfg = cfg.model
-        self.manifest = read_manifest(cfg.data.path)
-        if self.manifest["vocab_size"] > self.mcfg.vocab_size:
-            raise UserError(f"model.vocab_size={self.mcfg.vocab_size} is smaller than the tokenizer's "
-                            f"{self.manifest['vocab_size']} tokens in {cfg.data.path}; "
-                            f"set --set model.vocab_size={self.manifest['vocab_size']}")
         self.tokens_per_sample = self.mcfg.seq_len
+        self._manifest: dict | None = None
+        self.assets: Path | None = None  # the run's own tokenizer folder, at inference
+
+    @property
+    def manifest(self) -> dict:
+        """The data manifest: the training data's, or at inference the run's copy of it."""
+        if self._manifest is None:
+            m = read_assets_manifest(self.assets) if self.assets else read_manifest(self.cfg.data.path)
+            if m["vocab_size"] > self.mcfg.vocab_size:
+                raise UserError(f"model.vocab_size={self.mcfg.vocab_size} is smaller than the tokenizer's "
+                                f"{m['vocab_size']} tokens in {self.cfg.data.path}; "
+                                f"set --set model.vocab_size={m['vocab_size']}")
+            self._manifest = m
+        return self._manifest
+
+    def save_assets(self, run_dir: Path) -> None:
+        self.manifest  # noqa: B018  (a missing or mismatched dataset is a one-line error first)
+        save_assets(self.cfg.data.path, run_dir)
+
+    def load_assets(self, run_dir: Path) -> None:
+        self.assets = tokenizer_dir(self.cfg, run_dir)
 
     def build_model(self) -> nn.Module:
         return LM(self.mcfg)
 
     def build_dataset(self, split: str):
+        self.manifest  # noqa: B018  (checks the vocabulary before any worker starts)
         if self.cfg.data.sft_path:  # chat fine-tuning: padded conversations, assistant-only loss
             return sft_dataset(self.cfg.data.sft_path, Path(self.cfg.data.path) / "tokenizer.json",
                                split, self.mcfg.seq_len)

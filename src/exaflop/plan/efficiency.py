@@ -1,7 +1,7 @@
 """How much of the datasheet an accelerator achieves: matmuls, memory-bound ops, links.
 
 One small model for every row and every accelerator, fitted once (not per row) by
-`exaflop plan calibrate` on shared/planner/calibration.csv:
+`exaflop plan calibrate` on the published runs in plan/catalog/calibration.csv:
 
     matmul efficiency(M, N, K) = gemm_peak * g(M) * g(N) * g(K),   g(x) = x / (x + gemm_knee)
 
@@ -31,6 +31,6 @@ class Efficiency:
 
 
 # Fitted by `python -m exaflop.plan calibrate` (coordinate search minimizing the mean
-# absolute step-time error over the 18 rows of shared/planner/calibration.csv, 2021-22
+# absolute step-time error over the 18 rows of plan/catalog/calibration.csv, 2021-22
 # Megatron-LM on A100-80GB). Re-fit and paste here when the cost model changes.
 CALIBRATED = Efficiency(gemm_peak=0.73, gemm_knee=22.0, mem_eff=0.74, net_eff=0.83)

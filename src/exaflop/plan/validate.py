@@ -78,7 +78,7 @@ def read_calibration(path: Path, catalog: Catalog, software: str = "megatron-202
         job = Job(model, accel, catalog.default_network(accel), num["global_batch"], num["seq_len"], SOFTWARE[sw])
         rows.append(Row(line, raw["name"], raw.get("source", ""), job, num["n_accel"], fixed, measured))
     if not rows:
-        raise UserError(f"{path}: no rows; see shared/planner/README.md for the format")
+        raise UserError(f"{path}: no rows; the columns are those of the shipped exaflop/plan/catalog/calibration.csv")
     return rows
 
 

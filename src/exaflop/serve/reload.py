@@ -75,26 +75,13 @@ class Weights:
         self.owners.pop()
 
 
-def find_tokenizer(cfg, run_dir: Path) -> Path:
-    """data.path is relative to where training ran; also try beside the run and its parents."""
-    rel = Path(cfg.data.path) / "tokenizer.json"
-    for base in (Path.cwd(), run_dir, run_dir.parent, run_dir.parent.parent):
-        p = rel if rel.is_absolute() else base / rel
-        if p.is_file():
-            return p
-    if (run_dir / "tokenizer.json").is_file():
-        return run_dir / "tokenizer.json"
-    raise UserError(f"{run_dir}: tokenizer {rel} not found (data.path in config.toml); run the server "
-                    "from the directory training ran in, or copy tokenizer.json into the run directory")
-
-
 def load_weights(ckpt: Path, run_dir: Path, device: torch.device, dtype: torch.dtype | None) -> Weights:
-    cfg, _task, model = load_for_inference(ckpt, device)
+    cfg, task, model = load_for_inference(ckpt, device)
     if cfg.task != "lm":
         raise UserError(f"{run_dir}: a {cfg.task!r} run; only language models are served on /v1/*")
     if dtype is not None:
         model.to(dtype)
-    tok = load_tokenizer(find_tokenizer(cfg, run_dir))
+    tok = load_tokenizer(task.assets / "tokenizer.json")  # the run's own (lm/assets.py)
     return Weights(cfg, model, tok, ckpt, device)
 
 

@@ -1,0 +1,109 @@
+"""dtype = "auto": the precision follows what the hardware measures, and MFU stays honest."""
+
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from exaflop.config import load_config
+from exaflop.engine import precision as P
+from exaflop.engine.telemetry import read_metrics
+from exaflop.engine.trainer import train
+from exaflop.errors import UserError
+from tests.conftest import REPO, tiny_overrides
+
+SLOW_BF16 = {"fp32": 142.0, "bf16": 1.3}  # the AVX2-only EPYC of the issue (512^3, torch 2.13)
+FAST_BF16 = {"fp32": 164.0, "bf16": 412.0}  # an AVX-512 BF16 EPYC (512^3)
+
+
+def test_auto_follows_the_measured_rates():
+    assert P.resolve("auto", "cpu", SLOW_BF16).name == "fp32"
+    assert P.resolve("auto", "cpu", FAST_BF16).name == "bf16"
+    # a marginal gain is not worth autocast's casts and bf16's rounding
+    assert P.resolve("auto", "cpu", {"fp32": 100.0, "bf16": 110.0}).name == "fp32"
+    assert P.resolve("auto", "cpu", SLOW_BF16).dtype is None
+    assert P.resolve("auto", "cpu", FAST_BF16).dtype is torch.bfloat16
+    assert P.resolve("fp32", "cpu", FAST_BF16).name == "fp32"
+    with pytest.raises(UserError, match="run.dtype 'fp16'"):
+        P.resolve("fp16", "cpu", FAST_BF16)
+
+
+def test_the_probe_measures_this_cpu_quickly():
+    import time
+
+    P._cache.clear()
+    t0 = time.perf_counter()
+    rates = P.matmul_rates("cpu")
+    took = time.perf_counter() - t0
+    assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
+    # an emulated bf16 256^3 matmul takes ~15 ms, so even the slow path stays well under a second
+    assert took < 1.0, took
+    assert P.matmul_rates("cpu") is rates  # cached per process
+
+
+def test_injected_rates_are_validated(monkeypatch):
+    monkeypatch.setenv(P.ENV_RATES, "fp32=142,bf16=1.3")
+    assert P.matmul_rates() == SLOW_BF16
+    monkeypatch.setenv(P.ENV_RATES, "fp32=142")
+    with pytest.raises(UserError, match=P.ENV_RATES):
+        P.matmul_rates()
+
+
+def test_explicit_bf16_on_a_slow_cpu_warns_once_with_both_rates():
+    env = {**os.environ, P.ENV_RATES: "fp32=142,bf16=1.3", "COLUMNS": "200"}
+    code = ("from exaflop.engine.precision import resolve\n"
+            "for _ in range(3): p = resolve('bf16', 'cpu')\n"
+            "print(p.name)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "bf16"  # an explicit choice is obeyed
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "bf16 1.3" in lines[0] and "fp32 142.0 GFLOP/s" in lines[0] and "run.dtype" in lines[0]
+    # fast bf16: no warning
+    env[P.ENV_RATES] = "fp32=164,bf16=412"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stderr.strip() == ""
+
+
+def test_mfu_peak_is_never_an_emulated_rate():
+    slow = P.resolve("bf16", "cpu", SLOW_BF16)
+    assert P.peak_dtype(slow) is torch.float32
+    assert P.peak_dtype(P.resolve("auto", "cpu", FAST_BF16)) is torch.bfloat16
+    assert P.peak_dtype(P.resolve("fp32", "cpu", FAST_BF16)) is torch.float32
+
+
+@pytest.mark.parametrize("rates,want", [("fp32=142,bf16=1.3", "fp32"), ("fp32=164,bf16=412", "bf16")])
+def test_trainer_records_what_auto_resolved_to(tmp_path, data_dir, monkeypatch, rates, want):
+    monkeypatch.setenv(P.ENV_RATES, rates)
+    o = tiny_overrides(tmp_path, data_dir, f"auto-{want}", "train.steps=3")
+    cfg = load_config("lm-tiny", [x for x in o if not x.startswith("run.dtype")])
+    assert cfg.run.dtype == "auto"  # the default
+    train(cfg, quiet=True)
+    saved = tomllib.loads((cfg.run_dir / "config.toml").read_text())["run"]
+    assert saved["dtype"] == "auto" and saved["resolved_dtype"] == want
+    recs = read_metrics(cfg.run_dir)
+    head = next(r for r in recs if r["kind"] == "run")
+    assert head["dtype"] == want and head["dtype_requested"] == "auto"
+    assert head["matmul_gflops"] == {k: float(v) for k, v in (x.split("=") for x in rates.split(","))}
+    assert all(r["dtype"] == want for r in recs if r["kind"] == "train")
+
+
+def test_mfu_reported_by_the_trainer_is_at_most_100_percent(tmp_path, data_dir):
+    # The real rates of this machine, the real trainer, the default precision.
+    o = [x for x in tiny_overrides(tmp_path, data_dir, "mfu", "train.steps=6") if not x.startswith("run.dtype")]
+    train(load_config("lm-tiny", o), quiet=True)
+    mfus = [r["mfu"] for r in read_metrics(tmp_path / "runs" / "mfu") if r["kind"] == "train"]
+    assert mfus and all(0 < m <= 1.0 for m in mfus), mfus
+
+
+def test_the_bar_names_the_precision(tmp_path, data_dir):
+    o = [x for x in tiny_overrides(tmp_path, data_dir, "bar", "train.steps=2") if not x.startswith("run.dtype")]
+    env = {**os.environ, P.ENV_RATES: "fp32=142,bf16=1.3", "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "exaflop", "train", "lm-tiny", *sum((["--set", x] for x in o), [])],
+                         env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "precision: fp32 (auto: bf16 1.3 vs fp32 142.0 GFLOP/s)" in out.stderr
+    assert "train fp32" in out.stderr
