@@ -3,9 +3,9 @@
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import torch
 
 from exaflop.config import load_config

@@ -38,6 +38,9 @@ def save_assets(data_path: str | Path, run_dir: Path) -> Path:
     manifest["copied_from"] = str(data_path.resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{ASSETS}.", dir=run_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); a run is copied and shared
     try:
         for name in FILES:
             if (data_path / name).is_file():

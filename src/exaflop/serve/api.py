@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -78,6 +79,37 @@ def _prompts(body: CompletionRequest | ChatRequest, w: Weights) -> list[list[int
     return out
 
 
+def _texts(body: CompletionRequest | ChatRequest) -> tuple[str, list[int]]:
+    """(param, characters of text per prompt) of a request, before any tokenization."""
+    if isinstance(body, ChatRequest):
+        return "messages", [sum(len(m.text() or "") for m in body.messages)]
+    p = body.prompt
+    if isinstance(p, str):
+        return "prompt", [len(p)]
+    return "prompt", [len(x) for x in p if isinstance(x, str)]
+
+
+def _check_length(body: CompletionRequest | ChatRequest, w: Weights) -> None:
+    """Refuse text that cannot fit the context without tokenizing it: each token covers
+    at most `w.max_token_chars` characters, so more than (ctx - 1) x that many characters
+    is over the context whatever the tokenizer makes of them. This bounds the work (and
+    memory) one request can cause before its real length is known."""
+    param, lengths = _texts(body)
+    bound = (w.ctx - 1) * w.max_token_chars
+    longest = max(lengths, default=0)
+    if longest > bound:
+        raise APIError(400, f"This model's maximum context length is {w.ctx} tokens, but the {param} has "
+                       f"{longest} characters, more than {w.ctx - 1} tokens of at most {w.max_token_chars} "
+                       "characters each can hold. Shorten the prompt.", param=param,
+                       code="context_length_exceeded")
+
+
+# Tokenization and template rendering run here, not on the event loop: a long prompt would
+# otherwise stall /health and every stream. One thread, because encode_chat toggles the
+# shared tokenizer's special-token flag (and _check_length bounds each job's size).
+_TOKENIZE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exaflop-tokenize")
+
+
 def _check_ids(ids: list[int], w: Weights) -> list[int]:
     bad = [i for i in ids if i >= w.vocab_size]
     if bad:
@@ -135,7 +167,8 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
     if w is None:
         raise APIError(503, f"model `{body.model}` is still loading; retry shortly", type="server_error",
                        code="model_loading", retry_after=5)
-    prompts = _prompts(body, w)
+    _check_length(body, w)
+    prompts = await asyncio.get_running_loop().run_in_executor(_TOKENIZE, _prompts, body, w)
     params = _params(body, w, max(len(p) for p in prompts))
     n = body.n or 1
     if body.stream_options is not None and not body.stream:

@@ -115,3 +115,43 @@ class RateLimiter:
             return
         with self._lock:
             self._tokens.setdefault(key, deque()).append((time.monotonic(), tokens))
+
+
+class FailedAuthLimiter:
+    """Failed authentications per client address in a sliding window.
+
+    Past `limit` failures in `window_s` an address's further *failures* are answered 429
+    with Retry-After instead of 401. A valid key is checked first and always passes, so
+    clients behind the same address (a NAT, a proxy) are never slowed by someone else's
+    guessing; the 429s and the metric make a key-guessing client visible to operators.
+    Keys must be unguessable (>= 128 random bits) for this to be a defence at all.
+    """
+
+    def __init__(self, limit: int = 20, window_s: float = WINDOW_S, max_addresses: int = 10_000):
+        self.limit, self.window_s, self.max_addresses = limit, window_s, max_addresses
+        self._fails: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, address: str) -> float | None:
+        """Record a failure; seconds to wait if the address is over its limit, else None."""
+        if self.limit <= 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if address not in self._fails and len(self._fails) >= self.max_addresses:
+                self._prune(now)  # bounded memory under many addresses
+            q = self._fails.setdefault(address, deque())
+            while q and q[0] <= now - self.window_s:
+                q.popleft()
+            q.append(now)
+            if len(q) > self.limit:
+                while len(q) > self.limit + 1:  # keep only what decides the next answer
+                    q.popleft()
+                return q[0] + self.window_s - now
+        return None
+
+    def _prune(self, now: float) -> None:
+        for addr in [a for a, q in self._fails.items() if not q or q[-1] <= now - self.window_s]:
+            del self._fails[addr]
+        while len(self._fails) >= self.max_addresses:
+            self._fails.pop(next(iter(self._fails)))

@@ -20,6 +20,15 @@ def add_parser(sub) -> None:
     p.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0: off)")
     p.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0: off)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument("--max-header-kb", type=float, default=64.0,
+                   help="largest request line + headers (beyond it: 431 and the connection closes)")
+    p.add_argument("--max-headers", type=int, default=100, help="most request headers (beyond it: 431)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client may take to send its request line and headers (then 408)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send its whole request body (then 408)")
+    p.add_argument("--auth-fail-limit", type=int, default=20,
+                   help="failed authentications per client address per minute before 429 (0: off)")
     p.add_argument("--reload-interval", type=float, default=2.0,
                    help="seconds between checks for a newer checkpoint (0: never reload)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -46,6 +55,12 @@ def _check(args) -> None:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
     if args.max_body_mb <= 0 or args.reload_interval < 0:
         raise UserError("--max-body-mb must be > 0 and --reload-interval >= 0")
+    for flag, value in (("--max-header-kb", args.max_header_kb), ("--max-headers", args.max_headers),
+                        ("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if value <= 0:
+            raise UserError(f"{flag} {value}: must be > 0")
+    if args.auth_fail_limit < 0:
+        raise UserError(f"--auth-fail-limit {args.auth_fail_limit}: must be >= 0 (0 turns it off)")
 
 
 def build_server(args):
@@ -55,9 +70,10 @@ def build_server(args):
     from exaflop.config import load_config_file
     from exaflop.errors import UserError
     from exaflop.serve.app import Server
-    from exaflop.serve.auth import KeyChecker, RateLimiter, check_bind, load_keys
+    from exaflop.serve.auth import FailedAuthLimiter, KeyChecker, RateLimiter, check_bind, load_keys
     from exaflop.serve.drive import DrivePredictor
     from exaflop.serve.engine import Engine
+    from exaflop.serve.http import HTTPLimits
     from exaflop.serve.metrics import Metrics
     from exaflop.serve.reload import Reloader, ServedModel, resolve_run
 
@@ -90,8 +106,10 @@ def build_server(args):
         models[name] = ServedModel(name, path, engine, watch)
     reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
                         drives=list(drives.values()))
+    limits = HTTPLimits(int(args.max_header_kb * 1024), args.max_headers, args.header_timeout, args.body_timeout)
     return Server(models, metrics, KeyChecker(keys), RateLimiter(args.rate_limit_rpm, args.rate_limit_tpm),
-                  reloader, int(args.max_body_mb * (1 << 20)), drives)
+                  reloader, int(args.max_body_mb * (1 << 20)), drives, limits,
+                  FailedAuthLimiter(args.auth_fail_limit))
 
 
 def run(args) -> int:
@@ -100,6 +118,7 @@ def run(args) -> int:
     import uvicorn
 
     from exaflop.serve.app import create_app
+    from exaflop.serve.http import limited_protocol
 
     server = build_server(args)
     # The engine thread needs the GIL back between torch kernels while the event loop
@@ -109,6 +128,7 @@ def run(args) -> int:
     names = ", ".join(server.models)
     auth = "API keys required" if server.keys.enabled else "no API keys (loopback only)"
     print(f"exaflop serve: {names} at http://{args.host}:{args.port}/v1 ({auth})", flush=True)
+    protocol = limited_protocol(server.limits, lambda reason: server.metrics.http_refused.inc(reason=reason))
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
+                access_log=args.log_level == "debug", timeout_graceful_shutdown=5, http=protocol)
     return 0

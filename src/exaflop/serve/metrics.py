@@ -113,6 +113,10 @@ class Metrics:
         self.requests = Counter(f"{p}_requests_total", "HTTP requests by route and status code")
         self.running = Gauge(f"{p}_requests_running", "sequences decoding now")
         self.waiting = Gauge(f"{p}_requests_waiting", "sequences queued for a KV-cache slot")
+        self.auth_limited = Counter(f"{p}_auth_rate_limited_total",
+                                    "failed authentications answered 429 (an address over its limit)")
+        self.http_refused = Counter(f"{p}_http_refused_total",
+                                    "connections closed before the app: oversized or slow request heads")
         self.aborted = Counter(f"{p}_requests_aborted_total", "sequences dropped because the client left")
         self.prompt_tokens = Counter(f"{p}_prompt_tokens_total", "prompt tokens prefilled")
         self.generated_tokens = Counter(f"{p}_generation_tokens_total", "tokens generated")
@@ -124,7 +128,7 @@ class Metrics:
         self.reload_failures = Counter(f"{p}_reload_failures_total", "checkpoints that failed to load")
 
     def render(self) -> str:
-        families = [self.requests, self.running, self.waiting, self.aborted, self.prompt_tokens,
-                    self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch, self.checkpoint_step,
+        families = [self.requests, self.auth_limited, self.http_refused, self.running, self.waiting,
+                    self.aborted, self.prompt_tokens, self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch, self.checkpoint_step,
                     self.reload_failures]
         return "\n".join(line for f in families for line in f.lines()) + "\n"

@@ -44,6 +44,10 @@ class Weights:
         self.stop_ids = frozenset(special)
         self.eot_id = tok.token_to_id("<|endoftext|>")
         self._bytes = token_byte_table(tok, self.vocab_size, special)
+        # No token covers more characters than its vocabulary string (byte-level BPE: one
+        # string character per byte): text longer than ctx x this cannot fit the context,
+        # which the API tells without tokenizing it (serve/api.py, _check_length).
+        self.max_token_chars = max((len(t) for t in tok.get_vocab(with_added_tokens=True)), default=1)
         self.cache = None
         self.owners: list = []  # owners[slot] = the sequence in that slot; slots 0..len-1 are in use
 
