@@ -131,7 +131,8 @@ def test_readme_commands_run_from_a_clean_checkout(tmp_path):
     pytest.importorskip("transformers")
     work = tmp_path / "clone"
     work.mkdir()
-    shutil.copytree(REPO / "docs", work / "docs")  # `--source docs/` reads the checkout's docs
+    for folder in ("docs", "configs"):  # README paths are relative to the checkout (docs/, configs/)
+        shutil.copytree(REPO / folder, work / folder)
     env = {**os.environ, "COLUMNS": "200", "TOKENIZERS_PARALLELISM": "false"}
     ran = []
     for cmd in readme_commands():

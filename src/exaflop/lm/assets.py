@@ -37,6 +37,8 @@ def save_assets(data_path: str | Path, run_dir: Path) -> Path:
     manifest["shards"] = {split: [] for split in manifest.get("shards", {})}  # the run holds no data
     manifest["copied_from"] = str(data_path.resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
+    if _same(data_path, dest, manifest):  # a resume: nothing to rewrite
+        return dest
     tmp = Path(tempfile.mkdtemp(prefix=f".{ASSETS}.", dir=run_dir))
     umask = os.umask(0)
     os.umask(umask)
@@ -56,6 +58,16 @@ def save_assets(data_path: str | Path, run_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _same(data_path: Path, dest: Path, manifest: dict) -> bool:
+    try:
+        if json.loads((dest / "manifest.json").read_text()) != manifest:
+            return False
+        return all((dest / n).is_file() and (dest / n).read_bytes() == (data_path / n).read_bytes()
+                   for n in FILES if (data_path / n).is_file())
+    except (OSError, ValueError):
+        return False
 
 
 def _legacy_data_dir(cfg, run_dir: Path) -> Path | None:
