@@ -84,7 +84,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "exaflop", "serve", *map(str, runs), "--port", str(self.port),
-               "--threads", "1", *args]
+               # fp32 unless a test asks otherwise: batched == one-at-a-time holds bit for bit
+               # only in fp32 (bf16 matmuls round differently at different batch shapes).
+               "--threads", "1", "--dtype", "fp32", *args]
         self._logf = open(log, "w")
         full_env = {k: v for k, v in os.environ.items() if k != "EXAFLOP_API_KEYS"}
         full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
