@@ -207,21 +207,28 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     done = 0
+    watcher = asyncio.ensure_future(_signal_disconnect(request, queue))
     try:
         while done < len(choices):
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)  # nobody is listening
-                continue
+            ev = await queue.get()
+            if ev is None:  # the client left: stop generating now, not when the answer is complete
+                return JSONResponse({}, status_code=499)  # nobody is listening (counted client_closed)
             if ev.error:
                 raise APIError(500, f"generation failed: {ev.error}", type="server_error")
             choices[ev.index].add(ev)
             done += ev.finish_reason is not None
     finally:
+        watcher.cancel()
         finish(sum(c.completion_tokens for c in choices.values()))
     return JSONResponse(shaper.response(list(choices.values()), prompt_tokens, echo))
+
+
+async def _signal_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Put None on `queue` when the client disconnects (the body was read already, so the
+    only message left to receive is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(None)
 
 
 async def _stream(shaper: Shaper, queue: asyncio.Queue, choices: dict[int, Choice], echo: dict[int, str],

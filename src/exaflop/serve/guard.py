@@ -65,7 +65,11 @@ class Guard:
         try:
             await self._guarded(scope, watched_receive, counted_send, path)
         finally:
-            label = str(status[0]) if status[0] else ("client_closed" if gone[0] else "500")
+            # 499 is the app's own "nobody is listening" answer (nginx's code): the client left.
+            if status[0] == 499 or (not status[0] and gone[0]):
+                label = "client_closed"
+            else:
+                label = str(status[0]) if status[0] else "500"
             self.server.metrics.requests.inc(route=route, status=label)
 
     async def _guarded(self, scope, receive, send, path: str) -> None:
