@@ -68,8 +68,14 @@ def write_generic(root: Path, name: str, seconds: float = 6.0, fps: float = 20.0
 
 
 def write_comma_segment(chunk: Path, route: str, number: int, seconds: float = 6.0, speed: float = 12.0,
-                        radius: float = 60.0, size: tuple[int, int] = (128, 96)) -> Path:
-    """A comma2k19 segment: raw HEVC, extension-less .npy arrays, ECEF poses on a circle."""
+                        radius: float = 60.0, size: tuple[int, int] = (128, 96), accel: float = 0.0,
+                        speed_column: bool = True) -> Path:
+    """A comma2k19 segment: raw HEVC, extension-less .npy arrays, ECEF poses on a circle.
+
+    The arrays have the dataset's own shapes and dtypes: `CAN/speed/value` is a float64
+    column array (N, 1), `CAN/steering_angle/value` is (N,) (speed_column=False writes
+    speed as (N,) too). With `accel` the car speeds up along the arc: speed + accel * t.
+    """
     seg = chunk / route / str(number)
     fps = 20.0
     n = int(seconds * fps)
@@ -79,7 +85,9 @@ def write_comma_segment(chunk: Path, route: str, number: int, seconds: float = 6
     # Circle in a local east/north/up plane at a real place, then into ECEF.
     lat0, lon0 = 37.4, -122.1
     ref = L.lla_to_ecef(np.array([lat0]), np.array([lon0]), 10.0)[0]
-    x, y, yaw = circle(frame_times - frame_times[0], speed, radius)
+    tt = frame_times - frame_times[0]
+    # Arc length speed*t + accel*t^2/2, expressed as a constant-speed circle over "effective" time.
+    x, y, yaw = circle(tt + accel * tt**2 / (2 * speed), speed, radius)
     rot = L.enu_rotation(lat0, lon0)  # ECEF -> ENU
     enu = np.stack([x, y, np.zeros_like(x)], -1)
     positions = ref + enu @ rot
@@ -95,7 +103,9 @@ def write_comma_segment(chunk: Path, route: str, number: int, seconds: float = 6
     _npy(seg / "global_pose" / "frame_orientations", quats)
     _npy(seg / "global_pose" / "frame_velocities", np.diff(positions, axis=0, prepend=positions[:1]) * fps)
     t_can = frame_times[0] - 0.5 + np.arange(0, seconds + 1.0, 0.01)
-    for sig, val in (("speed", np.full_like(t_can, speed)), ("steering_angle", np.full_like(t_can, 8.0))):
+    can_speed = speed + accel * np.clip(t_can - frame_times[0], 0, None)
+    for sig, val in (("speed", can_speed[:, None] if speed_column else can_speed),
+                     ("steering_angle", np.full_like(t_can, 8.0))):
         (seg / "processed_log" / "CAN" / sig).mkdir(parents=True)
         _npy(seg / "processed_log" / "CAN" / sig / "t", t_can)
         _npy(seg / "processed_log" / "CAN" / sig / "value", val)

@@ -64,6 +64,40 @@ def test_comma2k19_segments_split_by_route(tmp_path, opts):
     assert "|" not in "".join(train + val)
 
 
+def test_comma2k19_real_can_layout_speed_column(tmp_path, opts):
+    """The published segments store CAN speed as (N, 1) float64 and steering as (N,)."""
+    chunk = tmp_path / "Chunk_1"
+    seg = synth.write_comma_segment(chunk, "b0c9d2329ad1606b|2018-07-27--06-03-57", 3, accel=1.0)
+    assert np.load(seg / "processed_log/CAN/speed/value").shape[1:] == (1,)
+    assert np.load(seg / "processed_log/CAN/steering_angle/value").ndim == 1
+    synth.write_comma_segment(chunk, "e010b634f3d65cdb|2018-08-01--12-00-00", 7, accel=1.0, speed_column=False)
+    opts.val_fraction = 0.0
+    m = run_import("comma2k19", tmp_path, tmp_path / "out", opts, quiet=True)
+    assert m["counts"]["items_ok"] == 2, m["skipped"]
+    assert m["labels_from"] == {"poses": 2}
+    labels = _all_labels(tmp_path / "out")
+    assert len(labels) == m["counts"]["clips"] > 4
+    for _, tel, lab in labels:
+        # The first waypoint (0.5 s ahead, from the poses) over its time offset is the CAN speed
+        # at the clip's last frame; the car accelerates 1 m/s^2, so a frame or a sign off shows.
+        assert lab["source"] == "poses"
+        first = np.linalg.norm(lab["waypoints"][0]) / 0.5
+        assert first == pytest.approx(tel["speed"][-1], rel=0.10)
+        assert tel["speed"][-1] > tel["speed"][0]
+
+
+def test_comma2k19_wrong_shape_names_file_and_accepted_shapes(tmp_path, opts):
+    chunk = tmp_path / "Chunk_1"
+    seg = synth.write_comma_segment(chunk, "aaaa|2018-01-01--00-00-00", 1)
+    value = seg / "processed_log/CAN/speed/value"
+    with open(value, "wb") as f:
+        np.save(f, np.zeros((700, 2)))
+    opts.max_bad_fraction = 1.0
+    m = run_import("comma2k19", tmp_path, tmp_path / "out", opts, quiet=True)
+    (reason,) = [s["reason"] for s in m["skipped"]]
+    assert str(value) in reason and "shape (700, 2), expected (N,) or (N, 1)" in reason
+
+
 def test_udacity_challenge_and_simulator_logs(tmp_path, opts):
     synth.write_udacity_challenge(tmp_path / "udacity" / "HMB_1")
     synth.write_udacity_sim(tmp_path / "udacity" / "sim_noheader")

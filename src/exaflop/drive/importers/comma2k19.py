@@ -7,8 +7,8 @@ One segment (a minute of driving) is a folder such as
     global_pose/frame_times                 (N,) seconds; the timing of video frame i
     global_pose/frame_positions             (N, 3) ECEF metres
     global_pose/frame_orientations          (N, 4) quaternions (w, x, y, z), device -> ECEF
-    processed_log/CAN/speed/{t,value}       m/s on the same clock as frame_times
-    processed_log/CAN/steering_angle/{t,value}   degrees, positive left
+    processed_log/CAN/speed/{t,value}       m/s on the same clock as frame_times; value (N, 1)
+    processed_log/CAN/steering_angle/{t,value}   degrees, positive left; value (N,)
 
 All arrays are NumPy files saved without the .npy extension. Frame timing comes
 from frame_times, never from the stream (a raw stream has none). Poses become a
@@ -53,12 +53,22 @@ def discover(root: Path, opts: ImportOptions) -> tuple[list[Item], list[dict]]:
 
 
 def _array(path: Path, ndim: int, cols: int | None = None) -> np.ndarray:
+    """A float64 array of shape (N,) (ndim 1) or (N, cols) (ndim 2), as the dataset stores it.
+
+    The published segments mix layouts for one-value series: `CAN/speed/value` is a column
+    array (N, 1) while `CAN/steering_angle/value` is (N,). Both are accepted and read as (N,).
+    """
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise BadInput(f"{path}: not a readable NumPy array ({e})") from None
+    if ndim == 1 and a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
     if a.ndim != ndim or (cols is not None and a.shape[-1] != cols):
-        raise BadInput(f"{path}: shape {a.shape}, expected {'(N,)' if ndim == 1 else f'(N, {cols})'}")
+        accepted = "(N,) or (N, 1)" if ndim == 1 else f"(N, {cols})"
+        raise BadInput(f"{path}: shape {a.shape}, expected {accepted}")
+    if not np.issubdtype(a.dtype, np.number):
+        raise BadInput(f"{path}: dtype {a.dtype}, expected numbers (float or int)")
     return a.astype(np.float64)
 
 
