@@ -33,7 +33,7 @@ def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int], seconds: floa
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
     iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while iters == 0 or time.perf_counter() - t0 < seconds:  # at least one timed call
         a @ b
         iters += 1
     return 2 * m * k * n * iters / (time.perf_counter() - t0) / 1e9
@@ -78,7 +78,7 @@ def main() -> None:
         r32 = matmul_gflops(torch.float32, shape)
         # an emulated bf16 matmul of a few GFLOP takes seconds: one timed call is enough there
         emulated = best["bf16"] and best["bf16"] * 5 < best["fp32"]
-        r16 = matmul_gflops(torch.bfloat16, shape, seconds=0.0 if emulated else 0.3)
+        r16 = matmul_gflops(torch.bfloat16, shape, seconds=0.0 if emulated else 0.3)  # 0.0: one call
         best["fp32"], best["bf16"] = max(best["fp32"], r32), max(best["bf16"], r16)
         print(f"{str(shape):>22} {r32:13.1f} {r16:13.1f} {r16 / r32:9.2f}x")
     print(f"{'best':>22} {best['fp32']:13.1f} {best['bf16']:13.1f} {best['bf16'] / best['fp32']:9.2f}x")
