@@ -27,6 +27,23 @@ def test_two_l2_definitions_are_named_apart():
     assert "l2_at_1s" not in M.TrajectoryMeter(4, 0.3).result() and M.TrajectoryMeter(2, 0.4).n == 0
 
 
+def test_errors_are_euclidean_and_averaged_over_every_clip_of_every_batch():
+    # 3-4-5 triangles: an error of (3, 4) is 5 m (L1 would say 7, L-inf 4). Two batches of
+    # different sizes, so a meter that averaged batch means (not clips) would be caught too.
+    k, dt = 2, 1.0
+    meter = M.TrajectoryMeter(k, dt)
+    pred1 = torch.tensor([[[3.0, 4.0], [6.0, 8.0]]])  # one clip: errors 5, 10
+    meter.add(pred1, torch.zeros(1, k, 2), torch.zeros(1, k), torch.zeros(1, k))
+    pred2 = torch.tensor([[[1.0, 1.0], [0.0, -4.0]], [[-3.0, -4.0], [2.0, 3.0]]])  # errors 0, 5 / 5, 0
+    gt2 = torch.tensor([[[1.0, 1.0], [3.0, 0.0]], [[0.0, 0.0], [2.0, 3.0]]])
+    meter.add(pred2, gt2, torch.full((2, k), 2.0), torch.zeros(2, k))
+    r = meter.result()
+    # per step over 3 clips: step 1 (5 + 0 + 5) / 3, step 2 (10 + 5 + 0) / 3
+    assert r["fde"] == pytest.approx(5.0) and r["l2_at_2s"] == pytest.approx(5.0)
+    assert r["ade"] == pytest.approx((10 / 3 + 5) / 2) and r["l2_at_1s"] == pytest.approx(10 / 3)
+    assert r["steer_mae_deg"] == pytest.approx(4 / 3)  # |2| on two of three clips
+
+
 def test_baselines():
     batch = {"speed": torch.tensor([[9.0, 10.0]]), "steering": torch.tensor([[0.0, 30.0]]),
              "future_steering": torch.zeros(1, 3), "vehicle": torch.tensor([[2.5, 15.0, 1.0]])}

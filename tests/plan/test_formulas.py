@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from exaflop.plan.catalog import ModelSpec, Network, load_catalog
 from exaflop.plan.cost import SOFTWARE, Job, Plan, memory, step_cost
 from exaflop.plan.shapes import activation_bytes, forward_flops, total_params
@@ -56,3 +58,46 @@ def test_step_breakdown_sums_to_step_time():
     cost = step_cost(tiny_job(global_batch=8), Plan(tp=2, pp=2, dp=2, micro_batch=1))
     assert abs(sum(cost.breakdown.values()) - cost.step_s) < 1e-12
     assert 0 < cost.mfu < 1
+
+
+# 4 layers, h=512: per layer 4h^2 + 2h + 2*h*4h = 3,146,752 params; embeddings 2*1000*512.
+MID = ModelSpec(name="mid", layers=4, hidden=512, heads=8, ffn=2048, vocab=1000, seq_len=512)
+MID_PARAMS = 4 * 3_146_752 + 1_024_000  # 13,611,008
+# No scale-up domain: the dp=2 group talks over the 200 Gbit/s scale-out network.
+SLOW = Network("slow", scaleup_domain=1, scaleup_gbps_per_dir=300, scaleout_gbit_per_accel=200)
+
+
+def _mid_job() -> Job:
+    return Job(MID, load_catalog().accelerator("a100-80gb"), SLOW, 8, 512, SOFTWARE["modern"])
+
+
+def _ring_all_reduce(nbytes: float, job: Job) -> float:
+    """dp=2 ring all-reduce over scale-out, by hand: 2 * log2(2) latencies + 2 (n-1)/n of the bytes."""
+    out_bps = 200 / 8 * 1e9 * job.eff.net_eff
+    return 2 * 1 * job.network.latency_us * 1e-6 + 2 * (2 - 1) / 2 * nbytes / out_bps
+
+
+def test_dp_overlap_hides_gradients_behind_the_last_micro_batch_only():
+    # The software profile users get ("modern"): gradients reduce while the last of the 4
+    # micro-batches runs its backward (2/3 of its compute), not behind all four.
+    job = _mid_job()
+    cost = step_cost(job, Plan(dp=2, micro_batch=1, zero_stage=1, recompute="none"))
+    assert cost.micro_batches == 4
+    t_dp = _ring_all_reduce(2 * MID_PARAMS, job)  # bf16 gradients, unsharded (ZeRO-1)
+    backward_of_one = cost.breakdown["compute"] / 4 * 2 / 3
+    assert t_dp > backward_of_one  # so the exposed part is not clipped to zero
+    assert cost.breakdown["dp_comm"] == pytest.approx(t_dp - backward_of_one, rel=1e-9)
+
+
+def test_zero3_gathers_the_full_weights_twice_per_micro_batch():
+    job = _mid_job()
+    cost = step_cost(job, Plan(dp=2, micro_batch=1, zero_stage=3, recompute="none"))
+    weights = 2 * MID_PARAMS  # bf16, gathered whole for forward and again for backward
+    t_dp = _ring_all_reduce(2 * MID_PARAMS, job) + 2 * 4 * _ring_all_reduce(weights, job) / 2
+    window = cost.breakdown["compute"] * 2 / 3  # prefetch hides behind every micro-batch
+    assert cost.breakdown["dp_comm"] == pytest.approx(max(0.0, t_dp - window), rel=1e-9)
+    assert cost.breakdown["dp_comm"] > 0
+    # Memory: weights, grads and optimizer sharded over dp=2, plus two gathered layers.
+    mem = memory(job, Plan(dp=2, micro_batch=1, zero_stage=3, recompute="none"), 4)
+    assert mem["weights"] == pytest.approx(2 * MID_PARAMS / 2 + 2 * 3_146_752 * 2)
+    assert mem["grads"] == pytest.approx(2 * MID_PARAMS / 2) and mem["optimizer"] == pytest.approx(12 * MID_PARAMS / 2)

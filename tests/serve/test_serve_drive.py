@@ -8,6 +8,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+import torch
 
 http = httpx.Client(timeout=120)  # generous: CI machines can be busy
 
@@ -75,6 +76,27 @@ def test_predict_from_json_frames(both):
     body = r.json()
     assert len(body["waypoints"]) == K and all(len(p) == 2 for p in body["waypoints"])
     assert len(body["steering"]) == K and body["checkpoint_step"] == 2
+
+
+def test_predict_equals_the_model_in_process(both, drive_run):
+    # The served answer is the model's own output, axis for axis: x forward, y left.
+    from exaflop.engine.checkpoint import load_for_inference
+
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    speed, steering = [7.0, 7.5, 8.0, 8.5], [10.0, 12.0, 14.0, 16.0]  # turning left: y clearly non-zero
+    r = http.post(both.url + "/v1/drive/predict", json={"model": "pilot", "frames": frames.tolist(),
+                                                         "speed": speed, "steering": steering})
+    assert r.status_code == 200, r.text
+    _, _, model = load_for_inference(drive_run / "runs" / "pilot")
+    with torch.inference_mode():
+        wp, steer = model(torch.from_numpy(frames).permute(0, 3, 1, 2)[None], torch.tensor([speed]),
+                          torch.tensor([steering]))
+    got = r.json()
+    assert np.allclose(got["waypoints"], wp[0].numpy(), rtol=1e-5, atol=1e-5), (got["waypoints"], wp[0])
+    assert np.allclose(got["steering"], steer[0].numpy(), rtol=1e-5, atol=1e-5)
+    xs, ys = zip(*got["waypoints"], strict=True)
+    assert abs(xs[-1] - ys[-1]) > 0.5  # so the comparison above would see a swap of the axes
 
 
 def test_predict_from_mp4_upload(both, drive_run):

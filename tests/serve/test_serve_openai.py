@@ -119,3 +119,17 @@ def test_client_errors_are_openai_errors(client):
     assert "max_token" in e.value.body["message"] and e.value.body["param"] == "max_token"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", stop=["a", "b", "c", "d", "e"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logit_bias_past_the_vocabulary_is_a_400(server, stream):
+    # The vocabulary is 300: id 300 is one past it. Were the API to let it through, the
+    # engine would fail the request (test_serve_faults covers that path); either way the
+    # client must not wait: the timeout turns a hang into a failure.
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    for key in ("300", "99999"):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=MODEL, prompt="x", max_tokens=3, logit_bias={key: 5}, stream=stream)
+        assert e.value.body["param"] == "logit_bias" and key in e.value.body["message"]
+    ok = c.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0, logit_bias={"299": 5})
+    assert ok.choices[0].finish_reason in ("length", "stop")

@@ -260,11 +260,23 @@ class _ReusedBufferStager:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash at any point leaves the old file or the new.
+
+    Written to a temporary file beside it, fsynced (so the rename cannot reach the disk
+    before the data does), then renamed over it. The fault points let tests kill the
+    process for real between those steps (tests/test_checkpoint_atomic.py).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
+        if os.environ.get("EXAFLOP_FAULT") == "atomic_write:torn":
+            f.write(text[: len(text) // 2])
+            f.flush()
+            os._exit(17)
         f.write(text)
         f.flush()
+        _fault_point("atomic_write:before_fsync")
         os.fsync(f.fileno())
+    _fault_point("atomic_write:before_replace")
     os.replace(tmp, path)
 
 

@@ -4,9 +4,18 @@
     EXAFLOP_FAULT=sigterm@rank0:step3   rank 0 receives SIGTERM (a preemption notice)
     EXAFLOP_FAULT=hang@rank1:step3      rank 1 stops answering collectives
     EXAFLOP_FAULT=before_rename         (engine.checkpoint) die between shard write and rename
+    EXAFLOP_FAULT=atomic_write:torn     (engine.checkpoint) die half-way through writing meta.json
+                                        or `latest`; also atomic_write:before_fsync, :before_replace
 
 Faults fire only in torchrun's first attempt, so a restarted job does not crash
 again at the same place; the signals are delivered to the process for real.
+
+The server has its own, aimed at single requests so the others can be watched going on:
+
+    EXAFLOP_SERVE_FAULT=start,decode@2  a request sent with `"user": "exaflop-fault:decode"`
+                                        raises inside the engine's batched decode once it
+                                        has 2 tokens (":start" as it starts); stages:
+                                        start, prefill, decode, sample
 """
 
 from __future__ import annotations
@@ -42,3 +51,42 @@ def maybe_inject(step: int, rank: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:  # a stuck kernel or a dead NIC looks like this from the other ranks
             time.sleep(3600)
+
+
+_SERVE_SPEC = re.compile(r"^(start|prefill|decode|sample)(?:@(\d+))?$")
+SERVE_FAULT_USER = "exaflop-fault"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a serve fault; a real exception, handled by the same code as any other."""
+
+
+class ServeFault:
+    """EXAFLOP_SERVE_FAULT (`STAGE[@TOKENS],...`), parsed once per engine.
+
+    Only requests that ask for it are hit, with `"user": "exaflop-fault:STAGE"`, so one
+    server can drill every stage while ordinary requests run beside the failing ones.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.after: dict[str, int] = {}
+        for part in spec.split(","):
+            m = _SERVE_SPEC.match(part.strip())
+            if m is None:
+                raise ValueError(f"EXAFLOP_SERVE_FAULT={spec!r}: expected STAGE[@TOKENS][,...] with STAGE one "
+                                 "of start, prefill, decode, sample")
+            self.after[m.group(1)] = int(m.group(2) or 0)
+
+    @classmethod
+    def from_env(cls) -> ServeFault | None:
+        spec = os.environ.get("EXAFLOP_SERVE_FAULT", "")
+        return cls(spec) if spec else None
+
+    def check(self, stage: str, seqs: list) -> None:
+        """Raise if `seqs` (engine Sequences) holds a request marked for this stage."""
+        after = self.after.get(stage)
+        if after is None:
+            return
+        for s in seqs:
+            if s.handle.user == f"{SERVE_FAULT_USER}:{stage}" and len(s.out_ids) >= after:
+                raise InjectedFault(f"injected {stage} fault (EXAFLOP_SERVE_FAULT) after {len(s.out_ids)} tokens")

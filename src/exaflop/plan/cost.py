@@ -151,7 +151,9 @@ def stage_layers(model: ModelSpec, pp: int) -> int:
     return math.ceil(model.layers / pp)
 
 
-def memory(job: Job, plan: Plan, micro_batches: int) -> dict[str, float]:
+def memory(job: Job, plan: Plan, micro_batches: int, with_gathered: bool = False) -> dict[str, float]:
+    """Bytes on the most loaded accelerator by cause; `with_gathered` adds (not as memory)
+    the bytes ZeRO-3 all-gathers per pass, for the communication model."""
     m, sw = job.model, job.software
     layers = stage_layers(m, plan.pp)
     moe_share = m.moe_layers / m.layers
@@ -172,6 +174,8 @@ def memory(job: Job, plan: Plan, micro_batches: int) -> dict[str, float]:
 
     out = {"weights": sharded(WEIGHT_BYTES, 3), "grads": sharded(GRAD_BYTES, 2),
            "optimizer": sharded(OPTIM_BYTES, 1)}
+    # What ZeRO-3's all-gathers reassemble each pass: this stage's weights, unsharded over dp.
+    out_gathered = (dense_params + expert_params) * WEIGHT_BYTES
     keep_scores = not sw.flash_attention
     act, core = activation_bytes(m, plan.micro_batch, job.seq_len, plan.tp, plan.cp,
                                  plan.sequence_parallel, m.moe, keep_scores)
@@ -189,6 +193,8 @@ def memory(job: Job, plan: Plan, micro_batches: int) -> dict[str, float]:
     out["activations"] = layers * saved * in_flight + working + logits
     if plan.zero_stage >= 3:  # a gathered layer (and its prefetched neighbour)
         out["weights"] += 2 * (dense + expert / plan.ep) / plan.tp * WEIGHT_BYTES
+    if with_gathered:
+        out["gathered"] = out_gathered
     return out
 
 
@@ -220,12 +226,16 @@ def step_cost(job: Job, plan: Plan, micro_batches: int | None = None) -> StepCos
     p2p_bytes = plan.micro_batch * job.seq_len // plan.cp * m.hidden * BYTES / plan.tp
     bd["pp_p2p"] = 2 * plan.vp * micro_batches * fabric.p2p(p2p_bytes, stride_pp) if plan.pp > 1 else 0.0
 
-    mem = memory(job, plan, micro_batches)
+    mem = memory(job, plan, micro_batches, with_gathered=True)
+    gathered = mem.pop("gathered")
     grad_bytes = mem["grads"] * (plan.dp * plan.cp if plan.zero_stage >= 2 else 1)
     t_dp = fabric.all_reduce(grad_bytes, plan.dp * plan.cp, plan.tp)
     if plan.zero_stage >= 3:  # gather weights for forward and again for backward, per micro-batch
-        w = mem["weights"] * plan.dp * plan.cp
-        t_dp += 2 * micro_batches * fabric.reduce_scatter(w, plan.dp * plan.cp, plan.tp)
+        # The full weights, not the sharded memory times dp: that would also count the
+        # gather buffer once per rank (tests/plan/test_formulas.py works it by hand).
+        t_dp += 2 * micro_batches * fabric.reduce_scatter(gathered, plan.dp * plan.cp, plan.tp)
+    # Gradients reduce during the last micro-batch's backward (2/3 of its compute); ZeRO-3's
+    # gathers prefetch behind every micro-batch's forward and backward.
     window = per_mb["compute"] * 2 / 3 * (micro_batches if plan.zero_stage >= 3 else 1)
     bd["dp_comm"] = max(0.0, t_dp - window) if sw.dp_overlap else t_dp
     optim_params = mem["optimizer"] / OPTIM_BYTES

@@ -183,7 +183,7 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    handle = Handle(loop=loop, queue=queue)
+    handle = Handle(loop=loop, queue=queue, user=body.user)
     seqs = [Sequence(handle, pi * n + j, ids, params) for pi, ids in enumerate(prompts) for j in range(n)]
     try:
         served.engine.submit(seqs)
@@ -203,14 +203,14 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
         server.limiter.charge(key, completion_tokens)
 
     if body.stream:
-        stream = _stream(shaper, queue, choices, echo, prompt_tokens, finish)
+        stream = _stream(shaper, queue, choices, echo, prompt_tokens, finish, served.engine)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     done = 0
     watcher = asyncio.ensure_future(_signal_disconnect(request, queue))
     try:
         while done < len(choices):
-            ev = await queue.get()
+            ev = await _next_event(queue, served.engine)
             if ev is None:  # the client left: stop generating now, not when the answer is complete
                 return JSONResponse({}, status_code=499)  # nobody is listening (counted client_closed)
             if ev.error:
@@ -231,8 +231,24 @@ async def _signal_disconnect(request: Request, queue: asyncio.Queue) -> None:
     queue.put_nowait(None)
 
 
+async def _next_event(queue: asyncio.Queue, engine) -> Event | None:
+    """The next event for this request; an error event if the engine thread has died.
+
+    The engine fails a sequence with an event whatever goes wrong inside a step; this
+    covers the one case it cannot: its own thread gone, when nothing would ever arrive.
+    """
+    if not queue.empty():  # the usual case under load: skip the timer
+        return queue.get_nowait()
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=1.0)
+        except TimeoutError:
+            if not engine.alive:
+                return Event(-1, finish_reason="error", error="the model's engine has stopped")
+
+
 async def _stream(shaper: Shaper, queue: asyncio.Queue, choices: dict[int, Choice], echo: dict[int, str],
-                  prompt_tokens: int, finish) -> AsyncIterator[str]:
+                  prompt_tokens: int, finish, engine) -> AsyncIterator[str]:
     done = 0
     try:
         for c in choices.values():
@@ -241,7 +257,7 @@ async def _stream(shaper: Shaper, queue: asyncio.Queue, choices: dict[int, Choic
             elif c.index in echo:
                 yield shaper.chunk(c, echo[c.index], [], None)
         while done < len(choices):
-            ev: Event = await queue.get()
+            ev: Event = await _next_event(queue, engine)
             if ev.error:
                 yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                      "param": None, "code": None}})

@@ -13,6 +13,12 @@ they finish; then the old weights are released.
 
 The loop runs in a thread, not the asyncio loop: torch releases the GIL inside
 kernels, so HTTP handling continues while a batch computes.
+
+A failure ends only the requests it belongs to: a batched forward or sampling step that
+raises is retried one sequence at a time (both are idempotent until a step succeeds:
+cache lengths move only after the forward), so the failing sequence gets an error
+event and the rest of the batch carries on; whatever is failed is delivered in the
+same loop turn, busy or idle.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections import deque
 import torch
 from torch import Tensor
 
+from exaflop.engine.faults import ServeFault
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.sampling import sample_rows
 from exaflop.serve.sequence import Event, Sequence
@@ -69,6 +76,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._outbox: list[tuple[object, Event]] = []
         self.steps = 0
+        self.fault = ServeFault.from_env()  # drills only: EXAFLOP_SERVE_FAULT (engine/faults.py)
 
     # -- called from the HTTP side -------------------------------------------------
     def start(self) -> None:
@@ -130,6 +138,11 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
+    @property
+    def alive(self) -> bool:
+        """False once the loop thread has ended (stopped, or killed by what nothing caught)."""
+        return self._thread.is_alive()
+
     # -- the loop ----------------------------------------------------------------
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -143,16 +156,18 @@ class Engine:
                     admitted = self._admit()
                     self._gauges()
                 if not admitted and not self.running:
+                    # Nothing to compute, but sequences that failed to start have events to
+                    # hand over: without this flush a lone failed request would wait forever.
+                    self._flush()
                     time.sleep(0.005)  # waiting but nothing admissible (model still loading)
                     continue
                 try:
                     self._step(admitted)
-                except Exception as e:  # keep serving: fail these sequences, not the server
+                except Exception as e:  # a bug outside any one sequence: fail the step, keep serving
                     log.exception("engine %s: step failed", self.name)
                     for s in self.running + admitted:
-                        self._outbox.append((s.handle, Event(s.index, finish_reason="error",
-                                                             error=f"{type(e).__name__}: {e}")))
-                        self._release(s)
+                        if s.finish_reason is None:
+                            self._fail(s, e)
                     self.running = []
                 self._flush()
                 self.steps += 1
@@ -182,15 +197,39 @@ class Engine:
             longest = longest_if
             s.weights, s.slot = w, w.take_slot(s, self.max_running)  # so a failed start can free it
             try:
+                if self.fault:
+                    self.fault.check("start", [s])
                 s.start(w, s.slot, w.device)
             except Exception as e:  # fail this request, never the engine thread
-                log.exception("engine %s: could not start a sequence", self.name)
-                self._release(s)
-                self._outbox.append((s.handle, Event(s.index, finish_reason="error",
-                                                     error=f"{type(e).__name__}: {e}")))
+                self._fail(s, e, "could not start a sequence")
                 continue
             out.append(s)
         return out
+
+    def _fail(self, s: Sequence, e: Exception, what: str = "sequence failed") -> None:
+        """End one sequence with an error event (delivered at this step's flush)."""
+        log.error("engine %s: %s: %s: %s", self.name, what, type(e).__name__, e, exc_info=e)
+        s.finish_reason = "error"
+        self._outbox.append((s.handle, Event(s.index, finish_reason="error", error=f"{type(e).__name__}: {e}")))
+        self.metrics.failed.inc(model=self.name)
+        self._release(s)
+
+    def _isolated(self, run, seqs: list[Sequence], stage: str) -> None:
+        """run(seqs); if the batch raises, run each sequence alone so only the culprit fails."""
+        try:
+            run(seqs)
+            return
+        except Exception as e:  # noqa: BLE001 — whatever it is, it must not reach other requests
+            if len(seqs) == 1:
+                self._fail(seqs[0], e, f"{stage} failed")
+                return
+            log.warning("engine %s: batched %s of %d failed (%s: %s); retrying one by one",
+                        self.name, stage, len(seqs), type(e).__name__, e)
+        for s in seqs:
+            try:
+                run([s])
+            except Exception as e:  # noqa: BLE001
+                self._fail(s, e, f"{stage} failed")
 
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.running), model=self.name)
@@ -203,9 +242,9 @@ class Engine:
         for s in decoding:
             by_weights.setdefault(id(s.weights), []).append(s)
         for group in by_weights.values():
-            self._decode(group)
+            self._isolated(self._decode, group, "decode")
         if admitted:
-            self._prefill(admitted)
+            self._isolated(self._prefill, admitted, "prefill")
         self.running = [s for s in decoding + admitted if s.finish_reason is None]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -217,6 +256,8 @@ class Engine:
         rows = torch.tensor([s.slot for s in seqs], device=w.device)
         lens_t = torch.tensor(lens, device=w.device)
         w.cache.lengths[rows] = 0
+        if self.fault:
+            self.fault.check("prefill", seqs)
         logits = forward_last(w.model, x.to(w.device), w.cache, rows, lens_t - 1)
         w.cache.lengths[rows] = lens_t
         self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
@@ -232,6 +273,8 @@ class Engine:
         last = torch.zeros(len(seqs), dtype=torch.long, device=w.device)
         # The compiled step is traced for packed rows; a gather (rows given) runs eager.
         forward = self._decode_forward if rows is None else forward_last
+        if self.fault:
+            self.fault.check("decode", seqs)
         logits = forward(w.model, x, w.cache, rows, last)
         if rows is None:
             w.cache.lengths[:len(seqs)] += 1
@@ -239,8 +282,35 @@ class Engine:
             w.cache.lengths[rows] += 1
         self._emit(seqs, logits)
 
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:
+        """sample_rows over the batch; if it raises, row by row, failing only the rows that raise."""
+        try:
+            if self.fault:
+                self.fault.check("sample", seqs)
+            ids, lps = sample_rows(logits, seqs)
+            return seqs, ids, lps
+        except Exception as e:  # noqa: BLE001
+            if len(seqs) == 1:
+                self._fail(seqs[0], e, "sampling failed")
+                return [], [], []
+            log.warning("engine %s: batched sampling of %d failed (%s: %s); sampling one by one",
+                        self.name, len(seqs), type(e).__name__, e)
+        kept, ids, lps = [], [], []
+        for i, s in enumerate(seqs):
+            try:
+                if self.fault:
+                    self.fault.check("sample", [s])
+                (tok,), (lp,) = sample_rows(logits[i:i + 1], [s])
+            except Exception as e:  # noqa: BLE001
+                self._fail(s, e, "sampling failed")
+                continue
+            kept.append(s), ids.append(tok), lps.append(lp)
+        return kept, ids, lps
+
     def _emit(self, seqs: list[Sequence], logits: Tensor) -> None:
-        ids, lps = sample_rows(logits, seqs)
+        # Never raises for one sequence's sake: the forward it follows has already moved
+        # the cache lengths, so the step must not be retried from here.
+        seqs, ids, lps = self._sample(logits, seqs)
         now = time.perf_counter()
         m = self.metrics
         m.generated_tokens.inc(len(ids), model=self.name)
@@ -252,7 +322,11 @@ class Engine:
             else:
                 gaps.append(now - s.t_last)  # type: ignore[operator]
             s.t_last = now
-            ev = s.add_token(tok, lp)
+            try:
+                ev = s.add_token(tok, lp)
+            except Exception as e:  # noqa: BLE001 — decoding its text, say: this sequence only
+                self._fail(s, e, "could not record a token")
+                continue
             if ev is not None:
                 self._outbox.append((s.handle, ev))
             if s.finish_reason is not None:

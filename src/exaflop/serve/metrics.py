@@ -118,6 +118,7 @@ class Metrics:
         self.http_refused = Counter(f"{p}_http_refused_total",
                                     "connections closed before the app: oversized or slow request heads")
         self.aborted = Counter(f"{p}_requests_aborted_total", "sequences dropped because the client left")
+        self.failed = Counter(f"{p}_sequences_failed_total", "sequences ended by an error inside the engine")
         self.prompt_tokens = Counter(f"{p}_prompt_tokens_total", "prompt tokens prefilled")
         self.generated_tokens = Counter(f"{p}_generation_tokens_total", "tokens generated")
         self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "arrival to first token", LATENCY)
@@ -129,6 +130,6 @@ class Metrics:
 
     def render(self) -> str:
         families = [self.requests, self.auth_limited, self.http_refused, self.running, self.waiting,
-                    self.aborted, self.prompt_tokens, self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch, self.checkpoint_step,
+                    self.aborted, self.failed, self.prompt_tokens, self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch, self.checkpoint_step,
                     self.reload_failures]
         return "\n".join(line for f in families for line in f.lines()) + "\n"

@@ -70,8 +70,10 @@ class Handle:
     than one per sequence); otherwise `deliver` is called directly.
     """
 
-    def __init__(self, deliver: Callable[[Event], None] | None = None, loop: Any = None, queue: Any = None):
+    def __init__(self, deliver: Callable[[Event], None] | None = None, loop: Any = None, queue: Any = None,
+                 user: str | None = None):
         self.deliver = deliver or (lambda ev: queue.put_nowait(ev))
+        self.user = user  # the request's `user` field (also what a serve fault drill aims at)
         self.loop, self.queue = loop, queue
         self.cancelled = False
         self.arrival = time.perf_counter()
