@@ -23,13 +23,15 @@ def errors(results, prefix: str) -> list[float]:
 def test_korthikanti_rows(results):
     e = errors(results, "korthikanti2022")
     assert len(e) == 8
-    assert statistics.fmean(e) <= 5.0 and max(e) <= 12.0
+    # In-sample (these rows set the constants), so only a regression guard ~10% above
+    # today's 3.25% / 6.88%; the out-of-sample evidence is the cross-paper fit below.
+    assert statistics.fmean(e) <= 3.6 and max(e) <= 7.6
 
 
 def test_narayanan_rows(results):
     e = errors(results, "narayanan2021")
     assert len(e) == 10
-    assert statistics.median(e) <= 10.0 and max(e) <= 20.0
+    assert statistics.median(e) <= 2.1 and max(e) <= 6.6  # in-sample guard: today 1.85% / 5.96%
 
 
 def test_validate_json(capsys, calibration_path):
@@ -53,13 +55,18 @@ def test_packaged_copy_matches_shared(calibration_path):
     assert (CATALOG_DIR / "calibration.csv").read_text() == calibration_path.read_text()
 
 
-def test_fit_on_one_paper_predicts_the_other(catalog, calibration_path):
-    """The efficiency model generalizes: constants fitted on Korthikanti alone predict Narayanan."""
+@pytest.mark.parametrize("train_on,held_out_on,stat,bound,worst", [
+    # docs/benchmarks.md quotes these: K -> N 2.46% median / 6.63% max, N -> K 4.33% mean / 9.16% max
+    ("korthikanti2022", "narayanan2021", statistics.median, 3.0, 7.5),
+    ("narayanan2021", "korthikanti2022", statistics.fmean, 4.8, 10.0),
+])
+def test_fit_on_one_paper_predicts_the_other(catalog, calibration_path, train_on, held_out_on, stat, bound, worst):
+    """The efficiency model generalizes: constants fitted on one paper's rows alone predict the other's."""
     from exaflop.plan.efficiency import Efficiency
     from exaflop.plan.validate import fit
 
     rows = read_calibration(calibration_path, catalog)
-    train = [r for r in rows if r.name.startswith("korthikanti2022")]
-    eff, _ = fit(train, Efficiency(0.8, 40.0, 0.8, 0.8), rounds=2)
-    held_out = [abs(predict(r, eff)["error_pct"]) for r in rows if r.name.startswith("narayanan2021")]
-    assert statistics.median(held_out) <= 10.0 and max(held_out) <= 20.0
+    eff, _ = fit([r for r in rows if r.name.startswith(train_on)], Efficiency(0.8, 40.0, 0.8, 0.8), rounds=2)
+    held_out = [abs(predict(r, eff)["error_pct"]) for r in rows if r.name.startswith(held_out_on)]
+    assert len(held_out) >= 8
+    assert stat(held_out) <= bound and max(held_out) <= worst

@@ -41,7 +41,9 @@ def test_search_at_one_million_accelerators(catalog):
     job = Job(m, a, catalog.network("colossus-1m"), 2048, m.seq_len)
     t0 = time.perf_counter()
     res = search(job, 1_000_000)
-    assert time.perf_counter() - t0 < 10  # the issue asks < 2 s; generous for a loaded CI box
+    # docs/benchmarks.md measures 0.015 s; 0.5 s still passes on a loaded CI box and
+    # fails a 30x regression (the speed itself is a benchmark, not this test)
+    assert time.perf_counter() - t0 < 0.5
     assert res.plans and res.plans[0].plan.n == 1_000_000
 
 
@@ -137,7 +139,7 @@ def test_planner_imports_no_torch():
 
 
 def test_mounted_in_the_main_cli(capsys):
-    cli = pytest.importorskip("exaflop.cli")
+    from exaflop import cli  # our own CLI: a broken import must fail here, not skip
     assert cli.main(["plan", "--model", "llama3-8b", "--n", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["tp"] >= 1
     assert cli.main(["plan", "--model", "gpt-5"]) == 2
