@@ -48,7 +48,7 @@ CHEAP = [
     ("exaflop plan", []),
 ]
 SKIP = {
-    "make demo": "the main job itself (minutes); tests/test_demo.py runs it on a tiny setting",
+    "make demo": "the main job itself (minutes; measured in docs/benchmarks.md); each of its steps runs here as its own README command",
     "make test": "this suite",
     "python -m venv": "GPU install: needs a CUDA wheel index",
     "pip install": "GPU install: needs a CUDA wheel index",
