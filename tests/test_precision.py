@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import tomllib
@@ -107,3 +108,40 @@ def test_the_bar_names_the_precision(tmp_path, data_dir):
     assert out.returncode == 0, out.stderr
     assert "precision: fp32 (auto: bf16 1.3 vs fp32 142.0 GFLOP/s)" in out.stderr
     assert "train fp32" in out.stderr
+
+
+def test_a_trial_on_the_model_overrides_the_probe_when_bf16_loses(monkeypatch):
+    # A real step function whose bf16 pass is slower (as drive-tiny's is on an AMX CPU).
+    monkeypatch.delenv(P.ENV_RATES, raising=False)
+    calls = []
+
+    def step(dtype):
+        calls.append(dtype)
+        time.sleep(0.02 if dtype is torch.bfloat16 else 0.005)
+
+    probe = P.resolve("auto", "cpu", FAST_BF16)
+    p = P.confirm_by_trial(probe, step)
+    assert p.name == "fp32" and p.dtype is None and p.rates == probe.rates
+    assert p.trial_ms["bf16"] > p.trial_ms["fp32"] and "a step of this model" in p.reason
+    assert calls.count(torch.bfloat16) == calls.count(None) == 3  # one warm-up, two timed
+    # bf16 kept where it wins; never tried where the probe chose fp32, or for explicit dtypes
+    assert P.confirm_by_trial(probe, lambda d: time.sleep(0.001 if d is torch.bfloat16 else 0.01)).name == "bf16"
+    for p0 in (P.resolve("auto", "cpu", SLOW_BF16), P.resolve("bf16", "cpu", FAST_BF16)):
+        assert P.confirm_by_trial(p0, lambda d: pytest.fail("no trial expected")) is p0
+
+
+def test_the_trial_leaves_no_trace_in_training(tmp_path, data_dir, monkeypatch):
+    # The machine's own probe and trial (on an AVX2-only CPU the probe says fp32 and no
+    # trial runs). Whatever auto chose, the run equals an explicit run in that dtype.
+    monkeypatch.delenv(P.ENV_RATES, raising=False)
+    o = [x for x in tiny_overrides(tmp_path, data_dir, "trial", "train.steps=3") if not x.startswith("run.dtype")]
+    train(load_config("lm-tiny", o), quiet=True)
+    recs = read_metrics(tmp_path / "runs" / "trial")
+    head = next(r for r in recs if r["kind"] == "run")
+    if head["trial_ms"]:
+        faster = min(head["trial_ms"], key=head["trial_ms"].get)
+        assert head["dtype"] == faster
+    o2 = [x.replace("run.name=trial", "run.name=fixed") for x in o] + [f"run.dtype={head['dtype']}"]
+    train(load_config("lm-tiny", o2), quiet=True)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / "runs" / n) if r["kind"] == "train"] for n in ("trial", "fixed")]
+    assert losses[0] == losses[1] and losses[0]

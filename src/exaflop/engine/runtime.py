@@ -65,11 +65,11 @@ def setup(cfg) -> Runtime:
 
     precision = resolve(cfg.run.dtype, device)
     if world > 1:
-        precision = _agree(precision, device)
+        precision = agree(precision, device)
     return Runtime(rank, world, local_rank, device, precision.dtype, precision=precision)
 
 
-def _agree(precision, device: torch.device):
+def agree(precision, device: torch.device):
     """Every rank must compute in the same dtype (FSDP's mixed-precision policy, the
     checksums of bit-exact resume): take rank 0's decision, which the probe made on its
     own core, so noisy measurements on two ranks cannot split the group."""

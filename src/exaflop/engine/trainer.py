@@ -9,6 +9,7 @@ needed to continue bit-exactly: model, optimizer, step (= data cursor), RNG.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -128,13 +129,6 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         start_step = int(meta["step"])
         if rng is not None:
             rtm.set_rng_state(rng)
-    if rt.is_main:
-        # The run records what "auto" became on this machine (a resume elsewhere resolves again).
-        cfg.run.resolved_dtype = rt.precision.name
-        save_config(cfg, run_dir / "config.toml")
-        if hasattr(task, "save_assets"):  # a copied run samples and serves without the data
-            task.save_assets(run_dir)
-
     dp_world, dp_rank = data_parallel_size(cfg, rt)
     B = global_batch_of(cfg, task)
     # A micro-batch larger than a rank's share of the global batch shrinks to that share,
@@ -149,6 +143,14 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     # collectives, so a rank with one batch fewer would leave the others waiting forever.
     n_eval = -(-cfg.eval.batches // dp_world) * dp_world
     val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
+    if not cfg.run.compile:  # a trial under compile would compile both dtypes: keep the probe's choice
+        _confirm_precision(model, task, train_src, micro, rt)
+    if rt.is_main:
+        # The run records what "auto" became on this machine (a resume elsewhere resolves again).
+        cfg.run.resolved_dtype = rt.precision.name
+        save_config(cfg, run_dir / "config.toml")
+        if hasattr(task, "save_assets"):  # a copied run samples and serves without the data
+            task.save_assets(run_dir)
 
     log = MetricsLog(run_dir, rt.is_main, cfg.run.tensorboard)
     peak = rtm.measure_peak_flops(rt.device, peak_dtype(rt.precision)) if rt.is_main else 1.0
@@ -165,7 +167,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         console.print(f"[dim]precision: {rt.precision.describe()}; MFU against the measured "
                       f"{str(peak_dtype(rt.precision)).removeprefix('torch.')} matmul peak {peak / 1e9:,.0f} GFLOP/s per rank", highlight=False)
     log.log({"kind": "run", "step": start_step, "dtype": rt.precision.name, "dtype_requested": cfg.run.dtype,
-             "matmul_gflops": rt.precision.rates, "peak_gflops": peak / 1e9, "world": rt.world})
+             "matmul_gflops": rt.precision.rates, "trial_ms": rt.precision.trial_ms, "peak_gflops": peak / 1e9,
+             "world": rt.world})
 
     result: dict[str, Any] = {"step": start_step, "stopped_by_signal": False}
     ckpt_time, skipped, bad_run = 0.0, 0, 0
@@ -312,6 +315,41 @@ def _evaluate(task, model, val: list, rt, step: int) -> dict[str, Any]:
         dist.all_reduce(t)
         res = {k: float(v) / rt.world for k, v in zip(keys, t.tolist(), strict=True)}
     return {"kind": "eval", "step": step, **res}
+
+
+def _confirm_precision(model, task, source, micro: int, rt: rtm.Runtime) -> None:
+    """`auto` chose bf16 from the matmul probe: check it on this model (precision.confirm_by_trial).
+
+    A real micro-batch (the first samples; the loader's cursor is untouched) runs forward and
+    backward in each dtype with the model in eval mode (no dropout draws, no BatchNorm
+    statistics updated) and the RNG forked, then the gradients are dropped, so training
+    starts exactly as without the trial. Every rank runs it (FSDP/TP forwards are
+    collectives); rank 0's choice is taken by all.
+    """
+    from exaflop.engine.precision import confirm_by_trial
+
+    if rt.precision is None or rt.precision.requested != "auto" or rt.precision.name != "bf16":
+        return
+    batch = _to_device(task.collate([source[i] for i in range(min(micro, len(source)))]), rt.device)
+    was_training = model.training
+    model.eval()
+
+    def step(dtype) -> None:
+        ctx = torch.autocast(rt.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with ctx:
+            loss, _ = task.loss(model, batch)
+        loss.backward()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        p = confirm_by_trial(rt.precision, step)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if rt.distributed:
+        p = rtm.agree(p, rt.device)
+    rt.precision, rt.dtype = p, p.dtype
 
 
 def train_main(cfg: Config, resume: bool, quiet: bool = False) -> dict[str, Any]:
