@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 EXTRAS ?= sim,parquet,hf,gguf,test
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,3 +39,11 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs data
+
+# Mutation testing (not in CI: minutes per module). The module and its tests are set in
+# pyproject.toml [tool.mutmut]; results and every survivor are in docs/testing.md.
+mutation: install
+	$(PIP) install -q mutmut==3.8.1
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results

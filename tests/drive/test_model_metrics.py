@@ -24,7 +24,14 @@ def test_two_l2_definitions_are_named_apart():
     assert r["val_l2_at_3s"] == 6 and r["val_l2_mean_to_3s"] == pytest.approx(3.5)
     assert r["val_steer_mae_deg"] == 1
     # A horizon that is not a multiple of dt is left out rather than misreported.
-    assert "l2_at_1s" not in M.TrajectoryMeter(4, 0.3).result() and M.TrajectoryMeter(2, 0.4).n == 0
+    odd = M.TrajectoryMeter(4, 0.3)
+    odd.add(pred[:, :4], gt[:, :4], torch.ones(2, 4), torch.zeros(2, 4))
+    assert "l2_at_1s" not in odd.result() and "l2_at_3s" not in odd.result() and odd.result()["fde"] == 4
+    # An empty meter reports nothing (rather than NaN); one clip is enough to report.
+    assert M.TrajectoryMeter(2, 0.4).result() == {}
+    one = M.TrajectoryMeter(2, 0.5)
+    one.add(pred[:1, :2], gt[:1, :2], torch.zeros(1, 2), torch.zeros(1, 2))
+    assert one.result()["ade"] == pytest.approx(1.5)
 
 
 def test_errors_are_euclidean_and_averaged_over_every_clip_of_every_batch():
@@ -36,12 +43,23 @@ def test_errors_are_euclidean_and_averaged_over_every_clip_of_every_batch():
     meter.add(pred1, torch.zeros(1, k, 2), torch.zeros(1, k), torch.zeros(1, k))
     pred2 = torch.tensor([[[1.0, 1.0], [0.0, -4.0]], [[-3.0, -4.0], [2.0, 3.0]]])  # errors 0, 5 / 5, 0
     gt2 = torch.tensor([[[1.0, 1.0], [3.0, 0.0]], [[0.0, 0.0], [2.0, 3.0]]])
-    meter.add(pred2, gt2, torch.full((2, k), 2.0), torch.zeros(2, k))
+    meter.add(pred2, gt2, torch.full((2, k), 2.0), torch.full((2, k), 5.0))
     r = meter.result()
     # per step over 3 clips: step 1 (5 + 0 + 5) / 3, step 2 (10 + 5 + 0) / 3
     assert r["fde"] == pytest.approx(5.0) and r["l2_at_2s"] == pytest.approx(5.0)
     assert r["ade"] == pytest.approx((10 / 3 + 5) / 2) and r["l2_at_1s"] == pytest.approx(10 / 3)
-    assert r["steer_mae_deg"] == pytest.approx(4 / 3)  # |2| on two of three clips
+    assert r["steer_mae_deg"] == pytest.approx(6 / 3)  # |0 - 0| on the first clip, |2 - 5| on two
+
+
+def test_error_sums_keep_precision_over_a_long_evaluation():
+    # A long eval sums millions of per-clip errors: float32 sums would drop the small ones.
+    # 2^24 + 1 is the first integer float32 cannot hold.
+    meter = M.TrajectoryMeter(1, 1.0)
+    big, small = torch.tensor([[[2.0**24, 0.0]]]), torch.tensor([[[1.0, 0.0]]])
+    meter.add(big, torch.zeros(1, 1, 2), torch.full((1, 1), 2.0**24), torch.zeros(1, 1))
+    meter.add(small, torch.zeros(1, 1, 2), torch.ones(1, 1), torch.zeros(1, 1))
+    r = meter.result()
+    assert r["ade"] == (2.0**24 + 1) / 2 and r["steer_mae_deg"] == (2.0**24 + 1) / 2
 
 
 def test_baselines():
