@@ -48,7 +48,11 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default="lm-124m", help="the model whose state is saved")
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     a = ap.parse_args()
+    if a.tiny:
+        a.preset, a.repeat = "lm-tiny", 1
     import torch
 
     from exaflop.config import load_config
@@ -56,7 +60,7 @@ def main() -> None:
     from exaflop.engine.runtime import rng_state
 
     torch.set_num_threads(a.threads)
-    cfg = load_config("lm-124m", ["run.device=cpu"])
+    cfg = load_config(a.preset, ["run.device=cpu"])
     model, opt = build(cfg)
     root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=a.dir))
     meta = {"step": 1}
@@ -97,7 +101,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     m = {k: statistics.median(v[1:]) for k, v in t.items()}
-    print(f"lm-124m model + AdamW state, {size_gb:.2f} GB, median of {a.repeat}, dir {a.dir}")
+    print(f"{a.preset} model + AdamW state, {size_gb:.2f} GB, median of {a.repeat}, dir {a.dir}")
     for k, v in m.items():
         print(f"  {k:12} {v:7.2f} s   (each: {', '.join(f'{x:.2f}' for x in t[k][1:])})")
     print(f"sync save / torch.save: {m['sync_save'] / m['torch_save']:.2f}x (target <= 1.5x)")

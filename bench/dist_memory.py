@@ -26,7 +26,7 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
-def worker(mode: str, seq: int, steps: int, out: str) -> None:
+def worker(mode: str, seq: int, steps: int, out: str, preset: str) -> None:
     import torch
 
     from exaflop.config import load_config
@@ -36,7 +36,7 @@ def worker(mode: str, seq: int, steps: int, out: str) -> None:
     from exaflop.engine.telemetry import peak_mem_mb
     from exaflop.lm.model import LM
 
-    cfg = load_config("lm-124m", [f"parallel.mode={mode}", "run.dtype=fp32", "run.threads=1",
+    cfg = load_config(preset, [f"parallel.mode={mode}", "run.dtype=fp32", "run.threads=1",
                                   f"model.seq_len={seq}", "run.device=cpu"])
     rt = rtm.setup(cfg)
     model = parallelize(LM(cfg.model), None, cfg, rt)
@@ -74,9 +74,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", default="lm-124m")
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     a = ap.parse_args()
+    if a.tiny:
+        a.preset, a.seq, a.steps = "lm-tiny", 32, 1
     if a.worker:
-        return worker(a.worker, a.seq, a.steps, a.out)
+        return worker(a.worker, a.seq, a.steps, a.out, a.preset)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("ddp", "fsdp"):
@@ -84,9 +88,9 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc-per-node=2", __file__, "--worker", mode, "--out", out,
-                            "--seq", str(a.seq), "--steps", str(a.steps)], env=env, check=True)
+                            "--seq", str(a.seq), "--steps", str(a.steps), "--preset", a.preset], env=env, check=True)
             results[mode] = [json.load(open(f"{out}.rank{r}")) for r in range(2)]
-    print(f"lm-124m, 2 processes, seq {a.seq}, {a.steps} steps (MB per rank)")
+    print(f"{a.preset}, 2 processes, seq {a.seq}, {a.steps} steps (MB per rank)")
     print(f"{'mode':6} {'rank':>4} {'params':>8} {'grads':>8} {'AdamW':>8} {'state':>8} {'peak RSS':>9}")
     for mode, recs in results.items():
         for r in recs:

@@ -25,12 +25,12 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 
-def run(nproc: int, data: Path, out: Path, steps: int, mode: str, micro: int) -> float:
+def run(nproc: int, data: Path, out: Path, steps: int, mode: str, micro: int, tiny: bool = False) -> float:
     name = f"scale{nproc}"
     sets = [f"data.path={data}", f"run.out_dir={out}", f"run.name={name}", f"train.steps={steps}",
-            f"train.global_batch={micro * nproc}", f"train.micro_batch={micro}", "train.log_every=10",
+            f"train.global_batch={micro * nproc}", f"train.micro_batch={micro}", f"train.log_every={2 if tiny else 10}",
             "run.threads=1", "run.tensorboard=false", "checkpoint.every=0", "eval.batches=1",
-            f"parallel.mode={mode}", "model.vocab_size=1024"]
+            f"parallel.mode={mode}", "model.vocab_size=1024"] + (["model.seq_len=32"] if tiny else [])
     if nproc == 1:
         cmd = [sys.executable, "-m", "exaflop.train", "lm-tiny", "--quiet"]
     else:
@@ -38,8 +38,10 @@ def run(nproc: int, data: Path, out: Path, steps: int, mode: str, micro: int) ->
                "-m", "exaflop.train", "lm-tiny", "--quiet"]
     for s in sets:
         cmd += ["--set", s]
-    subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{nproc}-process run failed:\n{done.stderr[-2000:]}")
     recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in recs if r["kind"] == "train"][1:]  # first interval: warm-up
     return statistics.median(rates)
@@ -50,14 +52,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--mode", default="ddp", choices=["ddp", "fsdp"])
     ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     a = ap.parse_args()
+    if a.tiny:
+        a.steps, a.micro_batch = 4, 1
     from exaflop.lm.shards import build_text_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        build_text_dataset("stdlib", data, vocab_size=1024, max_bytes=3_000_000, quiet=True)
-        one = run(1, data, Path(tmp) / "runs", a.steps, a.mode, a.micro_batch)
-        two = run(2, data, Path(tmp) / "runs", a.steps, a.mode, a.micro_batch)
+        build_text_dataset("stdlib", data, vocab_size=1024, max_bytes=300_000 if a.tiny else 3_000_000, quiet=True)
+        one = run(1, data, Path(tmp) / "runs", a.steps, a.mode, a.micro_batch, a.tiny)
+        two = run(2, data, Path(tmp) / "runs", a.steps, a.mode, a.micro_batch, a.tiny)
     print(f"lm-tiny (vocab 1024), micro-batch {a.micro_batch} x 256 tokens per process, "
           f"{a.mode}, 1 thread per process")
     print(f"  1 process : {one:9,.0f} tokens/s")

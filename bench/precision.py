@@ -26,6 +26,10 @@ import torch
 warnings.filterwarnings("ignore")
 
 SHAPES = ((256, 256, 256), (1024, 1024, 1024), (2048, 384, 1024), (2048, 1024, 384), (2048, 384, 8192))
+# --tiny: a seconds-long rehearsal of the whole script (the smoke test); its numbers mean nothing.
+TINY_SHAPES = ((64, 64, 64), (128, 128, 128))
+TINY_SETS = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.n_kv_head=2", "model.d_ff=128",
+             "model.seq_len=32", "train.global_batch=2", "train.micro_batch=2"]
 
 
 def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int], seconds: float = 0.3) -> float:
@@ -39,7 +43,7 @@ def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int], seconds: floa
     return 2 * m * k * n * iters / (time.perf_counter() - t0) / 1e9
 
 
-def train_tokens_per_s(dtype: str, steps: int, tmp: Path) -> tuple[float, str, float]:
+def train_tokens_per_s(dtype: str, steps: int, tmp: Path, tiny: bool = False) -> tuple[float, str, float]:
     """(median tokens/s after the first window, resolved dtype, MFU) of the real trainer."""
     from exaflop.config import load_config
     from exaflop.engine.telemetry import read_metrics
@@ -48,12 +52,14 @@ def train_tokens_per_s(dtype: str, steps: int, tmp: Path) -> tuple[float, str, f
 
     data = tmp / "data"
     if not (data / "manifest.json").exists():
-        build_text_dataset("stdlib", data, vocab_size=8192, max_bytes=3_000_000, quiet=True)
+        build_text_dataset("stdlib", data, vocab_size=512 if tiny else 8192,
+                           max_bytes=300_000 if tiny else 3_000_000, quiet=True)
     cfg = load_config("lm-small", [f"data.path={data}", f"run.out_dir={tmp}", f"run.name=bench-{dtype}",
                                    f"run.dtype={dtype}", "train.global_batch=8", "train.micro_batch=8",
                                    "train.global_batch_tokens=0", f"train.steps={steps}",
                                    f"train.log_every={max(1, steps // 6)}", "eval.every=0", "eval.batches=1",
-                                   "checkpoint.every=0", "run.tensorboard=false"])
+                                   "checkpoint.every=0", "run.tensorboard=false"]
+                      + (TINY_SETS + ["model.vocab_size=512"] if tiny else []))
     train(cfg, quiet=True)
     recs = [r for r in read_metrics(cfg.run_dir) if r["kind"] == "train"]
     rates = [r["tokens_per_s"] for r in recs[1:]] or [recs[-1]["tokens_per_s"]]
@@ -65,7 +71,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--slow-steps", type=int, default=4, help="steps for a dtype measured >5x slower")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
+    if args.tiny:
+        args.steps, args.slow_steps = 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     from exaflop.engine.precision import cpu_capability, matmul_rates, resolve
@@ -74,7 +83,7 @@ def main() -> None:
     print(f"CPU: {cpu}; torch {torch.__version__}")
     print(f"{'matmul (M,K,N)':>22} {'fp32 GFLOP/s':>13} {'bf16 GFLOP/s':>13} {'bf16/fp32':>10}")
     best = {"fp32": 0.0, "bf16": 0.0}
-    for shape in SHAPES:
+    for shape in TINY_SHAPES if args.tiny else SHAPES:
         r32 = matmul_gflops(torch.float32, shape)
         # an emulated bf16 matmul of a few GFLOP takes seconds: one timed call is enough there
         emulated = best["bf16"] and best["bf16"] * 5 < best["fp32"]
@@ -91,9 +100,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("fp32", "bf16", "auto"):
             steps = args.slow_steps if dtype == slow else args.steps
-            out[dtype] = train_tokens_per_s(dtype, steps, Path(tmp))
+            out[dtype] = train_tokens_per_s(dtype, steps, Path(tmp), args.tiny)
             tps, resolved, mfu = out[dtype]
-            print(f"lm-small run.dtype={dtype:<5} ({resolved}, {steps} steps) {tps:9.0f} tokens/s  "
+            print(f"{'tiny' if args.tiny else 'lm-small'} run.dtype={dtype:<5} ({resolved}, {steps} steps) {tps:9.0f} tokens/s  "
                   f"MFU {100 * mfu:5.1f}%  [{cpu}]")
     faster = max(out["fp32"][0], out["bf16"][0])
     print(f"auto / faster of fp32 and bf16: {out['auto'][0] / faster:.3f}  (target >= 0.95)  [{cpu}]")

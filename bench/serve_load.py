@@ -283,7 +283,11 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--skip-hf", action="store_true", help="only the exaflop server")
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
+    if args.tiny:
+        args.preset, args.concurrency, args.requests_per_slot, args.rounds = "lm-tiny", "1,2", 1, 1
+        args.hf_requests, args.hf_batch, args.prompt_len, args.output_len, args.dtype = 1, 2, "4,8", "4,8", "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -166,7 +166,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4, help="single-stream requests (8-way: 4x as many)")
     ap.add_argument("--repeat", type=int, default=1, help="measure each server this often, keep the best")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
+    if args.tiny:
+        args.preset, args.max_tokens, args.requests = "lm-tiny", 4, 1
     need_llama_cpp()
 
     from exaflop.lm.gguf_export import export

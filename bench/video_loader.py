@@ -27,13 +27,13 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 
-def ensure_data(path: Path) -> None:
+def ensure_data(path: Path, episodes: int = 8, seconds: float = 30) -> None:
     if (path / "manifest.json").is_file():
         return
     from exaflop.drive.importers.sim import SimOptions, run_sim_import
 
-    print(f"no dataset at {path}: simulating 8 episodes")
-    run_sim_import(path, SimOptions(episodes=8, seconds=30), quiet=True)
+    print(f"no dataset at {path}: simulating {episodes} episodes")
+    run_sim_import(path, SimOptions(episodes=episodes, seconds=seconds), quiet=True)
 
 
 def clip_bytes(source, n_clips: int, seed: int) -> list[bytes]:
@@ -128,7 +128,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="per loader / model measurement")
     ap.add_argument("--model", default="drive-small")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best of each is kept")
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
+    if args.tiny:
+        args.workers, args.clips, args.batch, args.seconds, args.model, args.repeat = [1], 8, 4, 0.3, "drive-tiny", 1
 
     import torch
 
@@ -138,7 +141,7 @@ def main() -> None:
     from exaflop.drive.task import build_task
 
     data = Path(args.data)
-    ensure_data(data)
+    ensure_data(data, *((3, 12) if args.tiny else ()))
     source = ClipSource(str(data), "train")
     clip = source.manifest["clip"]
     print(f"clips: {data} train split, {len(source)} clips of {clip['frames']} frames "

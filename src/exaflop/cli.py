@@ -170,6 +170,12 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs", help="where runs go")
     p.add_argument("--skip-drive", action="store_true", help="only the language-model part")
     p.add_argument("--skip-lm", action="store_true", help="only the driving part")
+    p.add_argument("--data", default="data", help="where the corpus and the simulated episodes go")
+    # A short rehearsal of the whole job (what the smoke test runs); its baseline checks are
+    # reported, not enforced, since a few steps need not beat them.
+    p.add_argument("--steps", type=int, default=0, help="train each model this many steps (default: the presets')")
+    p.add_argument("--episodes", type=int, default=0, help="simulated driving episodes (default 24)")
+    p.add_argument("--corpus-bytes", type=int, default=0, help="read at most this much of the standard library")
     p.set_defaults(func=_cmd_demo)
 
 
