@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 REPO = Path(__file__).resolve().parents[1]
+# Under `make mutation` the suite runs inside mutmut's mutants/ copy of the repository and the
+# mutant is chosen by an environment variable: servers and torchrun workers that tests start
+# must import that copy too, not the installed package, or their mutants could never be caught.
+if REPO.name == "mutants" and (REPO / "src" / "exaflop").is_dir():
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 
 TINY_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2",
               "model.vocab_size=512", "model.seq_len=64"]

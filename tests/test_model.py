@@ -75,6 +75,53 @@ def test_rows_of_different_lengths_share_a_cache():
     torch.testing.assert_close(step[1, -1], ref_b[0, -1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("extra", [{}, {"n_kv_head": 1}, {"n_experts": 4, "top_k": 2}])
+def test_decode_entry_point_matches_the_full_forward_at_every_position(extra):
+    """`LM.decode`, the one entry point serving and sampling use: right-padded prompts of
+    different lengths in one call, then chunks and single tokens appended; after each call
+    the logits equal the plain full forward's at each row's last real position, and the
+    cache's lengths moved by the real tokens only."""
+    torch.manual_seed(0)
+    m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=300, seq_len=32, **extra)).eval()
+    x = torch.randint(0, 300, (3, 30))
+    full, _ = m(x)
+    lens = [5, 9, 2]
+    padded = torch.zeros(3, 9, dtype=torch.long)
+    for r, n in enumerate(lens):
+        padded[r, :n] = x[r, :n]
+    cache = m.new_cache(4)
+    rows = torch.tensor([2, 0, 3])  # any slots, not 0..B-1
+    cache.reset(rows)
+    with torch.no_grad():
+        got = m.decode(padded, cache, rows, torch.tensor(lens))
+        want = torch.stack([full[r, n - 1] for r, n in enumerate(lens)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert cache.lengths[rows].tolist() == lens
+        pos = list(lens)
+        chunk = torch.stack([x[r, p:p + 4] for r, p in enumerate(pos)])  # 4 tokens on every row
+        got = m.decode(chunk, cache, rows)
+        pos = [p + 4 for p in pos]
+        torch.testing.assert_close(got, torch.stack([full[r, p - 1] for r, p in enumerate(pos)]), atol=1e-5, rtol=1e-4)
+        while max(pos) < 30:
+            tok = torch.stack([x[r, p] for r, p in enumerate(pos)])[:, None]
+            got = m.decode(tok, cache, rows)
+            pos = [p + 1 for p in pos]
+            torch.testing.assert_close(got, torch.stack([full[r, p - 1] for r, p in enumerate(pos)]),
+                                       atol=1e-5, rtol=1e-4)
+        assert cache.lengths[rows].tolist() == pos and cache.lengths[1] == 0
+
+
+def test_cache_advances_and_resets_its_own_lengths():
+    m = LM(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=50, seq_len=16))
+    cache = m.new_cache(4)
+    cache.advance(None, 3)
+    cache.advance(None, torch.tensor([1, 2]))
+    cache.advance(torch.tensor([3]), torch.tensor([5]))
+    assert cache.lengths.tolist() == [4, 5, 3, 8]
+    cache.reset(torch.tensor([1, 3]))
+    assert cache.lengths.tolist() == [4, 0, 3, 0]
+
+
 def test_greedy_generation_equals_argmax_of_full_forward():
     torch.manual_seed(0)
     m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=300, seq_len=48)).eval()

@@ -11,7 +11,7 @@ import asyncio
 import openai
 import torch
 
-from exaflop.serve.engine import Engine, forward_last
+from exaflop.serve.engine import Engine
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.reload import load_weights
 
@@ -36,16 +36,13 @@ def test_compiled_decode_step_matches_eager(run_dir):
         for r, n in enumerate(lens):
             prompt = torch.randint(6, 300, (1, n))
             for c in (cache, eager_cache):
-                forward_last(w.model, prompt, c, torch.tensor([r]), torch.tensor([n - 1]))
-                c.lengths[r] = n
+                w.model.decode(prompt, c, torch.tensor([r]))
+        assert cache.lengths[:5].tolist() == lens
         for batch in [8] * 2 + [5] * 6 + [3] * 4 + [1] * 3:
             x = torch.randint(6, 300, (batch, 1))
-            last = torch.zeros(batch, dtype=torch.long)
-            got = engine._decode_forward(w.model, x, cache, None, last)
-            want = forward_last(w.model, x, eager_cache, None, last)
+            got = w.model.decode(x, cache, step=engine._decode_step)
+            want = w.model.decode(x, eager_cache)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            cache.lengths[:batch] += 1
-            eager_cache.lengths[:batch] += 1
         # Nothing was compiled while serving: prepare() covered every batch size.
         assert dict(torch._dynamo.utils.counters["stats"]) == graphs
         # Whole rows are attended (masked) when compiled; the written keys agree too.
@@ -59,9 +56,9 @@ def test_compiled_decode_step_matches_eager(run_dir):
     with torch.inference_mode():
         cache2 = w2.ensure_cache(8)
         x = torch.randint(6, 300, (4, 1))
-        got = engine._decode_forward(w2.model, x, cache2, None, torch.zeros(4, dtype=torch.long))
+        got = w2.model.decode(x, cache2, step=engine._decode_step)
         cache2.lengths.zero_()
-        want = forward_last(w2.model, x, cache2, None, torch.zeros(4, dtype=torch.long))
+        want = w2.model.decode(x, cache2)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 

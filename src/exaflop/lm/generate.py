@@ -52,9 +52,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     cache = model.new_cache(1, ctx)
     x = torch.tensor([prompt_ids], device=device)
     for _ in range(max_new_tokens):
-        logits, _ = model(x, cache=cache)
-        cache.lengths += x.shape[1]
-        nxt = sample_token(logits[:, -1], temperature, top_k, top_p, gen)
+        logits = model.decode(x, cache)
+        nxt = sample_token(logits, temperature, top_k, top_p, gen)
         tok = int(nxt.item())
         if tok in stop_ids:
             return

@@ -42,9 +42,9 @@ class LM(nn.Module):
             scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("wo.weight", "w2.weight")) else 1
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                rows: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """idx: (B, T) token ids. With `cache`, positions continue from each row's cache length."""
+    def hidden(self, idx: Tensor, cache: KVCache | None = None, rows: Tensor | None = None) -> Tensor:
+        """Final hidden states (B, T, C), before the last norm. With `cache`, positions continue
+        from each row's cache length and this chunk's keys/values are written into it."""
         x = self.tok_emb(idx)
         if cache is None:
             T = idx.shape[1]
@@ -53,7 +53,15 @@ class LM(nn.Module):
             rope = (self.rope_cos, self.rope_sin)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i, rows)
-        x = self.norm(x)
+        return x
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                rows: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """idx: (B, T) token ids -> (logits or None while training, loss or None).
+
+        With `cache`, positions continue from each row's cache length; the cache's lengths
+        do not move (use `decode`, which does both)."""
+        x = self.norm(self.hidden(idx, cache, rows))
         if targets is None:
             return self.lm_head(x).float(), None
         if torch.is_grad_enabled() and type(x) is torch.Tensor:  # plain tensor: not under TP/SP
@@ -72,6 +80,31 @@ class LM(nn.Module):
             aux = sum(b.mlp.aux_loss for b in self.blocks)
             loss = loss + 0.01 * aux / self.cfg.n_layer
         return logits, loss
+
+    def logits_at(self, idx: Tensor, cache: KVCache, rows: Tensor | None, last: Tensor) -> Tensor:
+        """fp32 logits (B, V) at position `last[b]` of each row of this chunk, filling the cache
+        for all of it but not moving its lengths: the pure step `decode` runs (and the one the
+        server compiles). The LM head runs on one position per row instead of all T: for a
+        long prompt and a large vocabulary that is most of the prefill's memory."""
+        x = self.hidden(idx, cache, rows)
+        x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
+        return self.lm_head(self.norm(x)).float()
+
+    def decode(self, idx: Tensor, cache: KVCache, rows: Tensor | None = None, lengths: Tensor | None = None,
+               step=None) -> Tensor:
+        """Append `idx` (B, T) to rows `rows` of `cache` (default 0..B-1) and return the
+        next-token logits (B, V) after each row's last real token.
+
+        `lengths` (B,): real tokens per row when a batch of prompts is right-padded to T
+        (default: all T). Padding is exact: a row's queries see only keys at or before their
+        own position, and the row's length advances by its real count only, so the padding
+        is overwritten before anything attends to it. `step` replaces `logits_at` by a
+        compiled copy of it (same arguments, the model first)."""
+        B, T = idx.shape
+        n = lengths if lengths is not None else torch.full((B,), T, dtype=torch.long, device=idx.device)
+        logits = (step or LM.logits_at)(self, idx, cache, rows, n - 1)
+        cache.advance(rows, n)
+        return logits
 
     def new_cache(self, slots: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.cfg

@@ -84,6 +84,20 @@ class KVCache:
             return kc[:rows, :, :end], vc[:rows, :, :end]
         return kc[rows, :, :end], vc[rows, :, :end]
 
+    def advance(self, rows: Tensor | None, n: Tensor | int) -> None:
+        """Rows `rows` (default 0..len(n)-1, or every row for an int) filled `n` more positions."""
+        if rows is None:
+            if isinstance(n, int):
+                self.lengths += n
+            else:
+                self.lengths[:n.shape[0]] += n
+        else:
+            self.lengths[rows] += n
+
+    def reset(self, rows: Tensor) -> None:
+        """Rows `rows` start a new sequence (their old keys are overwritten as it fills)."""
+        self.lengths[rows] = 0
+
     def move_row(self, src: int, dst: int) -> None:
         """Copy row src's filled prefix into row dst (used to keep occupied rows packed)."""
         n = int(self.lengths[src])

@@ -43,21 +43,6 @@ class QueueFull(Exception):
     pass
 
 
-def forward_last(model, idx: Tensor, cache, rows: Tensor | None, last: Tensor) -> Tensor:
-    """Logits (B, V) at position `last[b]` of each row, filling the cache for all of idx.
-
-    Same computation as LM.forward, but the LM head runs on one position per row
-    instead of all T: for a long prompt and a large vocabulary that is most of the
-    prefill's memory.
-    """
-    x = model.tok_emb(idx)
-    rope = (model.rope_cos, model.rope_sin)
-    for i, block in enumerate(model.blocks):
-        x = block(x, rope, cache, i, rows)
-    x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
-    return model.lm_head(model.norm(x)).float()
-
-
 class Engine:
     def __init__(self, name: str, metrics: Metrics, max_running: int = 32, max_queue: int = 256,
                  prefill_tokens: int = 4096, compile: bool = False):
@@ -66,7 +51,7 @@ class Engine:
         # The decode step, optionally compiled (see `prepare`); prefill stays eager: its
         # shapes vary in two dimensions and compiling it measured no faster.
         self.compile = compile
-        self._decode_forward = forward_last
+        self._decode_step = None  # a compiled LM.logits_at, once `prepare` made one
         self._compiled = False
         self.current = None  # Weights new sequences start on; None while loading
         self.waiting: deque[Sequence] = deque()
@@ -106,7 +91,7 @@ class Engine:
             return
         t0 = time.perf_counter()
         try:
-            compiled = torch.compile(forward_last, dynamic=True)
+            compiled = torch.compile(type(weights.model).logits_at, dynamic=True)
             with torch.inference_mode():
                 # The cache too is made under inference mode, as the engine thread makes
                 # every later one (take_slot): graphs are guarded on that tensor kind.
@@ -121,7 +106,7 @@ class Engine:
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.compile = False
             return
-        self._decode_forward, self._compiled = compiled, True
+        self._decode_step, self._compiled = compiled, True
         log.info("engine %s: decode step compiled in %.1f s", self.name, time.perf_counter() - t0)
 
     def submit(self, seqs: list[Sequence]) -> None:
@@ -255,11 +240,10 @@ class Engine:
             x[i, :lens[i]] = torch.tensor(s.prompt_ids)
         rows = torch.tensor([s.slot for s in seqs], device=w.device)
         lens_t = torch.tensor(lens, device=w.device)
-        w.cache.lengths[rows] = 0
+        w.cache.reset(rows)
         if self.fault:
             self.fault.check("prefill", seqs)
-        logits = forward_last(w.model, x.to(w.device), w.cache, rows, lens_t - 1)
-        w.cache.lengths[rows] = lens_t
+        logits = w.model.decode(x.to(w.device), w.cache, rows, lens_t)
         self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
         self._emit(seqs, logits)
 
@@ -270,16 +254,10 @@ class Engine:
         x = torch.tensor([[s.out_ids[-1]] for s in seqs], device=w.device)
         packed = all(s.slot == i for i, s in enumerate(seqs))  # the usual case (see Weights.free_slot)
         rows = None if packed else torch.tensor([s.slot for s in seqs], device=w.device)
-        last = torch.zeros(len(seqs), dtype=torch.long, device=w.device)
         # The compiled step is traced for packed rows; a gather (rows given) runs eager.
-        forward = self._decode_forward if rows is None else forward_last
         if self.fault:
             self.fault.check("decode", seqs)
-        logits = forward(w.model, x, w.cache, rows, last)
-        if rows is None:
-            w.cache.lengths[:len(seqs)] += 1
-        else:
-            w.cache.lengths[rows] += 1
+        logits = w.model.decode(x, w.cache, rows, step=self._decode_step if rows is None else None)
         self._emit(seqs, logits)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:
