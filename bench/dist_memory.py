@@ -33,13 +33,14 @@ def worker(mode: str, seq: int, steps: int, out: str, preset: str) -> None:
     from exaflop.engine import runtime as rtm
     from exaflop.engine.optim import build_optimizer
     from exaflop.engine.parallel import clip_grad_norm, parallelize
+    from exaflop.engine.task import build_task
     from exaflop.engine.telemetry import peak_mem_mb
     from exaflop.lm.model import LM
 
     cfg = load_config(preset, [f"parallel.mode={mode}", "run.dtype=fp32", "run.threads=1",
                                   f"model.seq_len={seq}", "run.device=cpu"])
     rt = rtm.setup(cfg)
-    model = parallelize(LM(cfg.model), None, cfg, rt)
+    model = parallelize(LM(cfg.model), build_task(cfg), cfg, rt)
     opt = build_optimizer(model, cfg.optim, rt.device)
     gen = torch.Generator().manual_seed(rt.rank)
     for _ in range(steps):

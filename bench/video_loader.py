@@ -138,7 +138,7 @@ def main() -> None:
     from exaflop.config import load_config
     from exaflop.data.stream import StreamLayout, make_loader
     from exaflop.drive.source import ClipSource, collate
-    from exaflop.drive.task import build_task
+    from exaflop.engine.task import build_task
 
     data = Path(args.data)
     ensure_data(data, *((3, 12) if args.tiny else ()))

@@ -1,10 +1,10 @@
 """Typed run configuration: TOML presets + `--set key=value` overrides.
 
 Sections that every task shares (run, train, optim, parallel, checkpoint, eval)
-are defined here. The `model` and `data` sections belong to the task: each task
-package has a torch-free `exaflop.<task>.config` module exposing `ModelConfig`
-and `DataConfig` (pydantic models), looked up by the `task` field, so the
-engine never learns what a video or a token is.
+are defined here. The `model` and `data` sections belong to the task: the task
+registry (`exaflop/tasks.py`) names each task's section types (torch-free pydantic
+models), chosen by the `task` field, so the engine never learns what a video or a
+token is.
 
 This module imports no torch (the planner reads configs too).
 """
@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
+from exaflop import tasks
 from exaflop.errors import UserError
+from exaflop.schema import Strict
 
 PRESET_DIRS = [Path(__file__).resolve().parents[2] / "configs", Path(__file__).parent / "configs"]
-
-
-class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunConfig(Strict):
@@ -102,8 +97,9 @@ class EvalConfig(Strict):
 class Config(Strict):
     task: str = "lm"
     run: RunConfig = RunConfig()
-    model: Any = None
-    data: Any = None
+    # The task's own section types (tasks.py), validated from the raw tables below.
+    model: SerializeAsAny[Strict] | None = None
+    data: SerializeAsAny[Strict] | None = None
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -115,10 +111,9 @@ class Config(Strict):
     def _task_sections(cls, values: Any) -> Any:
         if not isinstance(values, dict):
             return values
-        task = values.get("task", "lm")
-        mod = task_config_module(task)
+        spec = tasks.get(values.get("task", "lm"))
         values = dict(values)
-        for section, klass in (("model", mod.ModelConfig), ("data", mod.DataConfig)):
+        for section, klass in (("model", spec.model_config), ("data", spec.data_config)):
             raw = values.get(section) or {}
             if not isinstance(raw, klass):
                 values[section] = klass.model_validate(raw)
@@ -136,15 +131,6 @@ class Config(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
-
-
-def task_config_module(task: str):
-    if not task.isidentifier():
-        raise UserError(f"config: task={task!r} is not a task name (known: lm, drive)")
-    try:
-        return importlib.import_module(f"exaflop.{task}.config")
-    except ModuleNotFoundError:
-        raise UserError(f"config: unknown task {task!r} (known: lm, drive)") from None
 
 
 def find_preset(name_or_path: str) -> Path:
@@ -194,8 +180,8 @@ def format_validation_error(err: ValidationError, origin: str, prefix: str = "")
 def validate_tree(tree: dict[str, Any], origin: str) -> Config:
     """Config from a parsed TOML tree; errors name the full dotted key."""
     if isinstance(tree.get("task", "lm"), str):
-        mod = task_config_module(tree.get("task", "lm"))
-        for section, klass in (("model", mod.ModelConfig), ("data", mod.DataConfig)):
+        spec = tasks.get(tree.get("task", "lm"))
+        for section, klass in (("model", spec.model_config), ("data", spec.data_config)):
             try:
                 klass.model_validate(tree.get(section) or {})
             except ValidationError as e:

@@ -184,7 +184,7 @@ def _cmd_render(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from exaflop.drive.render import evaluate_split
+    from exaflop.drive.render import evaluate_split, print_table
     from exaflop.engine.checkpoint import load_for_inference
 
     cfg, task, model = load_for_inference(args.run)
@@ -202,23 +202,6 @@ def _train_source(task):
     from exaflop.drive.source import ClipSource
 
     return ClipSource(task.dcfg.path, "train")
-
-
-def print_table(res: dict) -> None:
-    """Rows: metrics; columns: model and the two baselines."""
-    from rich.table import Table
-
-    from exaflop.progress import console
-
-    table = Table(title=f"{int(res.get('clips', 0))} held-out clips (lower is better)")
-    for col in ("metric", "model", "constant velocity", "hold steering"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
-    names = [k.removeprefix("val_") for k in res if k.startswith("val_") and not k.startswith(("val_cv_", "val_hold_"))
-             and k != "val_ade_vs_best_baseline"]
-    for n in names:
-        cells = [res.get(f"val_{p}{n}") for p in ("", "cv_", "hold_")]
-        table.add_row(n, *("-" if c is None else f"{c:.3f}" for c in cells))
-    console.print(table)
 
 
 def _cmd_demo(args) -> int:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from exaflop.config import Strict
+from exaflop.schema import Strict
 
 
 class ModelConfig(Strict):

@@ -23,8 +23,7 @@ DEMO_SECONDS = 30.0
 def run_demo(out_root: Path, data: Path = Path("data/drive-sim"), episodes: int | None = None,
              steps: int | None = None, quiet: bool = False) -> dict:
     from exaflop.config import load_config
-    from exaflop.drive.cli import print_table
-    from exaflop.drive.render import contact_sheet, evaluate_split, predict
+    from exaflop.drive.render import contact_sheet, evaluate_split, predict, print_table
     from exaflop.engine.checkpoint import load_for_inference
     from exaflop.engine.trainer import train
 

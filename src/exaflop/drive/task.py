@@ -156,7 +156,3 @@ def count_flops(model: nn.Module, cfg) -> float:
         n = cfg.n_tokens + 2
         macs += cfg.n_layer * 2 * n * n * cfg.d_model
     return 6.0 * macs  # 2 FLOPs per MAC, backward ~2x forward
-
-
-def build_task(cfg) -> DriveTask:
-    return DriveTask(cfg)

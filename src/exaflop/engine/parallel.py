@@ -6,7 +6,7 @@ activation checkpointing inside each block, then FSDP2 per block and at the root
 (it shards those DTensors again over the data-parallel mesh), or DDP.
 
 What a block is and how its matmuls split is task knowledge: the engine asks the
-task object, then an optional `exaflop.<task>.parallel_plan` module, for
+task object (engine/task.py's optional methods) for
 
     blocks(model) -> list[nn.Module]                 # repeated units: FSDP + checkpointing
     apply_tp(model, tp_mesh, sequence_parallel)      # parallelize_module with its plan
@@ -16,10 +16,8 @@ so the engine itself never learns what attention or a token is.
 
 from __future__ import annotations
 
-import importlib
 import math
 from functools import partial
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -37,26 +35,8 @@ def data_parallel_size(cfg, rt: Runtime) -> tuple[int, int]:
     return layout.dp, layout.dp_rank(rt.rank)
 
 
-def _plan_module(task_name: str) -> ModuleType | None:
-    name = f"exaflop.{task_name}.parallel_plan"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
-
-
-def _hook(task, cfg, name: str):
-    """The task's own `name` hook, else its parallel_plan module's, else None."""
-    fn = getattr(task, name, None)
-    if fn is None:
-        fn = getattr(_plan_module(cfg.task), name, None) if cfg.task else None
-    return fn
-
-
 def model_blocks(model: nn.Module, task, cfg) -> list[nn.Module]:
-    fn = _hook(task, cfg, "blocks")
+    fn = getattr(task, "blocks", None)
     if fn is not None:
         return list(fn(model))
     for attr in ("blocks", "layers"):  # the common convention, so a new task works unchanged
@@ -83,10 +63,10 @@ def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
     mesh = build_mesh(layout, rt.device.type)
     rt.mesh = mesh
     if layout.tp > 1:
-        apply_tp = _hook(task, cfg, "apply_tp")
+        apply_tp = getattr(task, "apply_tp", None)
         if apply_tp is None:
             raise UserError(f"parallel.tp={layout.tp}: task {cfg.task!r} has no tensor-parallel plan "
-                            "(exaflop.<task>.parallel_plan.apply_tp); set parallel.tp=1")
+                            "(its task object has no apply_tp); set parallel.tp=1")
         apply_tp(model, mesh["tp"], par.sequence_parallel)
     if layout.wrap == "ddp":
         return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)

@@ -2,18 +2,15 @@
 
 A task turns a Config into a model, random-access sample sources, batches and a
 loss. The engine handles everything else: devices, parallelism, optimisation,
-checkpoints, telemetry. A new task needs no engine change: `exaflop.<task>.task`
-exposes `build_task(cfg) -> Task`.
+checkpoints, telemetry. A new task needs no engine change: it is registered in
+`exaflop/tasks.py`, whose record builds the task object from a Config.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
-
-from exaflop.errors import UserError
 
 Batch = dict[str, Any]  # tensors (moved to the device by the engine) and plain values
 
@@ -40,9 +37,12 @@ class Task(Protocol):
 
     def flops_per_sample(self) -> float: ...  # forward + backward, for MFU
 
-    # Optional: the parallel engine asks for these when the config wants TP / FSDP.
+    # Optional: the parallel engine (engine/parallel.py) asks for these when the config wants
+    # FSDP / activation checkpointing (blocks: the repeated units; default: the model's
+    # `blocks` or `layers` ModuleList) and tensor parallelism (apply_tp; without it tp > 1
+    # is refused with a clear error).
     # def blocks(self, model) -> list[nn.Module]
-    # def tp_plan(self, model, mesh) -> None
+    # def apply_tp(self, model, tp_mesh, sequence_parallel: bool) -> None
 
     # Optional, for self-contained runs: the trainer calls save_assets once (rank 0) to copy
     # into the run directory everything inference needs from the data (tokenizer, clip
@@ -53,8 +53,7 @@ class Task(Protocol):
 
 
 def build_task(cfg) -> Task:
-    try:
-        mod = importlib.import_module(f"exaflop.{cfg.task}.task")
-    except ModuleNotFoundError as e:
-        raise UserError(f"config: task {cfg.task!r} has no trainer ({e})") from None
-    return mod.build_task(cfg)
+    """The task object of `cfg.task`, from the registry."""
+    from exaflop import tasks
+
+    return tasks.get(cfg.task).build(cfg)

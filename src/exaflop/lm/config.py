@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from exaflop.config import Strict
+from exaflop.schema import Strict
 
 
 class ModelConfig(Strict):

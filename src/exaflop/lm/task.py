@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from exaflop.errors import UserError
+from exaflop.lm import parallel_plan
 from exaflop.lm.assets import read_manifest as read_assets_manifest
 from exaflop.lm.assets import save_assets, tokenizer_dir
 from exaflop.lm.model import LM, flops_per_token
@@ -48,6 +49,12 @@ class LMTask:
     def build_model(self) -> nn.Module:
         return LM(self.mcfg)
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return parallel_plan.blocks(model)
+
+    def apply_tp(self, model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+        parallel_plan.apply_tp(model, tp_mesh, sequence_parallel)
+
     def build_dataset(self, split: str):
         self.manifest  # noqa: B018  (checks the vocabulary before any worker starts)
         if self.cfg.data.sft_path:  # chat fine-tuning: padded conversations, assistant-only loss
@@ -77,7 +84,3 @@ class LMTask:
 
     def flops_per_sample(self) -> float:
         return flops_per_token(self.mcfg) * self.mcfg.seq_len
-
-
-def build_task(cfg) -> LMTask:
-    return LMTask(cfg)
