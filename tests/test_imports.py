@@ -27,9 +27,10 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(tree):  # annotations only: never imported at run time
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("exaflop")}
         elif isinstance(node, ast.ImportFrom):

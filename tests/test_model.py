@@ -175,7 +175,7 @@ def _hidden(m, x):
 def test_fused_decode_attention_matches_the_matmul_form(dtype, groups):
     """The compiler's form of decode attention (broadcast multiply + sum) equals the eager
     one (two matmuls), masks and grouped-query heads included. Run eagerly here."""
-    from exaflop.nn.layers import _decode_attention, _decode_attention_fused
+    from exaflop.nn.decode import _decode_attention, _decode_attention_fused
 
     torch.manual_seed(0)
     B, K, L, D = 4, 2, 24, 16

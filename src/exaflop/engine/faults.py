@@ -90,3 +90,37 @@ class ServeFault:
         for s in seqs:
             if s.handle.user == f"{SERVE_FAULT_USER}:{stage}" and len(s.out_ids) >= after:
                 raise InjectedFault(f"injected {stage} fault (EXAFLOP_SERVE_FAULT) after {len(s.out_ids)} tokens")
+
+
+class Drills:
+    """The trainer's drills and test aids, in one place instead of the loop body:
+
+    - `EXAFLOP_FAULT` process faults (sigkill / sigterm / hang) before a step;
+    - `train.inject_nan_at_step`: poison one gradient after that step's backward;
+    - sample recording (`record_samples` or `EXAFLOP_RECORD_SAMPLES=1`): each rank appends
+      the global sample ids it trained on to `samples_rank<R>.jsonl`, for the exact-resume
+      and elastic tests.
+    """
+
+    def __init__(self, rank: int, nan_at_step: int = -1, samples_path=None) -> None:
+        self.rank, self.nan_at_step = rank, nan_at_step
+        self._samples = None
+        if samples_path is not None:
+            samples_path.parent.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
+            self._samples = open(samples_path, "a")
+
+    def before_step(self, step: int) -> None:
+        maybe_inject(step, self.rank)
+
+    def on_batch(self, step: int, batch: dict) -> None:
+        if self._samples is not None:
+            self._samples.write(f'{{"step": {step}, "ids": {batch["sample_ids"].tolist()}}}\n')
+            self._samples.flush()  # a killed rank must leave what it consumed on disk
+
+    def after_backward(self, step: int, model) -> None:
+        if step == self.nan_at_step:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()

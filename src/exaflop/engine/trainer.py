@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import time
@@ -25,16 +24,11 @@ from exaflop.config import Config, save_config
 from exaflop.data.stream import StreamLayout, eval_batches, make_loader
 from exaflop.engine import runtime as rtm
 from exaflop.engine.checkpoint import Checkpointer, latest_complete
-from exaflop.engine.faults import maybe_inject
+from exaflop.engine.faults import Drills
 from exaflop.engine.optim import build_optimizer, lr_at
-from exaflop.engine.parallel import (
-    clip_grad_norm,
-    data_parallel_size,
-    parallelize,
-    set_grad_sync,
-    unwrap,
-)
+from exaflop.engine.parallel import data_parallel_size, parallelize, unwrap
 from exaflop.engine.precision import peak_dtype
+from exaflop.engine.step import to_device, train_step
 from exaflop.engine.task import build_task
 from exaflop.engine.telemetry import MetricsLog, peak_mem_mb, per_rank
 from exaflop.errors import UserError
@@ -77,10 +71,6 @@ def global_batch_of(cfg: Config, task) -> int:
             raise UserError("train.global_batch_tokens needs a task with tokens per sample; set train.global_batch")
         return max(1, round(cfg.train.global_batch_tokens / tps))
     return cfg.train.micro_batch
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _check_resume_compatible(cfg: Config, meta: dict[str, Any]) -> None:
@@ -154,13 +144,9 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
 
     log = MetricsLog(run_dir, rt.is_main, cfg.run.tensorboard)
     peak = rtm.measure_peak_flops(rt.device, peak_dtype(rt.precision)) if rt.is_main else 1.0
-    flops_step = task.flops_per_sample() * B
-    tps = getattr(task, "tokens_per_sample", 0)
     total = cfg.train.steps
-    record_samples = record_samples or os.environ.get("EXAFLOP_RECORD_SAMPLES") == "1"
-    if record_samples:
-        run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
-    samples_file = open(run_dir / f"samples_rank{rt.rank}.jsonl", "a") if record_samples else None
+    record = record_samples or os.environ.get("EXAFLOP_RECORD_SAMPLES") == "1"
+    drills = Drills(rt.rank, cfg.train.inject_nan_at_step, run_dir / f"samples_rank{rt.rank}.jsonl" if record else None)
     if rt.is_main and rt.distributed and not quiet:
         console.print(f"[dim]{rt.layout.describe()}")
     if rt.is_main and not quiet:
@@ -169,85 +155,45 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     log.log({"kind": "run", "step": start_step, "dtype": rt.precision.name, "dtype_requested": cfg.run.dtype,
              "matmul_gflops": rt.precision.rates, "trial_ms": rt.precision.trial_ms, "peak_gflops": peak / 1e9,
              "world": rt.world})
+    # Each component decides its own cadence; the loop only runs steps and asks them.
+    meter = _Meter(log, cfg, rt, task, B, peak, start_step)
+    evaluator = _Evaluator(task, val, rt, cfg.eval.every, total)
+    saver = _Saver(ckpt, cfg, log)
 
     result: dict[str, Any] = {"step": start_step, "stopped_by_signal": False}
-    ckpt_time, skipped, bad_run = 0.0, 0, 0
-    last = {}
+    skipped, bad_run = 0, 0
     extra = "loss {task.fields[loss]} | {task.fields[rate]} | MFU {task.fields[mfu]}"
     with _StopFlag() as stop, progress_bar(quiet or not rt.is_main, extra) as bar:
         bar_task = bar.add_task(f"train {rt.precision.name}", total=total, completed=start_step, loss="-", rate="-", mfu="-")
-        t_last, step = time.perf_counter(), start_step
+        meter.start()
         for step in range(start_step, total):
             heartbeat.beat(step)
-            maybe_inject(step, rt.rank)
+            drills.before_step(step)
             lr = lr_at(step, total, cfg.optim)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            model.train()
-            loss_sum, metrics_sum = 0.0, {}
-            for micro in range(layout.accum_steps):
-                batch = _to_device(next(loader), rt.device)
-                if samples_file is not None:
-                    samples_file.write(f'{{"step": {step}, "ids": {batch["sample_ids"].tolist()}}}\n')
-                    samples_file.flush()  # a killed rank must leave what it consumed on disk
-                sync = micro == layout.accum_steps - 1
-                with set_grad_sync(model, sync), rt.autocast():
-                    loss, metrics = task.loss(model, batch)
-                (loss / layout.accum_steps).backward()
-                loss_sum += loss.detach().float().item() / layout.accum_steps
-                for k, v in metrics.items():
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + v / layout.accum_steps
-            if step == cfg.train.inject_nan_at_step:
-                next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-            grad_norm = _clip(model, cfg.optim.grad_clip, rt)
-            loss_all = _mean_over_ranks(loss_sum, rt)
-            if not (math.isfinite(grad_norm) and math.isfinite(loss_all)):
+            out = train_step(model, optimizer, task, loader, layout.accum_steps, rt, step, lr, cfg.optim.grad_clip,
+                             drills, before_update=ckpt.wait_staged)
+            if not out.finite:
                 skipped += 1
                 bad_run += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.log({"kind": "bad_step", "step": step + 1, "loss": loss_all, "grad_norm": grad_norm,
+                log.log({"kind": "bad_step", "step": step + 1, "loss": out.loss, "grad_norm": out.grad_norm,
                          "skipped_steps": skipped})
                 if cfg.train.nan_policy == "stop" or bad_run >= cfg.train.max_bad_steps:
                     raise UserError(f"train: {bad_run} consecutive non-finite steps (last at step {step + 1}, "
-                                    f"loss={loss_all}, grad_norm={grad_norm}); lower optim.lr or check the data")
+                                    f"loss={out.loss}, grad_norm={out.grad_norm}); lower optim.lr or check the data")
                 bar.update(bar_task, advance=1)
                 continue
             bad_run = 0
-            ckpt.wait_staged()  # an async save may still be copying the parameters
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             done = step + 1
-
-            if done % cfg.train.log_every == 0 or done == total:
-                now = time.perf_counter()
-                n_steps = done - max(start_step, last.get("step", start_step))
-                dt = max(1e-9, now - t_last)
-                t_last = now
-                sps = n_steps * B / dt
-                mfu = flops_step * n_steps / dt / (peak * rt.world)
-                mem = per_rank(peak_mem_mb(), rt.distributed, rt.device)
-                last = {"kind": "train", "step": done, "dtype": rt.precision.name, "loss": loss_all, "lr": lr,
-                        "grad_norm": grad_norm,
-                        "samples_per_s": sps, "tokens_per_s": sps * tps, "mfu": mfu,
-                        "skipped_steps": skipped, "ckpt_s": ckpt_time, "elapsed_s": dt,
-                        "peak_mem_mb": max(mem), **metrics_sum}
-                if rt.distributed:
-                    last.update({"world": rt.world, "tokens_per_s_per_rank": sps * tps / rt.world,
-                                 "peak_mem_mb_per_rank": mem})
-                log.log(last)
-                rate = f"{sps * tps:,.0f} tok/s" if tps else f"{sps:,.1f} samples/s"
-                bar.update(bar_task, loss=f"{loss_all:.3f}", rate=rate, mfu=f"{100 * mfu:.1f}%")
+            if meter.due(done):
+                fields = meter.record(done, out, lr, skipped, saver.blocked_s)
+                bar.update(bar_task, **fields)
             bar.update(bar_task, advance=1)
-
-            if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
-                log.log(_evaluate(task, model, val, rt, done))
+            if evaluator.due(done):
+                log.log(evaluator.run(model, done))
             sliced = bool(cfg.train.stop_after) and done - start_step >= cfg.train.stop_after and done != total
             stopping = stop.any_rank(rt) or sliced
-            if stopping or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total):
-                blocked = _save(ckpt, model, optimizer, cfg, done, skipped)
-                ckpt_time += blocked
-                log.log({"kind": "checkpoint", "step": done, "blocked_s": blocked, "ckpt_s": ckpt_time,
-                         "async": ckpt.async_save})
+            if saver.due(done, stopping):
+                saver.save(model, optimizer, done, skipped)
             if stopping:
                 result["stopped_by_signal"] = not sliced
                 result["stopped_early"] = True
@@ -256,16 +202,100 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             done = total
         result["step"] = done if total > start_step else start_step
         if not result.get("stopped_early"):
-            ev = _evaluate(task, model, val, rt, result["step"])
+            ev = evaluator.run(model, result["step"])
             log.log(ev)
             result.update(ev)
-            ckpt_time += _save(ckpt, model, optimizer, cfg, result["step"], skipped)
+            saver.save(model, optimizer, result["step"], skipped, final=True)
     ckpt.wait()
-    result.update({"skipped_steps": skipped, "ckpt_s": ckpt_time, "train": last, "run_dir": str(run_dir)})
+    result.update({"skipped_steps": skipped, "ckpt_s": saver.blocked_s, "train": meter.last, "run_dir": str(run_dir)})
     log.close()
-    if samples_file:
-        samples_file.close()
+    drills.close()
     return result
+
+
+class _Meter:
+    """The training records: every `train.log_every` steps and at the last, the loss, rates
+    since the previous record, MFU and peak memory; returns the progress bar's fields."""
+
+    def __init__(self, log: MetricsLog, cfg: Config, rt: rtm.Runtime, task, global_batch: int, peak: float,
+                 start_step: int) -> None:
+        self.log, self.rt, self.every, self.total = log, rt, cfg.train.log_every, cfg.train.steps
+        self.B, self.peak, self.start_step = global_batch, peak, start_step
+        self.flops_step = task.flops_per_sample() * global_batch
+        self.tps = getattr(task, "tokens_per_sample", 0)
+        self.last: dict[str, Any] = {}
+        self.t_last = time.perf_counter()
+
+    def start(self) -> None:
+        self.t_last = time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.total
+
+    def record(self, done: int, out, lr: float, skipped: int, ckpt_s: float) -> dict[str, str]:
+        rt = self.rt
+        now = time.perf_counter()
+        n_steps = done - max(self.start_step, self.last.get("step", self.start_step))
+        dt = max(1e-9, now - self.t_last)
+        self.t_last = now
+        sps = n_steps * self.B / dt
+        mfu = self.flops_step * n_steps / dt / (self.peak * rt.world)
+        mem = per_rank(peak_mem_mb(), rt.distributed, rt.device)
+        last = {"kind": "train", "step": done, "dtype": rt.precision.name, "loss": out.loss, "lr": lr,
+                "grad_norm": out.grad_norm, "samples_per_s": sps, "tokens_per_s": sps * self.tps, "mfu": mfu,
+                "skipped_steps": skipped, "ckpt_s": ckpt_s, "elapsed_s": dt, "peak_mem_mb": max(mem), **out.metrics}
+        if rt.distributed:
+            last.update({"world": rt.world, "tokens_per_s_per_rank": sps * self.tps / rt.world,
+                         "peak_mem_mb_per_rank": mem})
+        self.log.log(last)
+        self.last = last
+        rate = f"{sps * self.tps:,.0f} tok/s" if self.tps else f"{sps:,.1f} samples/s"
+        return {"loss": f"{out.loss:.3f}", "rate": rate, "mfu": f"{100 * mfu:.1f}%"}
+
+
+class _Evaluator:
+    """Validation every `eval.every` steps (0: only at the end) on the same held-out batches."""
+
+    def __init__(self, task, val: list, rt: rtm.Runtime, every: int, total: int) -> None:
+        self.task, self.val, self.rt, self.every, self.total = task, val, rt, every, total
+
+    def due(self, done: int) -> bool:
+        return bool(self.every) and done % self.every == 0 and done != self.total
+
+    @torch.no_grad()
+    def run(self, model, step: int) -> dict[str, Any]:
+        rt = self.rt
+        model.eval()
+        batches = [to_device(b, rt.device) for b in self.val]
+        with rt.autocast():
+            # DDP's forward broadcasts buffers (a collective): evaluate the wrapped module directly.
+            res = self.task.evaluate(unwrap(model), batches)
+        if rt.distributed:
+            keys = sorted(res)
+            t = torch.tensor([res[k] for k in keys], dtype=torch.float64, device=rt.device)
+            dist.all_reduce(t)
+            res = {k: float(v) / rt.world for k, v in zip(keys, t.tolist(), strict=True)}
+        return {"kind": "eval", "step": step, **res}
+
+
+class _Saver:
+    """Checkpoints every `checkpoint.every` steps (0: only at the end), when stopping (a
+    signal, `train.stop_after`) and at the end; counts the time they blocked training."""
+
+    def __init__(self, ckpt: Checkpointer, cfg: Config, log: MetricsLog) -> None:
+        self.ckpt, self.cfg, self.log = ckpt, cfg, log
+        self.every, self.total = cfg.checkpoint.every, cfg.train.steps
+        self.blocked_s = 0.0
+
+    def due(self, done: int, stopping: bool) -> bool:
+        return stopping or bool(self.every and done % self.every == 0 and done != self.total)
+
+    def save(self, model, optimizer, step: int, skipped: int, final: bool = False) -> None:
+        blocked = _save(self.ckpt, model, optimizer, self.cfg, step, skipped)
+        self.blocked_s += blocked
+        if not final:
+            self.log.log({"kind": "checkpoint", "step": step, "blocked_s": blocked, "ckpt_s": self.blocked_s,
+                          "async": self.ckpt.async_save})
 
 
 def _load(ckpt, model, optimizer, cfg):
@@ -281,42 +311,6 @@ def _save(ckpt: Checkpointer, model, optimizer, cfg: Config, step: int, skipped:
     return ckpt.save(model, optimizer, meta, rtm.rng_state())
 
 
-def _clip(model, max_norm: float, rt) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if rt.distributed:  # DTensor gradients may live on several meshes (TP blocks, FSDP root)
-        return clip_grad_norm(params, max_norm)
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP/TP
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-def _mean_over_ranks(x: float, rt) -> float:
-    if not rt.distributed:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t)
-    return float(t.item() / rt.world)
-
-
-@torch.no_grad()
-def _evaluate(task, model, val: list, rt, step: int) -> dict[str, Any]:
-    model.eval()
-    batches = [_to_device(b, rt.device) for b in val]
-    with rt.autocast():
-        # DDP's forward broadcasts buffers (a collective): evaluate the wrapped module directly.
-        res = task.evaluate(unwrap(model), batches)
-    if rt.distributed:
-        keys = sorted(res)
-        t = torch.tensor([res[k] for k in keys], dtype=torch.float64, device=rt.device)
-        dist.all_reduce(t)
-        res = {k: float(v) / rt.world for k, v in zip(keys, t.tolist(), strict=True)}
-    return {"kind": "eval", "step": step, **res}
-
-
 def _confirm_precision(model, task, source, micro: int, rt: rtm.Runtime) -> None:
     """`auto` chose bf16 from the matmul probe: check it on this model (precision.confirm_by_trial).
 
@@ -330,7 +324,7 @@ def _confirm_precision(model, task, source, micro: int, rt: rtm.Runtime) -> None
 
     if rt.precision is None or rt.precision.requested != "auto" or rt.precision.name != "bf16":
         return
-    batch = _to_device(task.collate([source[i] for i in range(min(micro, len(source)))]), rt.device)
+    batch = to_device(task.collate([source[i] for i in range(min(micro, len(source)))]), rt.device)
     was_training = model.training
     model.eval()
 

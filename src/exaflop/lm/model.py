@@ -52,7 +52,7 @@ class LM(nn.Module):
         else:
             rope = (self.rope_cos, self.rope_sin)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i, rows)
+            x = block(x, rope, None if cache is None else cache.view(i, rows))
         return x
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,

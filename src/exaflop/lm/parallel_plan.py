@@ -12,9 +12,12 @@ tied to the embedding, and the two would need opposite splits.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from exaflop.errors import UserError
+from exaflop.nn import Block
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -48,8 +51,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     sp = sequence_parallel
     # After each sub-layer: reduce-scatter to this rank's sequence part (SP) or all-reduce.
     between = Shard(1) if sp else Replicate()
-    n_block_args = 5  # Block.forward(x, rope, cache, layer, rows)
-    rest = (None,) * (n_block_args - 1)
+    # Layouts for Block.forward's arguments after x (rope, kv): plain values, left alone.
+    rest = (None,) * (len(inspect.signature(Block.forward).parameters) - 2)
     for block in model.blocks:
         plan: dict = {
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),

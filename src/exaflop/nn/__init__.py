@@ -1,12 +1,14 @@
+from exaflop.nn.decode import CacheView, KVCache
 from exaflop.nn.layers import (
     Attention,
     Block,
-    KVCache,
     MoE,
     RMSNorm,
     SwiGLU,
     apply_rope,
+    attend,
     rope_tables,
 )
 
-__all__ = ["Attention", "Block", "KVCache", "MoE", "RMSNorm", "SwiGLU", "apply_rope", "rope_tables"]
+__all__ = ["Attention", "Block", "CacheView", "KVCache", "MoE", "RMSNorm", "SwiGLU", "apply_rope", "attend",
+           "rope_tables"]

@@ -2,13 +2,21 @@
 
 Shapes: B batch, T sequence length, C model width, H query heads, K key/value
 heads (grouped-query attention: each KV head serves H/K query heads), D head dim.
+
+The reference computation, read top to bottom; incremental decoding (the KV cache, its
+kernels and CPU / compiler heuristics) lives in nn/decode.py.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from exaflop.nn.decode import CacheView
 
 
 class RMSNorm(nn.Module):
@@ -48,65 +56,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.type_as(x)
 
 
-class KVCache:
-    """Preallocated key/value buffers for incremental decoding, one per attention layer.
-
-    `slots` batch rows each hold one sequence; `lengths[i]` is how many positions
-    row i has filled. Generation appends at each row's own length, so rows of
-    different lengths (continuous batching) share one tensor.
-
-    Both are (slots, K, max_len, D), one tensor per layer.
-    """
-
-    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (slots, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-
-    @property
-    def slots(self) -> int:
-        return self.lengths.shape[0]
-
-    def write(self, layer: int, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k/v (B, K, T, D) of rows `rows` (B,) at positions `pos` (B, T)."""
-        # Advanced indices on dims 0 and 2 put (B, T) first: (B, T, K, D).
-        self.k[layer][rows[:, None], :, pos] = k.transpose(1, 2).to(self.k[layer].dtype)
-        self.v[layer][rows[:, None], :, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
-
-    def read(self, layer: int, rows: Tensor | int, end: int) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, K, end, D) of `rows` (a gathered copy), or, for an int B, of
-        rows 0..B-1 as a view of the cache."""
-        kc, vc = self.k[layer], self.v[layer]
-        if isinstance(rows, int):
-            return kc[:rows, :, :end], vc[:rows, :, :end]
-        return kc[rows, :, :end], vc[rows, :, :end]
-
-    def advance(self, rows: Tensor | None, n: Tensor | int) -> None:
-        """Rows `rows` (default 0..len(n)-1, or every row for an int) filled `n` more positions."""
-        if rows is None:
-            if isinstance(n, int):
-                self.lengths += n
-            else:
-                self.lengths[:n.shape[0]] += n
-        else:
-            self.lengths[rows] += n
-
-    def reset(self, rows: Tensor) -> None:
-        """Rows `rows` start a new sequence (their old keys are overwritten as it fills)."""
-        self.lengths[rows] = 0
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row src's filled prefix into row dst (used to keep occupied rows packed)."""
-        n = int(self.lengths[src])
-        for kc, vc in zip(self.k, self.v, strict=True):
-            kc[dst, :, :n] = kc[src, :, :n]
-            vc[dst, :, :n] = vc[src, :, :n]
-        self.lengths[dst] = n
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int, n_kv_head: int, causal: bool = True, dropout: float = 0.0):
         super().__init__()
@@ -117,104 +66,32 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(n_head * self.head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, kv: CacheView | None = None) -> Tensor:
+        """x (B, T, C). `kv`: this layer's view of a KV cache when decoding (nn/decode.py):
+        the chunk's keys and values are appended there and attention covers the prefix."""
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        if cache is None:
+        if kv is None:
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            y = self._attend(q, k, v, None, self.causal)
+            y = attend(q, k, v, None, self.causal, self.dropout if self.training else 0.0)
         else:
-            y = self._attend_cached(q, k, v, rope, cache, layer, rows)
+            y = kv.attend(q, k, v, rope)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.wo(y)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # GQA: share each KV head across its group of query heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                              is_causal=causal and mask is None)
 
-    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None,
-                       cache: KVCache, layer: int, rows: Tensor | None) -> Tensor:
-        """Append this chunk's k/v at each row's own offset, then attend over the filled prefix."""
-        B, _, T, _ = q.shape
-        contiguous = rows is None
-        rows = torch.arange(B, device=q.device) if rows is None else rows
-        start = cache.lengths[rows]  # (B,)
-        pos = start[:, None] + torch.arange(T, device=q.device)  # (B, T) absolute positions
-        if rope is not None:
-            cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]  # (B, 1, T, D/2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(layer, rows, pos, k, v)
-        if torch.compiler.is_compiling():
-            # Compiled, every row is read whole (masked): the filled length is data, and
-            # slicing by it would make each new length a new graph. The generated kernel
-            # reads the cache once, so the masked tail costs only its memory traffic.
-            end = cache.max_len
-        else:
-            end = int((start + T).max())
-            if T > 1 and end == T:
-                # Every row starts at 0 (a fresh prompt): the chunk is all there is to attend
-                # to, so plain causal attention over it, without reading the cache back.
-                # Right padding is exact: a real query never sees the padding after it.
-                return self._attend(q, k, v, None, causal=True)
-            if T == 1 and contiguous and q.device.type == "cpu" and 3 * end > cache.max_len:
-                # Decode on CPU reads whole rows (masked) once the cache is a third full: they
-                # are contiguous, while PyTorch's bf16 batched matmul copies a prefix view
-                # before using it, which costs more than reading the unused tail (measured).
-                end = cache.max_len
-        # Rows 0..B-1 (the serving engine keeps them packed so) are read as a view, no gather.
-        keys, vals = cache.read(layer, B if contiguous else rows, end)
-        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
-        # Query at absolute position p sees keys 0..p of its own row.
-        key_pos = torch.arange(end, device=q.device)
-        mask = key_pos[None, None, :] <= pos[:, :, None]  # (B, T, end)
-        if T == 1:
-            return _decode_attention(q, keys, vals, mask[:, None])
-        return self._attend(q, keys, vals, mask[:, None], causal=False)
-
-
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one new query per row over its cached keys.
-
-    q (B, H, 1, D), k/v (B, K, L, D), mask (B, 1, 1, L).
-    For a single query PyTorch's CPU SDPA kernels are slow (their blocking is built for
-    long queries; in bf16 measured ~7x slower than two plain matmuls), so decode does
-    the two matmuls itself, with the softmax in fp32.
-    """
-    B, H, _, D = q.shape
-    K = k.shape[1]
-    qg = q.reshape(B, K, H // K, D)  # query heads grouped under their KV head: no repeat of k/v
-    if torch.compiler.is_compiling():
-        return _decode_attention_fused(qg, k, v, mask).reshape(B, H, 1, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D ** -0.5  # (B, K, H/K, L)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, K, H/K, D)
-    return y.reshape(B, H, 1, D)
-
-
-def _decode_attention_fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """`_decode_attention` for the compiler: q (B, K, G, D) grouped, k/v (B, K, L, D).
-
-    Written as broadcast multiplies and sums rather than matmuls: inductor fuses each
-    into one loop over the cache (fp32 accumulation), about twice as fast as PyTorch's
-    batched bf16 matrix-vector kernels on a cache that does not fit in the CPU's cache
-    (measured). Eager, the same expressions would materialize (B, K, G, L, D) products.
-    """
-    D = q.shape[-1]
-    scores = (q.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * D ** -0.5  # (B, K, G, L)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    p = scores.softmax(-1)
-    y = (p[..., None] * v.float()[:, :, None]).sum(-2)  # (B, K, G, D)
-    return y.to(v.dtype)
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float = 0.0) -> Tensor:
+    """Scaled dot-product attention; q (B, H, T, D), k/v (B, K, S, D) with K dividing H."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: share each KV head across its group of query heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          is_causal=causal and mask is None)
 
 
 class SwiGLU(nn.Module):
@@ -272,7 +149,6 @@ class Block(nn.Module):
         self.mlp = MoE(dim, d_ff, n_experts, top_k) if n_experts > 1 else SwiGLU(dim, d_ff)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0, rows: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, rows))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, kv: CacheView | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, kv))
         return x + self.drop(self.mlp(self.mlp_norm(x)))

@@ -21,7 +21,7 @@ import torch
 from exaflop.engine.checkpoint import load_for_inference, read_latest
 from exaflop.errors import UserError
 from exaflop.lm.tokenizer import load_tokenizer, special_ids
-from exaflop.nn.layers import KVCache
+from exaflop.nn.decode import KVCache
 from exaflop.serve.engine import Engine
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.sequence import token_byte_table

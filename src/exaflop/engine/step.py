@@ -1,0 +1,95 @@
+"""One optimizer step: the unit the training loop repeats and a pipeline schedule replaces.
+
+`train_step` runs the step's micro-batches forward and backward (gradient sync only on the
+last one), clips, and updates unless the step is non-finite — it has no notion of cadence,
+logging or checkpoints, which the loop (engine/trainer.py) and its components own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from exaflop.engine.parallel import clip_grad_norm, set_grad_sync
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the step's micro-batches and the ranks
+    grad_norm: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's, averaged like the loss
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.grad_norm) and math.isfinite(self.loss)
+
+
+class NoDrills:
+    """The hooks `train_step` calls; the trainer's `Drills` (engine/faults.py) fill them in."""
+
+    def on_batch(self, step: int, batch: dict[str, Any]) -> None: ...
+
+    def after_backward(self, step: int, model: torch.nn.Module) -> None: ...
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(model, optimizer, task, batches: Iterator, accum: int, rt, step: int, lr: float,
+               grad_clip: float, drills=None, before_update: Callable[[], None] | None = None) -> StepOutcome:
+    """Optimizer step `step` (0-based) over `accum` micro-batches from `batches`.
+
+    A non-finite loss or gradient norm drops the gradients without updating (the caller
+    applies the skip/stop policy); `before_update` runs just before the optimizer writes
+    the parameters (an async checkpoint may still be copying them).
+    """
+    drills = drills or NoDrills()
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    model.train()
+    loss_sum, metrics_sum = 0.0, {}
+    for micro in range(accum):
+        batch = to_device(next(batches), rt.device)
+        drills.on_batch(step, batch)
+        with set_grad_sync(model, micro == accum - 1), rt.autocast():
+            loss, metrics = task.loss(model, batch)
+        (loss / accum).backward()
+        loss_sum += loss.detach().float().item() / accum
+        for k, v in metrics.items():
+            metrics_sum[k] = metrics_sum.get(k, 0.0) + v / accum
+    drills.after_backward(step, model)
+    out = StepOutcome(mean_over_ranks(loss_sum, rt), clip(model, grad_clip, rt), metrics_sum)
+    if out.finite:
+        if before_update is not None:
+            before_update()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def clip(model, max_norm: float, rt) -> float:
+    """Clip the gradients to `max_norm` (0: measure only); the total norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if rt.distributed:  # DTensor gradients may live on several meshes (TP blocks, FSDP root)
+        return clip_grad_norm(params, max_norm)
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP/TP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def mean_over_ranks(x: float, rt) -> float:
+    if not rt.distributed:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return float(t.item() / rt.world)
