@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from exaflop.lm.chat import END, role_header
 from exaflop.serve.auth import RateLimited
-from exaflop.serve.engine import QueueFull
 from exaflop.serve.protocol import APIError, ChatRequest, CompletionRequest
 from exaflop.serve.reload import ServedModel, Weights
+from exaflop.serve.scheduler import QueueFull
 from exaflop.serve.sequence import Event, Handle, SamplingParams, Sequence
 from exaflop.serve.shapes import Choice, Shaper, sse
 

@@ -11,6 +11,10 @@ A hot-reloaded checkpoint becomes `current`: new sequences start on it, while
 sequences already running keep the weights (and KV cache) they started with until
 they finish; then the old weights are released.
 
+Three parts: the scheduler (serve/scheduler.py: queues, admission, slots) makes a plain
+`BatchPlan` each step, the runner (serve/runner.py) computes its forward passes through the
+model's `decode`, and this engine runs the loop, samples, and hands events to clients.
+
 The loop runs in a thread, not the asyncio loop: torch releases the GIL inside
 kernels, so HTTP handling continues while a batch computes.
 
@@ -26,42 +30,48 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 
 import torch
 from torch import Tensor
 
 from exaflop.engine.faults import ServeFault
 from exaflop.serve.metrics import Metrics
+from exaflop.serve.runner import Runner
 from exaflop.serve.sampling import sample_rows
+from exaflop.serve.scheduler import BatchPlan, Scheduler
 from exaflop.serve.sequence import Event, Sequence
 
 log = logging.getLogger("exaflop.serve")
-
-
-class QueueFull(Exception):
-    pass
 
 
 class Engine:
     def __init__(self, name: str, metrics: Metrics, max_running: int = 32, max_queue: int = 256,
                  prefill_tokens: int = 4096, compile: bool = False):
         self.name, self.metrics = name, metrics
-        self.max_running, self.max_queue, self.prefill_tokens = max_running, max_queue, prefill_tokens
-        # The decode step, optionally compiled (see `prepare`); prefill stays eager: its
-        # shapes vary in two dimensions and compiling it measured no faster.
-        self.compile = compile
-        self._decode_step = None  # a compiled LM.logits_at, once `prepare` made one
-        self._compiled = False
-        self.current = None  # Weights new sequences start on; None while loading
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.fault = ServeFault.from_env()  # drills only: EXAFLOP_SERVE_FAULT (engine/faults.py)
+        self.scheduler = Scheduler(name, metrics, max_running, max_queue, prefill_tokens, self.fault)
+        self.runner = Runner(name, metrics, compile, self.fault)
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._outbox: list[tuple[object, Event]] = []
         self.steps = 0
-        self.fault = ServeFault.from_env()  # drills only: EXAFLOP_SERVE_FAULT (engine/faults.py)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def _compiled(self) -> bool:
+        return self.runner.compiled
+
+    @property
+    def _decode_step(self):
+        return self.runner.decode_step
 
     # -- called from the HTTP side -------------------------------------------------
     def start(self) -> None:
@@ -76,45 +86,17 @@ class Engine:
     def swap(self, weights) -> None:
         """Start new sequences on `weights`; running ones finish on what they started with."""
         with self._cond:
-            self.current = weights
+            self.scheduler.current = weights
             self._cond.notify_all()
 
     def prepare(self, weights) -> None:
-        """Compile the decode step on `weights` before they serve (called off the engine thread).
-
-        One graph with a symbolic batch size serves every batch (plus one for a batch of
-        one, which the compiler specializes), so the compile happens here, at load, instead
-        of stalling the first requests. A hot reload of the same architecture reuses it.
-        If compiling fails (no C++ compiler, say), decode stays eager and serving goes on.
-        """
-        if not self.compile or self._compiled:
-            return
-        t0 = time.perf_counter()
-        try:
-            compiled = torch.compile(type(weights.model).logits_at, dynamic=True)
-            with torch.inference_mode():
-                # The cache too is made under inference mode, as the engine thread makes
-                # every later one (take_slot): graphs are guarded on that tensor kind.
-                cache = weights.ensure_cache(self.max_running)
-                for batch in sorted({1, min(2, cache.slots)}):
-                    cache.lengths[:batch] = 0
-                    x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
-                    compiled(weights.model, x, cache, None, torch.zeros_like(x[:, 0]))
-                cache.lengths.zero_()
-        except Exception as e:  # noqa: BLE001 — any compiler failure: serve eager instead
-            log.warning("engine %s: torch.compile failed (%s: %s); decoding eagerly", self.name,
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.compile = False
-            return
-        self._decode_step, self._compiled = compiled, True
-        log.info("engine %s: decode step compiled in %.1f s", self.name, time.perf_counter() - t0)
+        """Compile the decode step on `weights` before they serve (serve/runner.py)."""
+        self.runner.prepare(weights, self.scheduler.max_running)
 
     def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (QueueFull when --max-queue is reached)."""
         with self._cond:
-            free_slots = max(0, self.max_running - len(self.running))
-            if len(self.waiting) + len(seqs) > self.max_queue + free_slots:
-                raise QueueFull(f"{len(self.waiting)} sequences already waiting (--max-queue {self.max_queue})")
-            self.waiting.extend(seqs)
+            self.scheduler.submit(seqs)
             self._gauges()
             self._cond.notify_all()
 
@@ -130,66 +112,36 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------
     def _loop(self) -> None:
+        sched = self.scheduler
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopped and not (self.running or self.waiting):
+                    while not self._stopped and sched.idle:
                         self._cond.wait(1.0)
                     if self._stopped:
                         return
-                    self._drop_cancelled()
-                    admitted = self._admit()
+                    sched.drop_cancelled()
+                    plan = sched.schedule()
                     self._gauges()
-                if not admitted and not self.running:
+                for s, e in plan.failed:
+                    self._fail(s, e, "could not start a sequence")
+                if plan.empty:
                     # Nothing to compute, but sequences that failed to start have events to
                     # hand over: without this flush a lone failed request would wait forever.
                     self._flush()
                     time.sleep(0.005)  # waiting but nothing admissible (model still loading)
                     continue
                 try:
-                    self._step(admitted)
+                    self._step(plan)
                 except Exception as e:  # a bug outside any one sequence: fail the step, keep serving
                     log.exception("engine %s: step failed", self.name)
-                    for s in self.running + admitted:
+                    for s in sched.running + plan.prefill:
                         if s.finish_reason is None:
                             self._fail(s, e)
-                    self.running = []
+                    sched.running = []
                 self._flush()
                 self.steps += 1
                 self._gauges()
-
-    def _drop_cancelled(self) -> None:
-        for s in [s for s in self.waiting if s.cancelled]:
-            self.waiting.remove(s)
-            self.metrics.aborted.inc(model=self.name)
-        for s in [s for s in self.running if s.cancelled]:
-            self.running.remove(s)
-            self._release(s)
-            self.metrics.aborted.inc(model=self.name)
-
-    def _admit(self) -> list[Sequence]:
-        w = self.current
-        out: list[Sequence] = []
-        if w is None:
-            return out
-        longest = 0
-        while self.waiting and len(self.running) + len(out) < self.max_running:
-            s = self.waiting[0]
-            longest_if = max(longest, len(s.prompt_ids))
-            if out and longest_if * (len(out) + 1) > self.prefill_tokens:
-                break  # the rest prefill next step, so running sequences are not stalled long
-            self.waiting.popleft()
-            longest = longest_if
-            s.weights, s.slot = w, w.take_slot(s, self.max_running)  # so a failed start can free it
-            try:
-                if self.fault:
-                    self.fault.check("start", [s])
-                s.start(w, s.slot, w.device)
-            except Exception as e:  # fail this request, never the engine thread
-                self._fail(s, e, "could not start a sequence")
-                continue
-            out.append(s)
-        return out
 
     def _fail(self, s: Sequence, e: Exception, what: str = "sequence failed") -> None:
         """End one sequence with an error event (delivered at this step's flush)."""
@@ -217,48 +169,16 @@ class Engine:
                 self._fail(s, e, f"{stage} failed")
 
     def _gauges(self) -> None:
-        self.metrics.running.set(len(self.running), model=self.name)
-        self.metrics.waiting.set(len(self.waiting), model=self.name)
+        self.metrics.running.set(len(self.scheduler.running), model=self.name)
+        self.metrics.waiting.set(len(self.scheduler.waiting), model=self.name)
 
     # -- one step -------------------------------------------------------------
-    def _step(self, admitted: list[Sequence]) -> None:
-        decoding = self.running
-        by_weights: dict[int, list[Sequence]] = {}
-        for s in decoding:
-            by_weights.setdefault(id(s.weights), []).append(s)
-        for group in by_weights.values():
-            self._isolated(self._decode, group, "decode")
-        if admitted:
-            self._isolated(self._prefill, admitted, "prefill")
-        self.running = [s for s in decoding + admitted if s.finish_reason is None]
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        w = seqs[0].weights
-        lens = [len(s.prompt_ids) for s in seqs]
-        x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            x[i, :lens[i]] = torch.tensor(s.prompt_ids)
-        rows = torch.tensor([s.slot for s in seqs], device=w.device)
-        lens_t = torch.tensor(lens, device=w.device)
-        w.cache.reset(rows)
-        if self.fault:
-            self.fault.check("prefill", seqs)
-        logits = w.model.decode(x.to(w.device), w.cache, rows, lens_t)
-        self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
-        self._emit(seqs, logits)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        w = seqs[0].weights
-        self.metrics.batch.observe(len(seqs), model=self.name)
-        seqs.sort(key=lambda s: s.slot)
-        x = torch.tensor([[s.out_ids[-1]] for s in seqs], device=w.device)
-        packed = all(s.slot == i for i, s in enumerate(seqs))  # the usual case (see Weights.free_slot)
-        rows = None if packed else torch.tensor([s.slot for s in seqs], device=w.device)
-        # The compiled step is traced for packed rows; a gather (rows given) runs eager.
-        if self.fault:
-            self.fault.check("decode", seqs)
-        logits = w.model.decode(x, w.cache, rows, step=self._decode_step if rows is None else None)
-        self._emit(seqs, logits)
+    def _step(self, plan: BatchPlan) -> None:
+        for group in plan.decode:
+            self._isolated(lambda seqs: self._emit(seqs, self.runner.decode(seqs)), group, "decode")
+        if plan.prefill:
+            self._isolated(lambda seqs: self._emit(seqs, self.runner.prefill(seqs)), plan.prefill, "prefill")
+        self.scheduler.finish(plan)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:
         """sample_rows over the batch; if it raises, row by row, failing only the rows that raise."""
@@ -328,9 +248,7 @@ class Engine:
                 pass
 
     def _release(self, s: Sequence) -> None:
-        if s.weights is not None and s.slot >= 0:
-            s.weights.free_slot(s.slot)
-            s.slot = -1
+        self.scheduler.release(s)
 
 
 def _deliver_all(items: list) -> None:

@@ -1,0 +1,88 @@
+"""The model runner: the forward passes of a `BatchPlan`, through the model's public entry
+point (`LM.decode`) and nothing else of the model.
+
+Prefill: the admitted prompts right-padded into one batch, their cache rows reset; the
+model advances each row by its real length. Decode: one token per running sequence. The
+decode step may be compiled (`serve --compile`); prefill stays eager: its shapes vary in
+two dimensions and compiling it measured no faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor
+
+from exaflop.engine.faults import ServeFault
+from exaflop.serve.metrics import Metrics
+from exaflop.serve.sequence import Sequence
+
+log = logging.getLogger("exaflop.serve")
+
+
+class Runner:
+    def __init__(self, name: str, metrics: Metrics, compile: bool = False, fault: ServeFault | None = None) -> None:
+        self.name, self.metrics, self.fault = name, metrics, fault
+        self.compile = compile
+        self.decode_step = None  # a compiled LM.logits_at, once `prepare` made one
+        self.compiled = False
+
+    def prepare(self, weights, max_running: int) -> None:
+        """Compile the decode step on `weights` before they serve (called off the engine thread).
+
+        One graph with a symbolic batch size serves every batch (plus one for a batch of
+        one, which the compiler specializes), so the compile happens here, at load, instead
+        of stalling the first requests. A hot reload of the same architecture reuses it.
+        If compiling fails (no C++ compiler, say), decode stays eager and serving goes on.
+        """
+        if not self.compile or self.compiled:
+            return
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(type(weights.model).logits_at, dynamic=True)
+            with torch.inference_mode():
+                # The cache too is made under inference mode, as the engine thread makes
+                # every later one (take_slot): graphs are guarded on that tensor kind.
+                cache = weights.ensure_cache(max_running)
+                for batch in sorted({1, min(2, cache.slots)}):
+                    cache.lengths[:batch] = 0
+                    x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
+                    compiled(weights.model, x, cache, None, torch.zeros_like(x[:, 0]))
+                cache.lengths.zero_()
+        except Exception as e:  # noqa: BLE001 — any compiler failure: serve eager instead
+            log.warning("engine %s: torch.compile failed (%s: %s); decoding eagerly", self.name,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.compile = False
+            return
+        self.decode_step, self.compiled = compiled, True
+        log.info("engine %s: decode step compiled in %.1f s", self.name, time.perf_counter() - t0)
+
+    def prefill(self, seqs: list[Sequence]) -> Tensor:
+        """Next-token logits (B, V) after each prompt; fills the prompts' cache rows."""
+        w = seqs[0].weights
+        lens = [len(s.prompt_ids) for s in seqs]
+        x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, :lens[i]] = torch.tensor(s.prompt_ids)
+        rows = torch.tensor([s.slot for s in seqs], device=w.device)
+        w.cache.reset(rows)
+        if self.fault:
+            self.fault.check("prefill", seqs)
+        logits = w.model.decode(x.to(w.device), w.cache, rows, torch.tensor(lens, device=w.device))
+        self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
+        return logits
+
+    def decode(self, seqs: list[Sequence]) -> Tensor:
+        """Next-token logits (B, V) after each sequence's last token, sorted by slot in place."""
+        w = seqs[0].weights
+        self.metrics.batch.observe(len(seqs), model=self.name)
+        seqs.sort(key=lambda s: s.slot)
+        x = torch.tensor([[s.out_ids[-1]] for s in seqs], device=w.device)
+        packed = all(s.slot == i for i, s in enumerate(seqs))  # the usual case (see Weights.free_slot)
+        rows = None if packed else torch.tensor([s.slot for s in seqs], device=w.device)
+        if self.fault:
+            self.fault.check("decode", seqs)
+        # The compiled step is traced for packed rows; a gather (rows given) runs eager.
+        return w.model.decode(x, w.cache, rows, step=self.decode_step if rows is None else None)
