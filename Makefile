@@ -4,6 +4,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Private torch APIs in use, checked against this pin (re-check them when it moves):
+#   torch.distributed._state_dict_utils._copy_state_dict / _create_cpu_state_dict
+#   (engine/checkpoint.py: async checkpoint staging into reused CPU buffers; torch's own
+#   async_save uses them; a failure there falls back to reallocating the buffers).
 TORCH ?= torch==2.13.0
 EXTRAS ?= sim,parquet,hf,gguf,test
 

@@ -242,6 +242,8 @@ class _ReusedBufferStager:
             self._staging = None
 
     def _copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Private torch API (what torch's own async_save stages with), checked against the
+        # torch pin in the Makefile, which lists it: re-check when the pin moves.
         from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
         if self._cache is not None:
