@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/exaflop demo
 
 test: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 	$(PY) -m pytest -q
 
 # Everything, including the llama.cpp round trip (compiles llama.cpp: ~15 minutes on 2 cores).
@@ -35,7 +35,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 
 bench: install
 	$(PIP) install -q -e ".[bench]"
