@@ -51,3 +51,9 @@ mutation: install
 	rm -rf mutants
 	$(VENV)/bin/mutmut run --max-children 2
 	$(VENV)/bin/mutmut results
+	# What mutmut cannot map to a test: code run only by the servers the tests start, and the
+	# loader's pooled path that runs in DataLoader workers. A seeded sample, run for real.
+	$(PY) tools/mutation_sample.py --module exaflop.serve.api --sample 20 tests/serve/test_serve_openai.py
+	$(PY) tools/mutation_sample.py --module exaflop.serve.drive --sample 20 tests/serve/test_serve_drive.py
+	$(PY) tools/mutation_sample.py --module exaflop.data.stream --pool survived --only MicroBatches \
+		--sample 40 tests/data/test_stream.py

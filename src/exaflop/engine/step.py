@@ -69,6 +69,9 @@ def train_step(model, optimizer, task, batches: Iterator, accum: int, rt, step: 
         if before_update is not None:
             before_update()
         optimizer.step()
+        after = getattr(task, "after_step", None)  # optional: e.g. MoE routing-bias balancing
+        if after is not None:
+            out.metrics.update(after(model, rt))
     optimizer.zero_grad(set_to_none=True)
     return out
 

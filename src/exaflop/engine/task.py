@@ -43,6 +43,9 @@ class Task(Protocol):
     # is refused with a clear error).
     # def blocks(self, model) -> list[nn.Module]
     # def apply_tp(self, model, tp_mesh, sequence_parallel: bool) -> None
+    # Optional: called after each optimizer step that updated (engine/step.py); returns
+    # metrics for the training log (e.g. MoE routing-bias balancing and expert loads).
+    # def after_step(self, model, rt) -> dict[str, float]
 
     # Optional, for self-contained runs: the trainer calls save_assets once (rank 0) to copy
     # into the run directory everything inference needs from the data (tokenizer, clip

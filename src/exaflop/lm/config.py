@@ -19,8 +19,14 @@ class ModelConfig(Strict):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = Field(0.0, ge=0, lt=1)
-    n_experts: int = Field(1, ge=1)  # >1: mixture-of-experts MLP (Grok-1 style)
+    n_experts: int = Field(1, ge=1)  # >1: mixture-of-experts MLP (Grok-1 style; nn/moe.py)
     top_k: int = Field(1, ge=1)
+    # MoE balancing: the auxiliary-loss-free routing bias moves by this much per step toward
+    # balance (DeepSeek-V3's 0.001; 0: off), plus a sequence-wise auxiliary loss of this
+    # weight (theirs: 0.0001; 0: off), never part of the validation loss.
+    moe_bias_rate: float = Field(0.001, ge=0)
+    moe_aux_coef: float = Field(0.0001, ge=0)
+    moe_capacity: float = Field(0.0, ge=0)  # >0: capacity factor; copies beyond it are dropped
     init_std: float = 0.02
 
     @model_validator(mode="after")

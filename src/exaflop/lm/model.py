@@ -20,7 +20,8 @@ class LM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.d_ff, causal=True, norm_eps=cfg.norm_eps,
-                  dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k)
+                  dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k,
+                  capacity_factor=cfg.moe_capacity, aux_coef=cfg.moe_aux_coef)
             for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -39,7 +40,7 @@ class LM(nn.Module):
                 continue
             # Residual output projections scaled down by depth (GPT-2), so the
             # residual stream's variance does not grow with the number of layers.
-            scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("wo.weight", "w2.weight")) else 1
+            scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("wo.weight", "w2.weight", "mlp.w2")) else 1
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def hidden(self, idx: Tensor, cache: KVCache | None = None, rows: Tensor | None = None) -> Tensor:
@@ -57,7 +58,7 @@ class LM(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
                 rows: Tensor | None = None, loss_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """idx: (B, T) token ids -> (logits or None while training, loss or None).
+        """idx: (B, T) token ids -> (logits or None while training, cross-entropy or None).
 
         With `cache`, positions continue from each row's cache length; the cache's lengths
         do not move (use `decode`, which does both)."""
@@ -76,10 +77,19 @@ class LM(nn.Module):
             else:
                 m = loss_mask.reshape(-1).float()
                 loss = (loss * m).sum() / m.sum().clamp(min=1)
-        if self.cfg.n_experts > 1:
-            aux = sum(b.mlp.aux_loss for b in self.blocks)
-            loss = loss + 0.01 * aux / self.cfg.n_layer
         return logits, loss
+
+    def moe_layers(self) -> list:
+        return [b.mlp for b in self.blocks if hasattr(b.mlp, "expert_bias")]
+
+    def aux_loss(self) -> Tensor | None:
+        """The MoE balance loss of the last forward, weighted (model.moe_aux_coef) and averaged
+        over the MoE layers; None without one. Not part of `forward`'s loss: training adds it
+        (LMTask.loss), evaluation never does."""
+        terms = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if not terms:
+            return None
+        return self.cfg.moe_aux_coef * sum(terms) / len(terms)
 
     def logits_at(self, idx: Tensor, cache: KVCache, rows: Tensor | None, last: Tensor) -> Tensor:
         """fp32 logits (B, V) at position `last[b]` of each row of this chunk, filling the cache

@@ -37,7 +37,7 @@ def check_tp(cfg, tp: int, sequence_parallel: bool) -> None:
 
 
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
@@ -58,13 +58,21 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel(output_layouts=between),
         }
-        moe = hasattr(block.mlp, "experts")
+        moe = hasattr(block.mlp, "expert_bias")
         if moe:
-            # Each expert splits like the dense MLP; routing runs on the full (gathered) tokens.
-            for e in range(len(block.mlp.experts)):
-                plan[f"mlp.experts.{e}.w1"] = ColwiseParallel()
-                plan[f"mlp.experts.{e}.w3"] = ColwiseParallel()
-                plan[f"mlp.experts.{e}.w2"] = RowwiseParallel()
+            # Stacked experts split like the dense MLP, all at once: gate/up by their hidden
+            # units (Shard(2) of (E, C, F)), down by its input (Shard(1) of (E, F, C)). The
+            # MoE computes on the local shards and reduces its output itself (nn/moe.py): one
+            # all-reduce for all experts, not one per expert. Routing runs on the full
+            # tokens with the replicated router on every rank.
+            mlp = block.mlp
+            for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+                p = getattr(mlp, name)
+                setattr(mlp, name, nn.Parameter(distribute_tensor(p.data, tp_mesh, [Shard(dim)])))
+            if sp:  # gather the sequence in, keep this rank's part of the (replicated) result out
+                plan["mlp"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
         else:
             plan.update({"mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(),
                          "mlp.w2": RowwiseParallel(output_layouts=between)})
@@ -74,11 +82,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
                 "attn": PrepareModuleInput(input_layouts=(Shard(1), *rest),
                                            desired_input_layouts=(Replicate(), *rest)),
             })
-            if moe:  # routing works on plain tensors; the residual wants the sequence shard back
-                plan["mlp"] = PrepareModuleInputOutput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-                    output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
-            else:
+            if not moe:
                 plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)
     if sp:

@@ -69,12 +69,34 @@ class LMTask:
         return {"input": x[:, :-1].contiguous(), "target": x[:, 1:].contiguous()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        _, loss = model(batch["input"], batch["target"], loss_mask=batch.get("loss_mask"))
-        return loss, {}
+        _, ce = model(batch["input"], batch["target"], loss_mask=batch.get("loss_mask"))
+        aux = _inner(model).aux_loss() if self.mcfg.n_experts > 1 else None
+        if aux is None:
+            return ce, {}
+        # The MoE balance term trains the router; the logged loss stays the cross-entropy.
+        return ce + aux, {"ce_loss": ce.item(), "aux_loss": aux.item()}
+
+    def after_step(self, model: nn.Module, rt) -> dict[str, float]:
+        """After each optimizer step: MoE routing-bias balancing from the step's expert loads
+        (summed over micro-batches and ranks), and per-layer load statistics for the log."""
+        layers = _inner(model).moe_layers() if self.mcfg.n_experts > 1 else []
+        if not layers:
+            return {}
+        load = torch.stack([m.take_load() for m in layers])  # (layers, E)
+        if rt.distributed:  # every rank must move its bias the same way
+            torch.distributed.all_reduce(load)
+        out = {}
+        for i, (m, lo) in enumerate(zip(layers, load, strict=True)):
+            if self.mcfg.moe_bias_rate > 0:
+                m.balance(lo, self.mcfg.moe_bias_rate)
+            out[f"moe_load_l{i}"] = float(lo.max() / lo.mean().clamp(min=1e-9))
+        out["moe_load_max_over_mean"] = max(out.values())
+        return out
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
-        losses = [float(self.loss(model, b)[0]) for b in batches]
+        # Cross-entropy only: an MoE run's balance term is a training device, not a loss of the data.
+        losses = [float(model(b["input"], b["target"], loss_mask=b.get("loss_mask"))[1]) for b in batches]
         val_loss = sum(losses) / max(1, len(losses))
         if self.cfg.data.sft_path:  # bits per byte describes the pretraining corpus, not chats
             return {"val_loss": val_loss}
@@ -84,3 +106,10 @@ class LMTask:
 
     def flops_per_sample(self) -> float:
         return flops_per_token(self.mcfg) * self.mcfg.seq_len
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The LM under DDP / torch.compile wrappers (FSDP2 and TP keep the module itself)."""
+    for attr in ("module", "_orig_mod"):
+        model = getattr(model, attr, model)
+    return model

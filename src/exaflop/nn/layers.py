@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exaflop.nn.moe import MoE
+
 if TYPE_CHECKING:
     from exaflop.nn.decode import CacheView
 
@@ -105,48 +107,18 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class MoE(nn.Module):
-    """Top-k routed mixture of SwiGLU experts (Grok-1 style: 8 experts, 2 active).
-
-    Tokens are grouped by expert so each expert runs one dense matmul over its tokens.
-    An auxiliary load-balancing loss (Switch Transformer form) is kept in `aux_loss`.
-    """
-
-    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int):
-        super().__init__()
-        self.top_k = top_k
-        self.router = nn.Linear(dim, n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(n_experts))
-        self.aux_loss: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, C)
-        probs = self.router(x).float().softmax(-1)  # (N, E)
-        weight, expert = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weight = (weight / weight.sum(-1, keepdim=True)).type_as(x)
-        out = torch.zeros_like(x)
-        for e, mlp in enumerate(self.experts):
-            token, slot = (expert == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, mlp(x[token]) * weight[token, slot, None])
-        n_e = probs.shape[-1]
-        load = torch.zeros(n_e, device=x.device).index_add_(
-            0, expert.flatten(), torch.ones(expert.numel(), device=x.device)) / expert.numel()
-        self.aux_loss = n_e * (load * probs.mean(0)).sum()
-        return out.view(shape)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, d_ff: int, causal: bool = True,
-                 norm_eps: float = 1e-5, dropout: float = 0.0, n_experts: int = 1, top_k: int = 1):
+                 norm_eps: float = 1e-5, dropout: float = 0.0, n_experts: int = 1, top_k: int = 1,
+                 capacity_factor: float = 0.0, aux_coef: float = 0.0):
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = Attention(dim, n_head, n_kv_head, causal=causal, dropout=dropout)
         self.mlp_norm = RMSNorm(dim, norm_eps)
-        self.mlp = MoE(dim, d_ff, n_experts, top_k) if n_experts > 1 else SwiGLU(dim, d_ff)
+        self.mlp = (MoE(dim, d_ff, n_experts, top_k, capacity_factor, aux_coef) if n_experts > 1
+                    else SwiGLU(dim, d_ff))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, kv: CacheView | None = None) -> Tensor:
