@@ -63,7 +63,7 @@ def test_an_expert_no_token_chose_still_gets_a_zero_gradient():
 
 def test_capacity_drops_copies_beyond_it():
     torch.manual_seed(0)
-    moe = MoE(16, 32, n_experts=4, top_k=1, capacity_factor=1.0)
+    moe = MoE(16, 32, n_experts=4, top_k=1, capacity_factor=1.0).train()
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[0] = 1.0  # every token prefers expert 0
@@ -73,6 +73,7 @@ def test_capacity_drops_copies_beyond_it():
     # and their tokens' outputs are zero.
     assert moe.dropped == 12
     assert (y[0].abs().sum(-1) > 0).sum() == 4
+    assert (moe.eval()(x)[0].abs().sum(-1) > 0).sum() == 16  # inference drops nothing
 
 
 def test_bias_balancing_evens_out_a_skewed_router():

@@ -1,4 +1,5 @@
-"""`exaflop export RUN OUT --format hf`: a directory transformers loads as LlamaForCausalLM.
+"""`exaflop export RUN OUT --format hf`: a directory transformers loads as LlamaForCausalLM
+(dense runs) or MixtralForCausalLM (mixture-of-experts runs, Mixtral's per-expert layout).
 
     OUT/config.json              LlamaConfig (RMSNorm, RoPE, SwiGLU, GQA map one to one)
     OUT/generation_config.json   stops at <|endoftext|> and the chat turn end <|end|>
@@ -33,10 +34,10 @@ HF_GENERATION_CONFIG = "hf_generation_config.json"
 PAD = "<|pad|>"
 
 
-def unsupported_features(mcfg: ModelConfig) -> list[str]:
-    """Parts of an exaflop model that LlamaForCausalLM (and llama.cpp's llama arch) cannot express."""
+def unsupported_features(mcfg: ModelConfig, fmt: str = "gguf") -> list[str]:
+    """Parts of an exaflop model the format cannot express (hf: Llama or Mixtral; gguf: llama)."""
     problems = []
-    if mcfg.n_experts > 1:
+    if mcfg.n_experts > 1 and fmt != "hf":
         problems.append(f"mixture-of-experts MLP (model.n_experts={mcfg.n_experts}, top_k={mcfg.top_k}); "
                         "Llama has one dense SwiGLU per block — export a dense model (n_experts=1)")
     return problems
@@ -54,7 +55,7 @@ def load_exportable(run: str | Path, fmt: str):
     cfg, _task, model = load_for_inference(run)
     if cfg.task != "lm":
         raise UserError(f"export --format {fmt}: {run} is a {cfg.task!r} run; only language models export")
-    problems = unsupported_features(cfg.model)
+    problems = unsupported_features(cfg.model, fmt)
     if problems:
         raise UserError(f"export --format {fmt}: cannot express {problems[0]}")
     return cfg, model
@@ -82,9 +83,30 @@ def name_pairs(n_layer: int, tied: bool) -> list[tuple[str, str]]:
     return pairs
 
 
+def moe_pairs(n_layer: int, n_experts: int) -> list[tuple[str, int | None, str]]:
+    """(exaflop name, expert index or None, Mixtral name): exaflop stacks the experts,
+    (E, C, F) for gate/up and (E, F, C) for down; Mixtral keeps one Linear per expert,
+    weight (F, C) / (C, F), i.e. each expert's slice transposed."""
+    out: list[tuple[str, int | None, str]] = []
+    for i in range(n_layer):
+        b, h = f"blocks.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        out.append((b + "router.weight", None, h + "gate.weight"))
+        for e in range(n_experts):
+            out += [(b + w, e, f"{h}experts.{e}.{w}.weight") for w in ("w1", "w3", "w2")]
+    return out
+
+
 def to_hf_state(state: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict[str, torch.Tensor]:
-    return {hf: state[ours].detach().to("cpu", torch.float32).contiguous()
-            for ours, hf in name_pairs(mcfg.n_layer, mcfg.tie_embeddings)}
+    def fp32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32).contiguous()
+
+    moe = mcfg.n_experts > 1
+    out = {hf: fp32(state[ours]) for ours, hf in name_pairs(mcfg.n_layer, mcfg.tie_embeddings)
+           if not (moe and ".mlp." in hf)}
+    if moe:
+        for ours, e, hf in moe_pairs(mcfg.n_layer, mcfg.n_experts):
+            out[hf] = fp32(state[ours] if e is None else state[ours][e].t())
+    return out
 
 
 def special_token_ids(data_dir: Path) -> dict[str, int | None]:
@@ -103,9 +125,14 @@ def special_token_ids(data_dir: Path) -> dict[str, int | None]:
 
 
 def hf_config(mcfg: ModelConfig, ids: dict[str, int | None]) -> dict[str, Any]:
+    moe = mcfg.n_experts > 1
+    extra = {"num_local_experts": mcfg.n_experts, "num_experts_per_tok": mcfg.top_k,
+             "output_router_logits": False, "router_aux_loss_coef": mcfg.moe_aux_coef,
+             "router_jitter_noise": 0.0, "sliding_window": None} if moe else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"],
+        "model_type": "mixtral" if moe else "llama",
+        **extra,
         "vocab_size": mcfg.vocab_size,
         "hidden_size": mcfg.d_model,
         "intermediate_size": mcfg.d_ff,
@@ -169,6 +196,14 @@ def export(run: str | Path, out: str | Path) -> Path:
 
     cfg, model = load_exportable(run, "hf")
     mcfg = cfg.model
+    bias = max((float(m.expert_bias.abs().max()) for m in model.moe_layers()), default=0.0)
+    if bias > 0:
+        from exaflop.progress import console
+
+        # Mixtral routes on the router's probabilities alone: the balancing bias has no place.
+        console.print(f"[yellow]export --format hf: the MoE routing bias (max |bias| {bias:.3g}) has no "
+                      "Mixtral equivalent and is left out: where it decided a token's experts, "
+                      "transformers routes differently from exaflop")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"export --format hf: {out} is a file; give a directory")

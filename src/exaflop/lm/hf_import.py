@@ -24,9 +24,9 @@ import torch
 
 from exaflop.errors import UserError
 from exaflop.lm.assets import save_assets
-from exaflop.lm.hf import HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG, name_pairs
+from exaflop.lm.hf import HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG, moe_pairs, name_pairs
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM",)
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MixtralForCausalLM")
 # Tensors HF checkpoints may carry that exaflop derives instead of storing.
 DERIVED = ("rotary_emb.inv_freq",)
 
@@ -54,9 +54,9 @@ def _rope_theta(hf: dict[str, Any], where: Path) -> float:
 def model_section(hf: dict[str, Any], where: Path) -> dict[str, Any]:
     """exaflop's [model] section for an HF LlamaConfig dict; UserError names anything it can't express."""
     archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" or (archs and archs[0] not in SUPPORTED_ARCHS):
+    if hf.get("model_type") not in ("llama", "mixtral") or (archs and archs[0] not in SUPPORTED_ARCHS):
         raise UserError(f"import hf: {where} is a {hf.get('model_type')!r} model ({', '.join(archs) or '?'}); "
-                        "exaflop imports the Llama architecture (LlamaForCausalLM)")
+                        "exaflop imports the Llama and Mixtral architectures (LlamaForCausalLM, MixtralForCausalLM)")
     unsupported = [
         (hf.get("attention_bias"), "attention_bias=true (biases on q/k/v/o)"),
         (hf.get("mlp_bias"), "mlp_bias=true (biases in the MLP)"),
@@ -74,11 +74,16 @@ def model_section(hf: dict[str, Any], where: Path) -> dict[str, Any]:
             "seq_len": int(hf.get("max_position_embeddings") or 2048),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
             "rope_theta": _rope_theta(hf, where), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "dropout": 0.0, "n_experts": 1, "top_k": 1,
+            "dropout": 0.0, "n_experts": int(hf.get("num_local_experts") or 1),
+            "top_k": int(hf.get("num_experts_per_tok") or 1),
             "init_std": float(hf.get("initializer_range", 0.02)),
         }
     except KeyError as e:
         raise UserError(f"import hf: {where} lacks the field {e.args[0]!r}") from None
+    window = hf.get("sliding_window")
+    if window and int(window) < section["seq_len"]:
+        raise UserError(f"import hf: {where} uses sliding-window attention (sliding_window={window}); "
+                        "exaflop's attention is full causal")
     if hf.get("head_dim") and int(hf["head_dim"]) != d // heads:
         raise UserError(f"import hf: {where} has head_dim={hf['head_dim']} != hidden_size/num_attention_heads="
                         f"{d // heads}; exaflop derives the head dim from d_model/n_head")
@@ -121,7 +126,8 @@ def to_exaflop_state(hf_state: dict[str, torch.Tensor], model: torch.nn.Module, 
     cfg = model.cfg
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    pairs = name_pairs(cfg.n_layer, cfg.tie_embeddings)
+    moe = cfg.n_experts > 1
+    pairs = [(exa, hf) for exa, hf in name_pairs(cfg.n_layer, cfg.tie_embeddings) if not (moe and ".mlp." in hf)]
     for exa, hf in pairs:
         if hf not in hf_state:
             raise UserError(f"import hf: {src} is incomplete: tensor {hf} is missing")
@@ -131,6 +137,25 @@ def to_exaflop_state(hf_state: dict[str, torch.Tensor], model: torch.nn.Module, 
                             f"{tuple(ours[exa].shape)}")
         out[exa] = t.to(torch.float32)
     known = {hf for _, hf in pairs} | {"lm_head.weight"}
+    if moe:  # Mixtral: one Linear per expert, stacked here (see lm/hf.py's moe_pairs)
+        experts: dict[str, list] = {}
+        for exa, e, hf in moe_pairs(cfg.n_layer, cfg.n_experts):
+            if hf not in hf_state:
+                raise UserError(f"import hf: {src} is incomplete: tensor {hf} is missing")
+            known.add(hf)
+            t = hf_state[hf].to(torch.float32)
+            if e is None:
+                out[exa] = t
+            else:
+                experts.setdefault(exa, []).append(t.t())
+        for exa, ts in experts.items():
+            out[exa] = torch.stack(ts)
+            if tuple(out[exa].shape) != tuple(ours[exa].shape):
+                raise UserError(f"import hf: the experts of {exa} in {src} stack to {tuple(out[exa].shape)}, "
+                                f"config.json implies {tuple(ours[exa].shape)}")
+        for name in ours:  # the routing bias: Mixtral has none, exaflop starts it at zero
+            if name.endswith("expert_bias"):
+                out[name] = torch.zeros_like(ours[name])
     extra = sorted(k for k in hf_state if k not in known and not k.endswith(DERIVED))
     if extra:
         raise UserError(f"import hf: {src} has tensor {extra[0]} that exaflop's Llama model has no place for "

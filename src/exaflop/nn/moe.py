@@ -17,8 +17,8 @@ Balancing, two mechanisms (both configurable, see lm/config.py):
   1.6x and 3.8x max/mean load after 100 steps, against <= 1.5x on the logits);
 - a sequence-wise auxiliary loss (same paper, eq. 17-20), returned separately so that
   validation loss never contains it.
-An optional capacity factor drops the copies an expert receives beyond its capacity
-(counted in the statistics).
+An optional capacity factor drops, in training, the copies an expert receives beyond its
+capacity (counted in `dropped`); inference computes every copy.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class MoE(nn.Module):
             c = counts.detach().float()
             self.load = c if self.load is None else self.load + c
         cap = None
-        if self.capacity_factor > 0:
+        if self.capacity_factor > 0 and self.training:  # inference computes every copy
             cap = max(1, math.ceil(self.capacity_factor * N * k / E))
             starts = counts.cumsum(0) - counts
             pos = torch.arange(N * k, device=x.device) - starts[flat[order]]
