@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
-from exaflop.engine.checkpoint import Checkpointer, latest_complete, list_checkpoints, read_latest, verify
+from exaflop.engine.checkpoint import (
+    Checkpointer,
+    latest_complete,
+    list_checkpoints,
+    read_latest,
+    verify,
+)
 from exaflop.errors import UserError
 
 

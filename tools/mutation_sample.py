@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -49,12 +50,20 @@ def with_status(mutants: Path, module: str, statuses: tuple[str, ...]) -> set[st
 def run(mutants: Path, name: str, tests: list[str], timeout: float) -> tuple[str, float]:
     env = {**os.environ, "MUTANT_UNDER_TEST": name, "PYTHONPATH": str(mutants / "src")}
     t0 = time.perf_counter()
+    # Its own process group: on a timeout the servers the tests started go with it.
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                            cwd=mutants, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                              cwd=mutants, env=env, capture_output=True, text=True, timeout=timeout)
-        status = "survived" if done.returncode == 0 else "killed"
+        status = "survived" if proc.wait(timeout) == 0 else "killed"
     except subprocess.TimeoutExpired:
         status = "timeout (caught)"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     return status, time.perf_counter() - t0
 
 
