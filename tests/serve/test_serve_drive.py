@@ -130,3 +130,32 @@ def test_garbage_upload_and_wrong_model(both):
 def test_no_driving_run_is_404(server):
     r = http.post(server.url + "/v1/drive/predict", json={"model": "pilot", "frames": [[[[0, 0, 0]]]]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_drive_card_and_errors_by_value(both, drive_run):
+    assert http.get(both.url + "/v1/models/pilot").json()["checkpoint_step"] == 2
+    r = http.post(both.url + "/v1/drive/predict", json={"model": "m", "frames": [[[[0, 0, 0]]]]})
+    err = r.json()["error"]
+    assert err["param"] == "model" and "is a language model" in err["message"]
+    r = http.post(both.url + "/v1/drive/predict", data={"model": ""},
+                  files={"video": ("clip.mp4", b"x", "video/mp4")})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Missing required parameter: model", "type": "invalid_request_error", "param": "model",
+        "code": None}
+    clip = (drive_run / "raw" / "d0.mp4").read_bytes()
+    r = http.post(both.url + "/v1/drive/predict", data={"model": "pilot", "speed": "fast"},
+                  files={"video": ("clip.mp4", clip, "video/mp4")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speed"
+
+
+def test_upload_uses_the_given_speed(both, drive_run):
+    clip = (drive_run / "raw" / "d0.mp4").read_bytes()
+
+    def ask(**fields) -> list:
+        r = http.post(both.url + "/v1/drive/predict", data={"model": "pilot", **fields},
+                      files={"video": ("clip.mp4", clip, "video/mp4")})
+        assert r.status_code == 200, r.text
+        return r.json()["waypoints"]
+    speed = json.dumps([7.0, 7.5, 8.0, 8.5])
+    plain = ask(speed=speed)
+    assert ask(speed=json.dumps([2.0] * FRAMES)) != plain
