@@ -30,7 +30,7 @@ from pathlib import Path
 
 def mutant_names(mutants: Path, module: str) -> list[str]:
     src = (mutants / "src" / Path(*module.split("."))).with_suffix(".py").read_text()
-    return [f"{module}.{m}" for m in re.findall(r"^\s*def (x\S+__mutmut_\d+)\(", src, re.M)]
+    return [f"{module}.{m}" for m in re.findall(r"^\s*(?:async\s+)?def (x\S+__mutmut_\d+)\(", src, re.M)]
 
 
 def with_status(mutants: Path, module: str, statuses: tuple[str, ...]) -> set[str] | None:
