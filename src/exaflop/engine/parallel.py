@@ -166,4 +166,6 @@ class _Null:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under torch.compile and DDP wrappers (FSDP2 and TP keep the module)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, DDP) else model

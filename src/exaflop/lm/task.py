@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from exaflop.engine.parallel import unwrap
 from exaflop.errors import UserError
 from exaflop.lm import parallel_plan
 from exaflop.lm.assets import read_manifest as read_assets_manifest
@@ -70,7 +71,7 @@ class LMTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         _, ce = model(batch["input"], batch["target"], loss_mask=batch.get("loss_mask"))
-        aux = _inner(model).aux_loss() if self.mcfg.n_experts > 1 else None
+        aux = unwrap(model).aux_loss() if self.mcfg.n_experts > 1 else None
         if aux is None:
             return ce, {}
         # The MoE balance term trains the router; the logged loss stays the cross-entropy.
@@ -79,7 +80,7 @@ class LMTask:
     def after_step(self, model: nn.Module, rt) -> dict[str, float]:
         """After each optimizer step: MoE routing-bias balancing from the step's expert loads
         (summed over micro-batches and ranks), and per-layer load statistics for the log."""
-        layers = _inner(model).moe_layers() if self.mcfg.n_experts > 1 else []
+        layers = unwrap(model).moe_layers() if self.mcfg.n_experts > 1 else []
         if not layers:
             return {}
         load = torch.stack([m.take_load() for m in layers])  # (layers, E)
@@ -106,10 +107,3 @@ class LMTask:
 
     def flops_per_sample(self) -> float:
         return flops_per_token(self.mcfg) * self.mcfg.seq_len
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The LM under DDP / torch.compile wrappers (FSDP2 and TP keep the module itself)."""
-    for attr in ("module", "_orig_mod"):
-        model = getattr(model, attr, model)
-    return model
