@@ -129,3 +129,33 @@ def test_a_checkpoint_from_another_world_size_loads_without_rng(tmp_path):
     got_meta, rng, _ = Checkpointer(tmp_path).load(fresh, None)  # weights only, no optimizer
     assert rng is None and got_meta["world_size"] == 2
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
+def test_optimizer_state_loads_into_another_grouping_and_old_checkpoints_still_load(tmp_path):
+    """Expert-parallel runs group the optimizer's parameters by mesh (engine/optim.py), so the
+    saved state is keyed by parameter name and loads into any grouping; a checkpoint written
+    before that (param groups saved as lists, no "optim_format" in meta.json) still loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = model_and_optim(0)
+    Checkpointer(tmp_path / "new").save(model, opt, {"step": 1}, {})
+    fresh, _ = model_and_optim(1)
+    fresh.zero_grad(set_to_none=True)  # as at a resume: an optimizer that never stepped
+    regrouped = torch.optim.AdamW([{"params": [fresh[0].weight]}, {"params": [fresh[0].bias]},
+                                   {"params": list(fresh[2].parameters()), "weight_decay": 0.0}], lr=0.1)
+    Checkpointer(tmp_path / "new").load(fresh, regrouped)
+    want = opt.state_dict()["state"]
+    got = {id(p): regrouped.state[p] for g in regrouped.param_groups for p in g["params"]}
+    for i, p in enumerate(fresh.parameters()):
+        assert torch.equal(got[id(p)]["exp_avg"], want[i]["exp_avg"])
+    assert regrouped.param_groups[2]["weight_decay"] == 0.01  # the saved hyperparameters win
+
+    old = tmp_path / "old" / "step_000000001"  # what Checkpointer.save wrote before "flat"
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(old))
+    (old / "meta.json").write_text(json.dumps({"step": 1, "world_size": 1}))
+    fresh, fresh_opt = model_and_optim(1)
+    Checkpointer(tmp_path / "old").load(fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], want[0]["exp_avg"])

@@ -21,6 +21,7 @@ LAST_WORDS = {
     "checkpoint_io": "load / torch.load:",
     "dist_memory": "FSDP2/DDP per-rank state memory:",
     "dist_scaling": "scaling efficiency:",
+    "moe_ep": "step-time ratio ep=2 / ep=1:",
     "moe_layer": "bf16: grouped",
     "precision": "auto / faster of fp32 and bf16:",
     "serve_abuse": "5xx in /metrics",

@@ -77,6 +77,9 @@ class ParallelConfig(Strict):
     dp_replicate: int = Field(1, ge=1)
     dp_shard: int = Field(-1, ge=-1)  # -1: whatever world size is left after the others
     tp: int = Field(1, ge=1)
+    # Expert parallel: the MoE experts are split over groups of `ep` data-parallel ranks
+    # (each holds n_experts/ep of them; tokens travel to their experts by all-to-all).
+    ep: int = Field(1, ge=1)
     mode: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: fsdp when dp_shard > 1
     activation_checkpoint: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = True

@@ -32,6 +32,8 @@ def test_defaults_and_wrappers():
     (4, {"dp_replicate": 3}, "dp_replicate=3 × tp=1 = 3 does not divide the world size 4"),
     (8, {"dp_shard": 3}, "dp_shard=3 × tp=1 = 3 but the world size is 8"),
     (2, {"mode": "ddp", "dp_shard": 2}, "parallel.mode=ddp cannot shard (dp_shard=2)"),
+    (4, {"tp": 2, "ep": 4}, "parallel.ep=4 does not divide the 2 data-parallel ranks"),
+    (6, {"ep": 4}, "parallel.ep=4 does not divide the 6 data-parallel ranks"),
 ])
 def test_non_dividing_layouts_are_refused(world, kw, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
@@ -49,3 +51,19 @@ def test_tp_must_divide_heads_and_sequence():
     with pytest.raises(UserError, match="model.seq_len=255.*sequence_parallel=false"):
         check_tp(odd, 2, True)
     check_tp(odd, 2, False)
+
+
+def test_expert_parallel_layouts():
+    hybrid = layout(8, tp=2, ep=2)  # 4 dp ranks: 2 ep groups of 2, each expert half on 2 replicas
+    assert (hybrid.dp, hybrid.ep, hybrid.wrap) == (4, 2, "fsdp") and "ep=2" in hybrid.describe()
+    assert layout(4, mode="ddp", ep=4).wrap == "ddp"
+
+
+def test_expert_parallel_must_divide_the_experts():
+    from exaflop.lm.parallel_plan import check_ep
+
+    check_ep(load_config("lm-moe-tiny").model, 4)  # 8 experts
+    with pytest.raises(UserError, match=re.escape("parallel.ep=4 does not divide model.n_experts=6")):
+        check_ep(load_config("lm-moe-tiny", ["model.n_experts=6"]).model, 4)
+    with pytest.raises(UserError, match=re.escape("parallel.ep=2: the model has no experts")):
+        check_ep(load_config("lm-tiny").model, 2)

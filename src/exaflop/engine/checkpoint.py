@@ -27,6 +27,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from exaflop.errors import UserError
 
+# Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): it
+# loads into any grouping of the parameters, and the optimizer groups by DeviceMesh
+# (engine/optim.py), which depends on the layout (expert-parallel weights on their own mesh).
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
 
 def _barrier() -> None:
     if dist.is_initialized():
@@ -120,8 +125,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         torch.save(rng, tmp / f"rng_rank{_rank():05d}.pt")
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=_FLAT)
         state = {"model": msd, "optim": osd}
+        meta = {**meta, "optim_format": "flat"}
         if self.async_save:
             self._stager = self._stager or _ReusedBufferStager()
             if dist.is_initialized() and self._group is None:
@@ -195,12 +201,16 @@ class Checkpointer:
         if ckpt is None:
             ckpt, problems = latest_complete(self.root, "--resume")
         meta = json.loads((ckpt / "meta.json").read_text())
-        msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (
+        # Checkpoints before expert parallelism kept the optimizer's param groups as lists, which
+        # only load into the same grouping; "flat" keys them by parameter name.
+        opts = _FLAT if meta.get("optim_format") == "flat" else StateDictOptions()
+        msd, osd = get_state_dict(model, optimizer, options=opts) if optimizer is not None else (
             get_state_dict(model, [], options=StateDictOptions())[0], None)
         state = {"model": msd} if osd is None else {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(ckpt))
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=opts)
         else:
             model.load_state_dict(state["model"])
         rng = None

@@ -8,6 +8,12 @@
 tp coordinate read the same samples, so the data stream sees
 dp_replicate × dp_shard data-parallel ranks.
 
+Expert parallelism borrows from those data-parallel ranks (torchtitan's "dp2ep"): the
+dp ranks are regrouped as edp × ep, consecutive dp ranks forming an `ep` group that
+splits the experts between them, the `edp` ranks with the same ep coordinate holding
+the same experts (their expert gradients are summed, like DDP's). A second mesh
+(edp, ep, tp) over the same ranks names those groups; everything else uses the first.
+
 Resolution is pure arithmetic (no process group), so it is testable anywhere and
 the error for a layout that does not divide names the numbers.
 """
@@ -29,6 +35,7 @@ class Layout:
     dp_shard: int
     tp: int
     wrap: Wrap  # what wraps the model for data parallelism
+    ep: int = 1  # expert-parallel degree, a divisor of dp
 
     @property
     def dp(self) -> int:
@@ -41,6 +48,8 @@ class Layout:
     def describe(self) -> str:
         parts = [f"{self.wrap}" if self.wrap != "none" else "no data-parallel wrapper",
                  f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}", f"tp={self.tp}"]
+        if self.ep > 1:
+            parts.append(f"ep={self.ep}")
         return f"{self.world} ranks: " + ", ".join(parts)
 
 
@@ -70,7 +79,11 @@ def resolve_layout(par, world: int) -> Layout:
         wrap = "fsdp" if tp > 1 else "ddp"
     else:
         wrap = "none"
-    return Layout(world, rep, shard, tp, wrap)
+    ep = par.ep
+    if (rep * shard) % ep:
+        raise UserError(f"parallel.ep={ep} does not divide the {rep * shard} data-parallel ranks "
+                        f"(dp_replicate={rep} × dp_shard={shard}); pick an ep that divides {rep * shard}")
+    return Layout(world, rep, shard, tp, wrap, ep)
 
 
 def build_mesh(layout: Layout, device_type: str):
@@ -81,3 +94,14 @@ def build_mesh(layout: Layout, device_type: str):
 
     return init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.tp),
                             mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+
+
+def build_expert_mesh(layout: Layout, device_type: str):
+    """The (edp, ep, tp) DeviceMesh over the same ranks, or None without expert parallelism.
+    Row-major like the first, so a rank's dp index is edp_index × ep + ep_index."""
+    if layout.ep == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (layout.dp // layout.ep, layout.ep, layout.tp),
+                            mesh_dim_names=("edp", "ep", "tp"))

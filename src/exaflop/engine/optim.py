@@ -12,8 +12,9 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
     # Decay 2-D weights (matmuls, embeddings); norms and biases are left alone.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": ps, "weight_decay": wd}
+              for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
+              for ps in _by_mesh(params)]
     # The fused kernel exists for CUDA (and CPU in recent torch); DTensor params (FSDP/TP)
     # support it on CUDA only, so fall back to foreach elsewhere.
     is_dtensor = any(type(p).__name__ == "DTensor" for p in decay)
@@ -22,6 +23,15 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Split by DeviceMesh (None: plain tensors): the foreach kernels cannot mix plain tensors
+    with DTensors, or DTensors of different meshes (expert-parallel weights next to FSDP's)."""
+    out: dict = {}
+    for p in params:
+        out.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    return list(out.values()) or [[]]
 
 
 def lr_at(step: int, total: int, cfg) -> float:

@@ -10,13 +10,18 @@ task object (engine/task.py's optional methods) for
 
     blocks(model) -> list[nn.Module]                 # repeated units: FSDP + checkpointing
     apply_tp(model, tp_mesh, sequence_parallel)      # parallelize_module with its plan
+    apply_ep(model, mesh) -> list[nn.Parameter]      # split experts over mesh["ep"] (and "tp")
 
-so the engine itself never learns what attention or a token is.
+so the engine itself never learns what attention or a token is. Expert-parallel
+parameters are kept out of DDP/FSDP (their gradients are already sums over the ep group,
+from the all-to-all's backward); `ExpertGrads` finishes their reduction over the ranks
+holding the same experts.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from exaflop.engine.mesh import Layout, build_mesh, resolve_layout
+from exaflop.engine.mesh import Layout, build_expert_mesh, build_mesh, resolve_layout
 from exaflop.engine.runtime import Runtime
 from exaflop.errors import UserError
 
@@ -67,15 +72,60 @@ def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
         if apply_tp is None:
             raise UserError(f"parallel.tp={layout.tp}: task {cfg.task!r} has no tensor-parallel plan "
                             "(its task object has no apply_tp); set parallel.tp=1")
+    expert: list[nn.Parameter] = []
+    if layout.ep > 1:  # before tp: the expert weights take their (ep, tp) placements at once
+        apply_ep = getattr(task, "apply_ep", None)
+        if apply_ep is None:
+            raise UserError(f"parallel.ep={layout.ep}: task {cfg.task!r} has no experts to split "
+                            "(its task object has no apply_ep); set parallel.ep=1")
+        emesh = build_expert_mesh(layout, rt.device.type)
+        expert = apply_ep(model, emesh["ep", "tp"] if layout.tp > 1 else emesh["ep"])
+        edp = emesh["edp"].get_group() if layout.dp > layout.ep else None
+        rt.expert_grads = ExpertGrads(expert, edp, layout.dp)
+    if layout.tp > 1:
+        apply_tp = getattr(task, "apply_tp", None)
+        if apply_tp is None:
+            raise UserError(f"parallel.tp={layout.tp}: task {cfg.task!r} has no tensor-parallel plan "
+                            "(its task object has no apply_tp); set parallel.tp=1")
         apply_tp(model, mesh["tp"], par.sequence_parallel)
     if layout.wrap == "ddp":
+        if expert:
+            ids = {id(p) for p in expert}
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                model, [n for n, p in model.named_parameters() if id(p) in ids])
         return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     if layout.wrap == "fsdp":
-        _fully_shard(model, blocks, layout, mesh, rt)
+        _fully_shard(model, blocks, layout, mesh, rt, set(expert))
     return model
 
 
-def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh, rt: Runtime) -> None:
+@dataclass
+class ExpertGrads:
+    """Gradients of expert-parallel parameters. After backward each rank's expert gradient is
+    already the sum over its ep group's tokens (the dispatch all-to-all carries it back); the
+    sum over the `edp` replicas of the same experts completes the global batch, and dividing
+    by the data-parallel size makes it the same mean DDP/FSDP take for every other weight."""
+
+    params: list[nn.Parameter]
+    group: Any  # the edp process group, None when every dp rank is in one ep group
+    dp: int
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        if self.group is not None:
+            flat = torch.cat([g.flatten() for g in grads])  # one collective, not one per weight
+            torch.distributed.all_reduce(flat, group=self.group)
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)])
+        torch._foreach_div_(grads, float(self.dp))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh, rt: Runtime,
+                 ignored: set[nn.Parameter]) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # HSDP when there is a replicate dim: shard inside a group, all-reduce across groups.
@@ -83,7 +133,7 @@ def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh
     # bf16 compute with fp32 master weights (the sharded parameters stay fp32, so AdamW
     # updates fp32) and fp32 gradient reduction so the sum over many ranks does not lose bits.
     mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.dtype else None
-    kw: dict[str, Any] = {"mesh": dp_mesh}
+    kw: dict[str, Any] = {"mesh": dp_mesh, "ignored_params": ignored}
     if mp is not None:
         kw["mp_policy"] = mp
     for i, b in enumerate(blocks):

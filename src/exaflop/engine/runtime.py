@@ -25,6 +25,7 @@ class Runtime:
     precision: Any = None  # engine.precision.Precision: what run.dtype resolved to, and why
     layout: Any = None  # engine.mesh.Layout, set by parallelize()
     mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard, tp) when distributed
+    expert_grads: Any = None  # engine.parallel.ExpertGrads under expert parallelism
 
     @property
     def is_main(self) -> bool:

@@ -63,6 +63,8 @@ def train_step(model, optimizer, task, batches: Iterator, accum: int, rt, step: 
         loss_sum += loss.detach().float().item() / accum
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v / accum
+    if getattr(rt, "expert_grads", None) is not None:
+        rt.expert_grads.reduce()
     drills.after_backward(step, model)
     out = StepOutcome(mean_over_ranks(loss_sum, rt), clip(model, grad_clip, rt), metrics_sum)
     if out.finite:

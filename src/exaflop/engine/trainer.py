@@ -154,7 +154,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                       f"{str(peak_dtype(rt.precision)).removeprefix('torch.')} matmul peak {peak / 1e9:,.0f} GFLOP/s per rank", highlight=False)
     log.log({"kind": "run", "step": start_step, "dtype": rt.precision.name, "dtype_requested": cfg.run.dtype,
              "matmul_gflops": rt.precision.rates, "trial_ms": rt.precision.trial_ms, "peak_gflops": peak / 1e9,
-             "world": rt.world})
+             "world": rt.world, "params_local": _local_numel(model)})
     # Each component decides its own cadence; the loop only runs steps and asks them.
     meter = _Meter(log, cfg, rt, task, B, peak, start_step)
     evaluator = _Evaluator(task, val, rt, cfg.eval.every, total)
@@ -251,6 +251,11 @@ class _Meter:
         self.last = last
         rate = f"{sps * self.tps:,.0f} tok/s" if self.tps else f"{sps:,.1f} samples/s"
         return {"loss": f"{out.loss:.3f}", "rate": rate, "mfu": f"{100 * mfu:.1f}%"}
+
+
+def _local_numel(model) -> int:
+    """Parameter elements this rank holds (its shards under FSDP/TP/EP)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
 
 
 class _Evaluator:

@@ -36,6 +36,39 @@ def check_tp(cfg, tp: int, sequence_parallel: bool) -> None:
                             f"divides it{hint}")
 
 
+# The tensor-parallel split of each stacked expert weight: gate/up (E, C, F) by hidden
+# units, down (E, F, C) by its input.
+_EXPERT_TP_DIM = {"w1": 2, "w3": 2, "w2": 1}
+
+
+def check_ep(cfg, ep: int) -> None:
+    n = cfg.n_experts
+    if n == 1:
+        raise UserError(f"parallel.ep={ep}: the model has no experts (model.n_experts=1); set parallel.ep=1")
+    if n % ep:
+        raise UserError(f"parallel.ep={ep} does not divide model.n_experts={n}; pick an ep that divides {n}")
+
+
+def apply_ep(model: nn.Module, mesh) -> list[nn.Parameter]:
+    """Split every MoE layer's experts over the mesh's `ep` dim (Shard(0) of the stacked
+    weights; with a `tp` dim too, each also splits like apply_tp's). Returns the expert
+    parameters, which the engine keeps out of DDP/FSDP and reduces itself."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    names = mesh.mesh_dim_names
+    check_ep(model.cfg, mesh["ep"].size())
+    out = []
+    for block in model.blocks:
+        mlp = block.mlp
+        mlp.ep_group = mesh["ep"].get_group()
+        for name, dim in _EXPERT_TP_DIM.items():
+            placements = [Shard(0)] + ([Shard(dim)] if "tp" in names else [])
+            p = nn.Parameter(distribute_tensor(getattr(mlp, name).data, mesh, placements))
+            setattr(mlp, name, p)
+            out.append(p)
+    return out
+
+
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
@@ -66,9 +99,11 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             # all-reduce for all experts, not one per expert. Routing runs on the full
             # tokens with the replicated router on every rank.
             mlp = block.mlp
-            for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+            mlp.tp_group = tp_mesh.get_group()
+            for name, dim in _EXPERT_TP_DIM.items():
                 p = getattr(mlp, name)
-                setattr(mlp, name, nn.Parameter(distribute_tensor(p.data, tp_mesh, [Shard(dim)])))
+                if mlp.ep_group is None:  # under expert parallel, apply_ep has placed them
+                    setattr(mlp, name, nn.Parameter(distribute_tensor(p.data, tp_mesh, [Shard(dim)])))
             if sp:  # gather the sequence in, keep this rank's part of the (replicated) result out
                 plan["mlp"] = PrepareModuleInputOutput(
                     input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,

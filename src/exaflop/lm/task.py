@@ -56,6 +56,9 @@ class LMTask:
     def apply_tp(self, model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
         parallel_plan.apply_tp(model, tp_mesh, sequence_parallel)
 
+    def apply_ep(self, model: nn.Module, mesh) -> list[nn.Parameter]:
+        return parallel_plan.apply_ep(model, mesh)
+
     def build_dataset(self, split: str):
         self.manifest  # noqa: B018  (checks the vocabulary before any worker starts)
         if self.cfg.data.sft_path:  # chat fine-tuning: padded conversations, assistant-only loss

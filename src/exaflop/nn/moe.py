@@ -19,6 +19,14 @@ Balancing, two mechanisms (both configurable, see lm/config.py):
   validation loss never contains it.
 An optional capacity factor drops, in training, the copies an expert receives beyond its
 capacity (counted in `dropped`); inference computes every copy.
+
+Expert parallel (engine/mesh.py, lm/parallel_plan.py's `apply_ep`): each rank of an `ep`
+group holds E/ep experts. Routing stays local; the per-expert copy counts are exchanged
+first (one all-to-all of E integers), then the sorted copies travel to the ranks owning
+their experts and the results come back, each with one `all_to_all_single` of variable
+splits. Every rank takes part in every exchange, zero rows or not, so an expert nobody
+chose on some rank cannot leave ranks waiting on each other; its weights still get a
+(zero) gradient from the grouped matmul.
 """
 
 from __future__ import annotations
@@ -101,6 +109,9 @@ class MoE(nn.Module):
         self.load: Tensor | None = None
         self.aux_loss: Tensor | None = None
         self.dropped = 0  # copies dropped by the capacity factor in the last forward
+        # Process groups set by the parallel plan (lm/parallel_plan.py); None: not split.
+        self.tp_group = None  # ranks holding slices of every expert's hidden units
+        self.ep_group = None  # ranks holding different experts
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -129,21 +140,49 @@ class MoE(nn.Module):
             counts = counts.clamp(max=cap)
         token = order // k
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        w1, w3, w2 = (_local(p).to(dtype) for p in (self.w1, self.w3, self.w2))
-        group = _tp_group(self.w1)
+        group = self.tp_group
         # Tensor parallel (lm/parallel_plan.py): each rank holds a slice of every expert's
         # hidden units, so its expert output is a partial sum. Megatron's pair of operators:
         # `_enter` (identity forward, all-reduce of the gradient) on what feeds the partial
         # computation, `_leave` (all-reduce forward, identity backward) on its result.
         x_in, gate_in = (x, gate) if group is None else (_enter(x, group), _enter(gate, group))
         xs = x_in[token].to(dtype)
-        h = F.silu(grouped_mm(xs, w1, counts, cap)) * grouped_mm(xs, w3, counts, cap)
-        y = grouped_mm(h, w2, counts, cap) * gate_in.flatten()[order, None].to(dtype)
+        if self.ep_group is None:
+            y = self._experts(xs, counts, dtype, cap)
+        else:
+            y = self._experts_ep(xs, counts, dtype)
+        y = y * gate_in.flatten()[order, None].to(dtype)
         out = torch.zeros(N, y.shape[-1], dtype=y.dtype, device=x.device).index_add_(0, token, y)
         if group is not None:
             out = _leave(out, group)
         self.aux_loss = self._sequence_aux(probs, expert, shape) if self.aux_coef > 0 else None
         return out.to(x.dtype).view(shape)
+
+    def _experts(self, xs: Tensor, counts: Tensor, dtype: torch.dtype, cap: int | None = None) -> Tensor:
+        """SwiGLU of the rows `xs`, sorted by (local) expert with `counts` rows each."""
+        w1, w3, w2 = (_local(p).to(dtype) for p in (self.w1, self.w3, self.w2))
+        h = F.silu(grouped_mm(xs, w1, counts, cap)) * grouped_mm(xs, w3, counts, cap)
+        return grouped_mm(h, w2, counts, cap)
+
+    def _experts_ep(self, xs: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+        """`_experts` with the experts spread over the ep group: dispatch, compute, combine."""
+        g = self.ep_group
+        P = torch.distributed.get_world_size(g)
+        El = self.n_experts // P
+        # recv[src, j]: copies rank `src` sends to this rank's local expert j.
+        recv = torch.empty_like(counts)
+        torch.distributed.all_to_all_single(recv, counts, group=g)
+        recv = recv.view(P, El)
+        send_splits = counts.view(P, El).sum(1).tolist()
+        recv_splits = recv.sum(1).tolist()
+        xr = _AllToAll.apply(xs, recv_splits, send_splits, g)  # grouped by (source rank, expert)
+        # Regroup by local expert for the grouped matmul, and back afterwards.
+        local = torch.repeat_interleave(torch.arange(El, device=xs.device).repeat(P), recv.flatten(),
+                                        output_size=xr.shape[0])
+        perm = local.argsort(stable=True)
+        hr = self._experts(xr[perm], recv.sum(0), dtype)
+        back = torch.empty_like(hr).index_copy_(0, perm, hr)
+        return _AllToAll.apply(back, send_splits, recv_splits, g)
 
     def _sequence_aux(self, probs: Tensor, expert: Tensor, shape: torch.Size) -> Tensor:
         """DeepSeek-V3's sequence-wise balance loss: sum_e f_e * P_e per sequence, averaged.
@@ -173,9 +212,22 @@ def _local(p: Tensor) -> Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def _tp_group(p: Tensor):
-    mesh = getattr(p, "device_mesh", None)
-    return mesh.get_group() if mesh is not None and mesh.size() > 1 else None
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits; its gradient travels the same way back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        torch.distributed.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        out_splits, in_splits = ctx.splits
+        gx = g.new_empty(sum(in_splits), *g.shape[1:])
+        torch.distributed.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return gx, None, None, None
 
 
 class _Enter(torch.autograd.Function):
