@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 #   (engine/checkpoint.py: async checkpoint staging into reused CPU buffers; torch's own
 #   async_save uses them; a failure there falls back to reallocating the buffers).
 TORCH ?= torch==2.13.0
-EXTRAS ?= sim,parquet,hf,gguf,test
+EXTRAS ?= sim,parquet,hf,gguf,tb,test
 
 .PHONY: install demo test test-all lint bench clean mutation
 

@@ -35,6 +35,28 @@ def test_loss_falls_and_metrics_are_logged(tmp_path, data_dir):
     assert read_latest(cfg.run_dir / "checkpoints")[0].name == "step_000000040"
 
 
+def test_moe_run_logs_expert_load_and_balance_terms_to_jsonl_and_tensorboard(tmp_path, data_dir):
+    pytest.importorskip("tensorboard")  # the [tb] extra (in `make test`'s set)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    o = tiny_overrides(tmp_path, data_dir, "moe", "train.steps=3", "model.n_experts=4", "model.top_k=2",
+                       "model.d_ff=64", "model.moe_aux_coef=0.01", "run.tensorboard=true")
+    cfg = load_config("lm-tiny", o)
+    train(cfg, quiet=True)
+    recs = read_metrics(cfg.run_dir)
+    last = [r for r in recs if r["kind"] == "train"][-1]
+    for key in ("moe_load_l0", "moe_load_l1", "moe_load_max_over_mean", "aux_loss", "ce_loss"):
+        assert key in last
+    assert last["moe_load_max_over_mean"] == max(last["moe_load_l0"], last["moe_load_l1"]) >= 1
+    assert last["loss"] == pytest.approx(last["ce_loss"] + last["aux_loss"], rel=1e-6)
+    ev = [r for r in recs if r["kind"] == "eval"][-1]
+    assert "aux_loss" not in ev and "val_loss" in ev
+    acc = EventAccumulator(str(cfg.run_dir / "tb")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/moe_load_l0", "train/moe_load_max_over_mean", "train/aux_loss", "eval/val_loss"} <= tags
+    assert [e.value for e in acc.Scalars("train/moe_load_l1")][-1] == pytest.approx(last["moe_load_l1"], rel=1e-6)
+
+
 def test_exact_resume_is_bitwise(tmp_path, data_dir):
     base = tiny_overrides(tmp_path, data_dir, "straight", "train.steps=12", "model.dropout=0.1")
     train(load_config("lm-tiny", base), quiet=True)
