@@ -80,6 +80,10 @@ class ParallelConfig(Strict):
     # Expert parallel: the MoE experts are split over groups of `ep` data-parallel ranks
     # (each holds n_experts/ep of them; tokens travel to their experts by all-to-all).
     ep: int = Field(1, ge=1)
+    # Pipeline parallel: the layers split into `pp` stages on different ranks; the step's
+    # micro-batches (train.micro_batch) flow through them on the schedule below.
+    pp: int = Field(1, ge=1)
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
     mode: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: fsdp when dp_shard > 1
     activation_checkpoint: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = True

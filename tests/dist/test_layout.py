@@ -67,3 +67,37 @@ def test_expert_parallel_must_divide_the_experts():
         check_ep(load_config("lm-moe-tiny", ["model.n_experts=6"]).model, 4)
     with pytest.raises(UserError, match=re.escape("parallel.ep=2: the model has no experts")):
         check_ep(load_config("lm-tiny").model, 2)
+
+
+def test_pipeline_layouts():
+    pp = layout(8, pp=2, tp=2)  # stages outermost: ranks 0-3 run stage 0, 4-7 stage 1
+    assert (pp.dp, pp.pp, pp.wrap) == (2, 2, "fsdp") and "pp=2" in pp.describe()
+    assert [pp.stage_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [pp.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]  # stages read the same samples
+    assert layout(2, pp=2).wrap == "none"
+    assert layout(4, pp=2, dp_replicate=2, dp_shard=1).wrap == "fsdp"  # HSDP replicas: DDP cannot pipeline
+
+
+@pytest.mark.parametrize("world,kw,needle", [
+    (6, {"pp": 4}, "dp_replicate=1 × tp=1 × pp=4 = 4 does not divide the world size 6"),
+    (4, {"pp": 2, "ep": 2}, "parallel.pp=2 with parallel.ep=2: pipeline and expert parallel do not compose"),
+    (4, {"pp": 2, "mode": "ddp"}, "parallel.mode=ddp cannot run a pipeline"),
+])
+def test_non_dividing_pipeline_layouts_are_refused(world, kw, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        layout(world, **kw)
+
+
+def test_stages_balance_matmul_cost_counting_the_head():
+    from exaflop.lm.parallel_plan import stage_layers
+
+    even = load_config("lm-tiny", ["model.n_layer=4", "model.vocab_size=64"]).model  # head ~ free
+    assert stage_layers(even, 2) == [range(0, 2), range(2, 4)]
+    # A large vocabulary makes the head worth more than a block: the last stage gets fewer layers.
+    heavy = load_config("lm-tiny", ["model.n_layer=4", "model.vocab_size=32768"]).model
+    assert stage_layers(heavy, 2) == [range(0, 3), range(3, 4)]
+    big = load_config("lm-124m").model  # 12 layers, vocab 50304: the head costs ~3.5 blocks
+    assert [len(r) for r in stage_layers(big, 4)] == [3, 4, 4, 1]
+    assert [len(r) for r in stage_layers(big, 2)] == [8, 4]
+    with pytest.raises(UserError, match=re.escape("parallel.pp=8 exceeds model.n_layer=4")):
+        stage_layers(even, 8)

@@ -1,12 +1,14 @@
 """The process layout: how `parallel.*` in the config splits the world into a DeviceMesh.
 
-    world = dp_replicate × dp_shard × tp        (tp innermost: its ranks are neighbours)
+    world = pp × dp_replicate × dp_shard × tp   (tp innermost: its ranks are neighbours)
 
 `dp_replicate` ranks hold full copies (DDP, or the replicate dim of HSDP),
 `dp_shard` ranks split parameters, gradients and optimizer state (FSDP2), and
 `tp` ranks split each matmul (tensor parallel). Ranks that differ only in their
 tp coordinate read the same samples, so the data stream sees
-dp_replicate × dp_shard data-parallel ranks.
+dp_replicate × dp_shard data-parallel ranks. `pp` ranks hold consecutive pipeline stages
+(outermost: a stage's data-parallel and tensor-parallel groups stay together); the ranks
+of one pipeline read the same samples too.
 
 Expert parallelism borrows from those data-parallel ranks (torchtitan's "dp2ep"): the
 dp ranks are regrouped as edp × ep, consecutive dp ranks forming an `ep` group that
@@ -36,36 +38,45 @@ class Layout:
     tp: int
     wrap: Wrap  # what wraps the model for data parallelism
     ep: int = 1  # expert-parallel degree, a divisor of dp
+    pp: int = 1  # pipeline stages
+
+    def stage_of(self, rank: int) -> int:
+        """The pipeline stage `rank` runs (pp is the outermost mesh dim)."""
+        return rank // (self.dp * self.tp)
 
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
     def dp_rank(self, rank: int) -> int:
-        """Index of `rank` among the data-parallel ranks (tp is the innermost mesh dim)."""
-        return rank // self.tp
+        """Index of `rank` among the data-parallel ranks (tp innermost, pp outermost)."""
+        return (rank // self.tp) % self.dp
 
     def describe(self) -> str:
         parts = [f"{self.wrap}" if self.wrap != "none" else "no data-parallel wrapper",
                  f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}", f"tp={self.tp}"]
         if self.ep > 1:
             parts.append(f"ep={self.ep}")
+        if self.pp > 1:
+            parts.append(f"pp={self.pp}")
         return f"{self.world} ranks: " + ", ".join(parts)
 
 
 def resolve_layout(par, world: int) -> Layout:
     """Fill in `dp_shard = -1` and pick the wrapper; refuse layouts that do not multiply to `world`."""
-    rep, shard, tp, mode = par.dp_replicate, par.dp_shard, par.tp, par.mode
-    fixed = rep * tp
+    rep, shard, tp, mode, pp = par.dp_replicate, par.dp_shard, par.tp, par.mode, par.pp
+    fixed = rep * tp * pp
     if world % fixed:
-        raise UserError(f"parallel: dp_replicate={rep} × tp={tp} = {fixed} does not divide the world "
+        what = f"dp_replicate={rep} × tp={tp}" + (f" × pp={pp}" if pp > 1 else "")
+        raise UserError(f"parallel: {what} = {fixed} does not divide the world "
                         f"size {world}; choose values whose product divides {world}")
     if shard == -1:
         shard = world // fixed
         if mode == "ddp" and shard > 1:  # plain DDP: the leftover ranks replicate, they do not shard
             rep, shard = rep * shard, 1
-    if rep * shard * tp != world:
-        raise UserError(f"parallel: dp_replicate={rep} × dp_shard={shard} × tp={tp} = {rep * shard * tp} "
+    if rep * shard * tp * pp != world:
+        what = f"dp_replicate={rep} × dp_shard={shard} × tp={tp}" + (f" × pp={pp}" if pp > 1 else "")
+        raise UserError(f"parallel: {what} = {rep * shard * tp * pp} "
                         f"but the world size is {world}; make the product equal {world} "
                         "(or set parallel.dp_shard=-1 to use the rest)")
     if mode == "ddp" and shard > 1:
@@ -74,26 +85,33 @@ def resolve_layout(par, world: int) -> Layout:
     if mode == "fsdp" or shard > 1:
         wrap: Wrap = "fsdp"
     elif rep > 1:
-        # DDP cannot hold tensor-parallel DTensors; HSDP with a shard dim of 1 is the same
-        # all-reduce of gradients, so use that when tp is on.
-        wrap = "fsdp" if tp > 1 else "ddp"
+        # DDP cannot hold tensor-parallel DTensors, nor follow a pipeline schedule's many
+        # forwards before backward; HSDP with a shard dim of 1 is the same all-reduce of
+        # gradients, so use that when tp or pp is on.
+        wrap = "fsdp" if tp > 1 or pp > 1 else "ddp"
     else:
         wrap = "none"
     ep = par.ep
     if (rep * shard) % ep:
         raise UserError(f"parallel.ep={ep} does not divide the {rep * shard} data-parallel ranks "
                         f"(dp_replicate={rep} × dp_shard={shard}); pick an ep that divides {rep * shard}")
-    return Layout(world, rep, shard, tp, wrap, ep)
+    if pp > 1 and ep > 1:
+        raise UserError(f"parallel.pp={pp} with parallel.ep={ep}: pipeline and expert parallel "
+                        "do not compose yet; set one of them to 1")
+    if pp > 1 and mode == "ddp" and rep > 1:
+        raise UserError("parallel.mode=ddp cannot run a pipeline (pp > 1); set parallel.mode=auto "
+                        "(HSDP replicas instead)")
+    return Layout(world, rep, shard, tp, wrap, ep, pp)
 
 
 def build_mesh(layout: Layout, device_type: str):
-    """A 3-D DeviceMesh named (dp_replicate, dp_shard, tp); None for a single process."""
+    """A 4-D DeviceMesh named (pp, dp_replicate, dp_shard, tp); None for a single process."""
     if layout.world == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.tp),
-                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    return init_device_mesh(device_type, (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
 
 
 def build_expert_mesh(layout: Layout, device_type: str):

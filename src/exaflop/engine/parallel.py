@@ -56,6 +56,12 @@ def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
     layout = resolve_layout(par, rt.world)
     rt.layout = layout
     model.to(rt.device)
+    if layout.pp > 1:  # first: everything below applies to this rank's stage only
+        split = getattr(task, "split_stage", None)
+        if split is None:
+            raise UserError(f"parallel.pp={layout.pp}: task {cfg.task!r} cannot be split into pipeline "
+                            "stages (its task object has no split_stage); set parallel.pp=1")
+        rt.pp_tied = split(model, layout.stage_of(rt.rank), layout.pp)
     blocks = model_blocks(model, task, cfg)
     if par.activation_checkpoint != "none":
         if not blocks:
@@ -130,6 +136,8 @@ def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh
 
     # HSDP when there is a replicate dim: shard inside a group, all-reduce across groups.
     dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+    if layout.pp > 1 and layout.dp == 1:
+        return  # a pipeline alone: nothing to shard
     # bf16 compute with fp32 master weights (the sharded parameters stay fp32, so AdamW
     # updates fp32) and fp32 gradient reduction so the sum over many ranks does not lose bits.
     mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.dtype else None
@@ -176,25 +184,36 @@ def checkpoint_block(block: nn.Module, mode: str) -> None:
 
 # -- gradient clipping across meshes ----------------------------------------------------
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, group=None,
+                   skip: set[int] | None = None) -> float:
     """Global L2 norm of the gradients (clipped to max_norm when > 0), for any mix of plain
-    tensors and DTensors on different meshes (TP blocks next to replicated embeddings)."""
+    tensors and DTensors on different meshes (TP blocks next to replicated embeddings).
+
+    Pipeline stages: `group` sums the squared norms of every stage, and `skip` (ids) leaves
+    out a copy counted elsewhere (the tied embedding on the last stage); it is still clipped."""
     groups: dict[Any, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
     total_sq = 0.0
-    for grads in groups.values():
+    for ps in groups.values():
+        grads = [p.grad for p in ps if not skip or id(p) not in skip]
+        if not grads:
+            continue
         n = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if hasattr(n, "full_tensor"):
             n = n.full_tensor()
         total_sq += float(n) ** 2
+    if group is not None:
+        t = torch.tensor([total_sq], dtype=torch.float64)
+        torch.distributed.all_reduce(t, group=group)
+        total_sq = float(t.item())
     total = math.sqrt(total_sq)
     if max_norm > 0 and math.isfinite(total):
         coef = max_norm / (total + 1e-6)
         if coef < 1:
-            for grads in groups.values():
-                torch._foreach_mul_(grads, coef)
+            for ps in groups.values():
+                torch._foreach_mul_([p.grad for p in ps], coef)
     return total
 
 

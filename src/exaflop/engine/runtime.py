@@ -26,6 +26,7 @@ class Runtime:
     layout: Any = None  # engine.mesh.Layout, set by parallelize()
     mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard, tp) when distributed
     expert_grads: Any = None  # engine.parallel.ExpertGrads under expert parallelism
+    pp_tied: Any = None  # names of weights on the first and last pipeline stage (engine/pipeline.py)
 
     @property
     def is_main(self) -> bool:

@@ -133,7 +133,14 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     # collectives, so a rank with one batch fewer would leave the others waiting forever.
     n_eval = -(-cfg.eval.batches // dp_world) * dp_world
     val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
-    if not cfg.run.compile:  # a trial under compile would compile both dtypes: keep the probe's choice
+    pipe = None
+    if rt.layout.pp > 1:
+        from exaflop.engine.pipeline import Pipeline
+
+        pipe = Pipeline(model, task, cfg, rt, rt.layout, rt.mesh, layout.accum_steps)
+    # A trial under compile would compile both dtypes, and a pipeline stage cannot run a step
+    # alone: those keep the probe's choice.
+    if not cfg.run.compile and pipe is None:
         _confirm_precision(model, task, train_src, micro, rt)
     if rt.is_main:
         # The run records what "auto" became on this machine (a resume elsewhere resolves again).
@@ -154,10 +161,15 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                       f"{str(peak_dtype(rt.precision)).removeprefix('torch.')} matmul peak {peak / 1e9:,.0f} GFLOP/s per rank", highlight=False)
     log.log({"kind": "run", "step": start_step, "dtype": rt.precision.name, "dtype_requested": cfg.run.dtype,
              "matmul_gflops": rt.precision.rates, "trial_ms": rt.precision.trial_ms, "peak_gflops": peak / 1e9,
-             "world": rt.world, "params_local": _local_numel(model)})
+             "world": rt.world, "params_local": _local_numel(model), **(pipe.describe() if pipe else {})})
     # Each component decides its own cadence; the loop only runs steps and asks them.
     meter = _Meter(log, cfg, rt, task, B, peak, start_step)
     evaluator = _Evaluator(task, val, rt, cfg.eval.every, total)
+    eval_model = model
+    if pipe is not None:
+        from exaflop.engine.pipeline import EvalModel
+
+        eval_model = EvalModel(pipe)
     saver = _Saver(ckpt, cfg, log)
 
     result: dict[str, Any] = {"step": start_step, "stopped_by_signal": False}
@@ -170,8 +182,12 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             heartbeat.beat(step)
             drills.before_step(step)
             lr = lr_at(step, total, cfg.optim)
-            out = train_step(model, optimizer, task, loader, layout.accum_steps, rt, step, lr, cfg.optim.grad_clip,
-                             drills, before_update=ckpt.wait_staged)
+            if pipe is None:
+                out = train_step(model, optimizer, task, loader, layout.accum_steps, rt, step, lr,
+                                 cfg.optim.grad_clip, drills, before_update=ckpt.wait_staged)
+            else:
+                out = pipe.step(optimizer, loader, layout.accum_steps, step, lr, cfg.optim.grad_clip, drills,
+                                before_update=ckpt.wait_staged)
             if not out.finite:
                 skipped += 1
                 bad_run += 1
@@ -189,7 +205,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                 bar.update(bar_task, **fields)
             bar.update(bar_task, advance=1)
             if evaluator.due(done):
-                log.log(evaluator.run(model, done))
+                log.log(evaluator.run(eval_model, done))
             sliced = bool(cfg.train.stop_after) and done - start_step >= cfg.train.stop_after and done != total
             stopping = stop.any_rank(rt) or sliced
             if saver.due(done, stopping):
@@ -202,7 +218,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             done = total
         result["step"] = done if total > start_step else start_step
         if not result.get("stopped_early"):
-            ev = evaluator.run(model, result["step"])
+            ev = evaluator.run(eval_model, result["step"])
             log.log(ev)
             result.update(ev)
             saver.save(model, optimizer, result["step"], skipped, final=True)

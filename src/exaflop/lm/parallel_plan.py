@@ -13,15 +13,96 @@ tied to the embedding, and the two would need opposite splits.
 from __future__ import annotations
 
 import inspect
+import types
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from exaflop.errors import UserError
 from exaflop.nn import Block
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    return list(model.blocks)
+    # A pipeline stage holds its blocks in a ModuleDict keyed by their global index.
+    b = model.blocks
+    return list(b.values()) if isinstance(b, nn.ModuleDict) else list(b)
+
+
+# -- pipeline stages (engine/pipeline.py) ---------------------------------------------
+
+def stage_layers(cfg, n_stages: int) -> list[range]:
+    """Consecutive layers per stage, balancing each stage's matmul FLOPs per token: the blocks
+    (attention projections and scores, MLP; MoE: the active experts), with the LM head's
+    2·C·V counted on the last stage (the embedding lookup has no matmul). Among the splits
+    with the smallest maximum, the most even."""
+    L = cfg.n_layer
+    if n_stages > L:
+        raise UserError(f"parallel.pp={n_stages} exceeds model.n_layer={L}; each stage needs a layer")
+    C, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    block = 2 * C * (2 * C + 2 * kv) + 4 * cfg.seq_len * C + 6 * C * cfg.d_ff * max(1, cfg.top_k if cfg.n_experts > 1 else 1)
+    head = 2 * C * cfg.vocab_size
+    # Smallest maximum stage cost first, then the most even spread (sum of squares).
+    best: tuple[tuple[float, float], list[int]] | None = None
+
+    def search(start: int, left: int, cuts: list[int], costs: list[float]) -> None:
+        nonlocal best
+        if left == 1:
+            done = [*costs, (L - start) * block + head]
+            key = (max(done), sum(c * c for c in done))
+            if best is None or key < best[0]:
+                best = (key, [*cuts, L])
+            return
+        for end in range(start + 1, L - left + 2):
+            search(end, left - 1, [*cuts, end], [*costs, (end - start) * block])
+
+    search(0, n_stages, [], [])
+    assert best is not None
+    bounds = [0, *best[1]]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def split_stage(model: nn.Module, stage: int, n_stages: int) -> list[str]:
+    """Keep only stage `stage`'s part of the LM, under the unsplit model's parameter names.
+
+    The blocks become a ModuleDict keyed by their global index ("blocks.3.attn.wq.weight"
+    stays that), the embedding lives on the first stage, the final norm and LM head on the
+    last; with tied embeddings the last stage keeps `tok_emb` too (the head's weight is it),
+    and that weight's name is returned for the engine to keep it equal on both."""
+    if getattr(model.cfg, "n_experts", 1) > 1:
+        raise UserError("parallel.pp > 1 with a mixture-of-experts model (model.n_experts > 1) is not "
+                        "supported yet; set parallel.pp=1 (expert parallel: parallel.ep)")
+    layers = stage_layers(model.cfg, n_stages)[stage]
+    first, last = stage == 0, stage == n_stages - 1
+    model.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+    tied = model.cfg.tie_embeddings
+    if not first and not (last and tied):
+        model.tok_emb = None
+    if not last:
+        model.norm = None
+        model.lm_head = None
+    model.pp_first, model.pp_last = first, last
+    model.forward = types.MethodType(_stage_forward, model)
+    return ["tok_emb.weight"] if tied and n_stages > 1 and (first or last) else []
+
+
+def _stage_forward(self, x: Tensor) -> Tensor:
+    """A stage's forward: token ids (first stage) or hidden states in, hidden states or
+    fp32 logits (last stage) out."""
+    if self.pp_first:
+        x = self.tok_emb(x)
+    # Under sequence parallelism a later stage receives its peer's part of the sequence.
+    T = x.shape[1] * (1 if self.pp_first else getattr(self, "seq_shards", 1))
+    rope = (self.rope_cos[:T], self.rope_sin[:T])
+    for block in self.blocks.values():
+        x = block(x, rope, None)
+    if self.pp_last:
+        return self.lm_head(self.norm(x)).float()
+    return x
+
+
+def pipeline_loss(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
 
 
 def check_tp(cfg, tp: int, sequence_parallel: bool) -> None:
@@ -82,11 +163,12 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
 
     check_tp(model.cfg, tp_mesh.size(), sequence_parallel)
     sp = sequence_parallel
+    model.seq_shards = tp_mesh.size() if sp else 1
     # After each sub-layer: reduce-scatter to this rank's sequence part (SP) or all-reduce.
     between = Shard(1) if sp else Replicate()
     # Layouts for Block.forward's arguments after x (rope, kv): plain values, left alone.
     rest = (None,) * (len(inspect.signature(Block.forward).parameters) - 2)
-    for block in model.blocks:
+    for block in blocks(model):
         plan: dict = {
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel(output_layouts=between),
@@ -123,10 +205,14 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     if sp:
         # The residual stream is a plain tensor holding this rank's part of the sequence. The
         # embedding output is the full sequence on every rank: the first block keeps its part.
-        parallelize_module(model.blocks[0], tp_mesh, PrepareModuleInput(
-            input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest),
-            use_local_output=True))
+        # (A pipeline stage after the first receives its part from the previous stage's peer.)
+        first = blocks(model)[0]
+        if getattr(model, "pp_first", True):
+            parallelize_module(first, tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest),
+                use_local_output=True))
         # ...and the last hands the full sequence to the replicated final norm and LM head.
-        parallelize_module(model.norm, tp_mesh, PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+        if model.norm is not None:
+            parallelize_module(model.norm, tp_mesh, PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
 

@@ -59,6 +59,18 @@ class LMTask:
     def apply_ep(self, model: nn.Module, mesh) -> list[nn.Parameter]:
         return parallel_plan.apply_ep(model, mesh)
 
+    def split_stage(self, model: nn.Module, stage: int, n_stages: int) -> list[str]:
+        if self.cfg.data.sft_path:
+            raise UserError("parallel.pp > 1 does not support chat fine-tuning (data.sft_path: masked "
+                            "losses); set parallel.pp=1")
+        return parallel_plan.split_stage(model, stage, n_stages)
+
+    def pipeline_io(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return batch["input"], batch["target"]
+
+    def pipeline_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return parallel_plan.pipeline_loss(logits, target)
+
     def build_dataset(self, split: str):
         self.manifest  # noqa: B018  (checks the vocabulary before any worker starts)
         if self.cfg.data.sft_path:  # chat fine-tuning: padded conversations, assistant-only loss
