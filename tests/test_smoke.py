@@ -23,6 +23,7 @@ LAST_WORDS = {
     "dist_scaling": "scaling efficiency:",
     "moe_ep": "step-time ratio ep=2 / ep=1:",
     "moe_layer": "bf16: grouped",
+    "pipeline": "PP=2 / DP=2 tokens/s:",
     "precision": "auto / faster of fp32 and bf16:",
     "serve_abuse": "5xx in /metrics",
     "serve_load": "round 1: exaflop, concurrency 2:",

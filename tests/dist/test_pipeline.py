@@ -39,6 +39,11 @@ def test_1f1b_matches_single_process(pp_reference, pp_1f1b):
     assert (run["pp"], run["pp_microbatches"]) == (2, 4) and run["pp_bubble"] == pytest.approx(1 / 5)
     # Each stage holds about half the model: rank 0 (layers 0-1 + embedding) less than all of it.
     assert run["params_local"] < pp_reference.records("run")[0]["params_local"]
+    shares = run["pp_stage_flops_share"]  # layers 0-1 | layers 2-3 + the head
+    assert len(shares) == 2 and sum(shares) == pytest.approx(1) and shares[1] > shares[0]
+    last = pp_1f1b.records("train")[-1]
+    assert last["mfu_per_stage"] == pytest.approx([last["mfu"] * 2 * s for s in shares])
+    assert len(last["peak_mem_mb_per_rank"]) == 2  # memory per stage
 
 
 @pytest.mark.parametrize("name,nproc,extra", [

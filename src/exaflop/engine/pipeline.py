@@ -13,6 +13,8 @@ methods for it:
                                                        # stages share (tied embeddings)
     pipeline_io(batch) -> (input, target)                      # what enters and what the loss reads
     pipeline_loss(output, target) -> Tensor                    # the last stage's loss per micro-batch
+    stage_shares(n_stages) -> list[float]                      # optional: each stage's share of
+                                                               # the FLOPs (per-stage MFU)
 
 Interleaved schedules (several stages per rank) are not offered: they were not proven
 reliable on gloo here, so nothing depends on them.
@@ -67,10 +69,18 @@ class Pipeline:
         self._eval = ScheduleGPipe(PipelineStage(model, self.index, self.n, rt.device, group=self.group), 1,
                                    loss_fn=task.pipeline_loss)
         self.bubble = bubble_fraction(self.n, n_micro)
+        shares = getattr(task, "stage_shares", None)
+        self.shares = shares(self.n) if shares is not None else None
 
     def describe(self) -> dict[str, Any]:
-        return {"pp": self.n, "pp_stage": self.index, "pp_microbatches": self.n_micro,
-                "pp_bubble": self.bubble}
+        out = {"pp": self.n, "pp_stage": self.index, "pp_microbatches": self.n_micro, "pp_bubble": self.bubble}
+        if self.shares:
+            out["pp_stage_flops_share"] = self.shares
+        return out
+
+    def stage_mfu(self, mfu: float) -> list[float] | None:
+        """Each stage's MFU from the job's: a stage does its share of the FLOPs on 1/pp of the ranks."""
+        return [mfu * self.n * s for s in self.shares] if self.shares else None
 
     def _run(self, schedule, inp, target, train: bool) -> float:
         losses: list = []

@@ -163,7 +163,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
              "matmul_gflops": rt.precision.rates, "trial_ms": rt.precision.trial_ms, "peak_gflops": peak / 1e9,
              "world": rt.world, "params_local": _local_numel(model), **(pipe.describe() if pipe else {})})
     # Each component decides its own cadence; the loop only runs steps and asks them.
-    meter = _Meter(log, cfg, rt, task, B, peak, start_step)
+    meter = _Meter(log, cfg, rt, task, B, peak, start_step, pipe)
     evaluator = _Evaluator(task, val, rt, cfg.eval.every, total)
     eval_model = model
     if pipe is not None:
@@ -234,7 +234,8 @@ class _Meter:
     since the previous record, MFU and peak memory; returns the progress bar's fields."""
 
     def __init__(self, log: MetricsLog, cfg: Config, rt: rtm.Runtime, task, global_batch: int, peak: float,
-                 start_step: int) -> None:
+                 start_step: int, pipe=None) -> None:
+        self.pipe = pipe
         self.log, self.rt, self.every, self.total = log, rt, cfg.train.log_every, cfg.train.steps
         self.B, self.peak, self.start_step = global_batch, peak, start_step
         self.flops_step = task.flops_per_sample() * global_batch
@@ -263,6 +264,8 @@ class _Meter:
         if rt.distributed:
             last.update({"world": rt.world, "tokens_per_s_per_rank": sps * self.tps / rt.world,
                          "peak_mem_mb_per_rank": mem})
+        if self.pipe is not None and self.pipe.shares:
+            last["mfu_per_stage"] = self.pipe.stage_mfu(mfu)
         self.log.log(last)
         self.last = last
         rate = f"{sps * self.tps:,.0f} tok/s" if self.tps else f"{sps:,.1f} samples/s"

@@ -31,7 +31,12 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 # -- pipeline stages (engine/pipeline.py) ---------------------------------------------
 
 def stage_layers(cfg, n_stages: int) -> list[range]:
-    """Consecutive layers per stage, balancing each stage's matmul FLOPs per token: the blocks
+    """Consecutive layers per stage (see stage_split)."""
+    return stage_split(cfg, n_stages)[0]
+
+
+def stage_split(cfg, n_stages: int) -> tuple[list[range], list[float]]:
+    """Consecutive layers per stage, and each stage's share of the FLOPs, balancing each stage's matmul FLOPs per token: the blocks
     (attention projections and scores, MLP; MoE: the active experts), with the LM head's
     2·C·V counted on the last stage (the embedding lookup has no matmul). Among the splits
     with the smallest maximum, the most even."""
@@ -58,7 +63,10 @@ def stage_layers(cfg, n_stages: int) -> list[range]:
     search(0, n_stages, [], [])
     assert best is not None
     bounds = [0, *best[1]]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    stages = [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    costs = [len(r) * block for r in stages]
+    costs[-1] += head
+    return stages, [c / sum(costs) for c in costs]
 
 
 def split_stage(model: nn.Module, stage: int, n_stages: int) -> list[str]:

@@ -65,6 +65,9 @@ class LMTask:
                             "losses); set parallel.pp=1")
         return parallel_plan.split_stage(model, stage, n_stages)
 
+    def stage_shares(self, n_stages: int) -> list[float]:
+        return parallel_plan.stage_split(self.mcfg, n_stages)[1]
+
     def pipeline_io(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return batch["input"], batch["target"]
 
