@@ -101,3 +101,12 @@ def test_stages_balance_matmul_cost_counting_the_head():
     assert [len(r) for r in stage_layers(big, 2)] == [8, 4]
     with pytest.raises(UserError, match=re.escape("parallel.pp=8 exceeds model.n_layer=4")):
         stage_layers(even, 8)
+
+
+def test_a_pipeline_step_gets_at_least_pp_micro_batches():
+    from exaflop.engine.trainer import _pipeline_micro
+
+    assert _pipeline_micro(16, 16, 2) == 8  # lm-tiny's one micro-batch of 16 becomes two of 8
+    assert _pipeline_micro(8, 2, 2) == 2  # already 4 micro-batches: unchanged
+    assert _pipeline_micro(12, 5, 4) == 3  # largest size <= 5 that divides 12 into >= 4
+    assert _pipeline_micro(1, 1, 2) == 1  # smaller than pp: left to the schedule's own check

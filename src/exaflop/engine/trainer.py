@@ -124,6 +124,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     # A micro-batch larger than a rank's share of the global batch shrinks to that share,
     # so a preset written for one process also runs on N.
     micro = min(cfg.train.micro_batch, max(1, B // dp_world))
+    if rt.layout.pp > 1:
+        micro = _pipeline_micro(B // dp_world, micro, rt.layout.pp)
     layout = StreamLayout(B, micro, dp_rank, dp_world)
     workers = getattr(cfg.data, "num_workers", 0)
     train_src = task.build_dataset("train")
@@ -270,6 +272,16 @@ class _Meter:
         self.last = last
         rate = f"{sps * self.tps:,.0f} tok/s" if self.tps else f"{sps:,.1f} samples/s"
         return {"loss": f"{out.loss:.3f}", "rate": rate, "mfu": f"{100 * mfu:.1f}%"}
+
+
+def _pipeline_micro(per_rank: int, micro: int, pp: int) -> int:
+    """A pipeline needs at least `pp` micro-batches per step to keep its stages busy: the largest
+    micro-batch no bigger than `micro` that divides the rank's batch into at least `pp` (the
+    samples a step consumes do not depend on it). Unchanged when the batch is smaller than pp."""
+    for m in range(micro, 0, -1):
+        if per_rank % m == 0 and per_rank // m >= pp:
+            return m
+    return micro
 
 
 def _local_numel(model) -> int:
