@@ -32,6 +32,9 @@ def _add_train(sub) -> None:
                    help="write RUN/samples_rank<r>.jsonl with the global sample ids of every step")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a rank dies")
+    p.add_argument("--elastic", action="store_true",
+                   help="with --nproc: data-parallel replicas that lose a member go on without it "
+                        "(no restart, no checkpoint load; docs/distributed.md)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -46,6 +49,12 @@ def _cmd_train(args) -> int:
         from exaflop.engine.checkpoint import read_latest
 
         args.resume = read_latest(cfg.run_dir / "checkpoints")[0] is not None
+    if args.elastic:
+        if args.nproc < 2:
+            raise UserError("--elastic needs --nproc 2 or more")
+        from exaflop.engine.elastic import launch as launch_elastic
+
+        return launch_elastic(args.config, args.overrides, args.nproc, args.resume, args.quiet)
     if args.nproc > 1:
         from exaflop.engine.launch import launch
 

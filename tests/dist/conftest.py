@@ -63,6 +63,9 @@ class Run:
             prev = -1
             for rec in map(json.loads, f.read_text().splitlines()):
                 s = rec["step"]
+                if rec.get("discard"):  # an elastic group re-formed during step s: it ran again
+                    per_step.pop(s, None)
+                    continue
                 if s < prev:
                     self.restarts.append(s)
                     per_step = {k: v for k, v in per_step.items() if k < s}

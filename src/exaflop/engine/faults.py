@@ -117,6 +117,12 @@ class Drills:
             self._samples.write(f'{{"step": {step}, "ids": {batch["sample_ids"].tolist()}}}\n')
             self._samples.flush()  # a killed rank must leave what it consumed on disk
 
+    def discard(self, step: int) -> None:
+        """The micro-batches recorded for `step` were not applied (the group re-formed mid-step)."""
+        if self._samples is not None:
+            self._samples.write(f'{{"step": {step}, "discard": true}}\n')
+            self._samples.flush()
+
     def after_backward(self, step: int, model) -> None:
         if step == self.nan_at_step:
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))

@@ -26,6 +26,7 @@ class Runtime:
     layout: Any = None  # engine.mesh.Layout, set by parallelize()
     mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard, tp) when distributed
     expert_grads: Any = None  # engine.parallel.ExpertGrads under expert parallelism
+    elastic: Any = None  # engine.elastic.Elastic under `--elastic`
     pp_tied: Any = None  # names of weights on the first and last pipeline stage (engine/pipeline.py)
 
     @property
@@ -56,6 +57,12 @@ def setup(cfg) -> Runtime:
         device = torch.device("cpu")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    elastic = None
+    if world > 1 and not dist.is_initialized() and os.environ.get("EXAFLOP_ELASTIC_STORE"):
+        from exaflop.engine.elastic import Elastic
+
+        elastic = Elastic(os.environ["EXAFLOP_ELASTIC_STORE"], rank, world, timedelta(seconds=cfg.parallel.timeout_s))
+        elastic.init(rank, world)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=cfg.parallel.timeout_s)
@@ -68,7 +75,7 @@ def setup(cfg) -> Runtime:
     precision = resolve(cfg.run.dtype, device)
     if world > 1:
         precision = agree(precision, device)
-    return Runtime(rank, world, local_rank, device, precision.dtype, precision=precision)
+    return Runtime(rank, world, local_rank, device, precision.dtype, precision=precision, elastic=elastic)
 
 
 def agree(precision, device: torch.device):

@@ -9,11 +9,19 @@ from typing import Any
 
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+        self.run_dir, self.tensorboard = run_dir, tensorboard
+        self.enabled = False
         self.file = None
         self.tb = None
-        if not enabled:
+        if enabled:
+            self.enable()
+
+    def enable(self) -> None:
+        """Start writing (also later: a replica that becomes rank 0 when the first is lost)."""
+        if self.enabled:
             return
+        self.enabled = True
+        run_dir, tensorboard = self.run_dir, self.tensorboard
         run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:

@@ -25,6 +25,7 @@ from exaflop.data.stream import StreamLayout, eval_batches, make_loader
 from exaflop.engine import runtime as rtm
 from exaflop.engine.checkpoint import Checkpointer, latest_complete
 from exaflop.engine.faults import Drills
+from exaflop.engine.mesh import resolve_layout
 from exaflop.engine.optim import build_optimizer, lr_at
 from exaflop.engine.parallel import data_parallel_size, parallelize, unwrap
 from exaflop.engine.precision import peak_dtype
@@ -103,6 +104,9 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     task = build_task(cfg)
     model = task.build_model()
     model = parallelize(model, task, cfg, rt)
+    if rt.elastic is not None and (rt.layout.wrap == "fsdp" or rt.layout.tp * rt.layout.pp * rt.layout.ep > 1):
+        raise UserError(f"--elastic re-splits data-parallel replicas only ({rt.layout.describe()}); "
+                        "set parallel.mode=ddp and tp/pp/ep to 1")
     if cfg.run.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
@@ -152,7 +156,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             task.save_assets(run_dir)
 
     log = MetricsLog(run_dir, rt.is_main, cfg.run.tensorboard)
-    peak = rtm.measure_peak_flops(rt.device, peak_dtype(rt.precision)) if rt.is_main else 1.0
+    # Elastic: any replica may become rank 0 and report MFU.
+    peak = rtm.measure_peak_flops(rt.device, peak_dtype(rt.precision)) if rt.is_main or rt.elastic else 1.0
     total = cfg.train.steps
     record = record_samples or os.environ.get("EXAFLOP_RECORD_SAMPLES") == "1"
     drills = Drills(rt.rank, cfg.train.inject_nan_at_step, run_dir / f"samples_rank{rt.rank}.jsonl" if record else None)
@@ -184,12 +189,23 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             heartbeat.beat(step)
             drills.before_step(step)
             lr = lr_at(step, total, cfg.optim)
-            if pipe is None:
-                out = train_step(model, optimizer, task, loader, layout.accum_steps, rt, step, lr,
-                                 cfg.optim.grad_clip, drills, before_update=ckpt.wait_staged)
-            else:
-                out = pipe.step(optimizer, loader, layout.accum_steps, step, lr, cfg.optim.grad_clip, drills,
-                                before_update=ckpt.wait_staged)
+            while True:
+                try:
+                    if pipe is None:
+                        out = train_step(model, optimizer, task, loader, layout.accum_steps, rt, step, lr,
+                                         cfg.optim.grad_clip, drills, before_update=ckpt.wait_staged)
+                    else:
+                        out = pipe.step(optimizer, loader, layout.accum_steps, step, lr, cfg.optim.grad_clip,
+                                        drills, before_update=ckpt.wait_staged)
+                    break
+                except Exception as e:
+                    if rt.elastic is None or not rt.elastic.is_peer_failure(e):
+                        raise
+                    # A replica is gone mid-step: re-form without it and run this step again.
+                    optimizer.zero_grad(set_to_none=True)
+                    drills.discard(step)
+                    model, layout, loader = _shrink(cfg, rt, task, model, train_src, B, step, log, heartbeat,
+                                                    evaluator, val_src, workers)
             if not out.finite:
                 skipped += 1
                 bad_run += 1
@@ -209,7 +225,14 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             if evaluator.due(done):
                 log.log(evaluator.run(eval_model, done))
             sliced = bool(cfg.train.stop_after) and done - start_step >= cfg.train.stop_after and done != total
-            stopping = stop.any_rank(rt) or sliced
+            try:
+                stopping = stop.any_rank(rt) or sliced
+            except Exception as e:  # the step is applied everywhere; only the flag's exchange failed
+                if rt.elastic is None or not rt.elastic.is_peer_failure(e):
+                    raise
+                model, layout, loader = _shrink(cfg, rt, task, model, train_src, B, done, log, heartbeat,
+                                                evaluator, val_src, workers)
+                stopping = sliced
             if saver.due(done, stopping):
                 saver.save(model, optimizer, done, skipped)
             if stopping:
@@ -272,6 +295,33 @@ class _Meter:
         self.last = last
         rate = f"{sps * self.tps:,.0f} tok/s" if self.tps else f"{sps:,.1f} samples/s"
         return {"loss": f"{out.loss:.3f}", "rate": rate, "mfu": f"{100 * mfu:.1f}%"}
+
+
+def _shrink(cfg: Config, rt: rtm.Runtime, task, model, train_src, B: int, step: int, log: MetricsLog,
+            heartbeat, evaluator, val_src, workers: int):
+    """After a lost replica (engine/elastic.py): the re-formed group's DDP wrapper, and the
+    same global batch re-split over the survivors from step `step` on (the global cursor)."""
+    from torch.distributed.distributed_c10d import _get_default_store
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rec = rt.elastic.reform()
+    rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
+    rt.layout = resolve_layout(cfg.parallel, rt.world)
+    inner = unwrap(model)
+    model = DDP(inner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else inner
+    dp_world, dp_rank = data_parallel_size(cfg, rt)
+    micro = min(cfg.train.micro_batch, max(1, B // dp_world))
+    layout = StreamLayout(B, micro, dp_rank, dp_world)
+    loader = make_loader(train_src, task.collate, layout, cfg.run.seed, step, workers)
+    n_eval = -(-cfg.eval.batches // dp_world) * dp_world
+    evaluator.val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
+    heartbeat.store = _get_default_store()
+    if rt.is_main:
+        log.enable()
+        console.print(f"[yellow]step {step}: replica(s) {rec['left']} lost; continuing on {rt.world} "
+                      f"(stalled {rec['stall_s']:.1f}s)")
+    log.log({**rec, "step": step})
+    return model, layout, loader
 
 
 def _pipeline_micro(per_rank: int, micro: int, pp: int) -> int:
