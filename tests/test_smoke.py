@@ -21,6 +21,7 @@ LAST_WORDS = {
     "checkpoint_io": "load / torch.load:",
     "dist_memory": "FSDP2/DDP per-rank state memory:",
     "dist_scaling": "scaling efficiency:",
+    "elastic": "extra time lost, restart / shrink:",
     "moe_ep": "step-time ratio ep=2 / ep=1:",
     "moe_layer": "bf16: grouped",
     "pipeline": "PP=2 / DP=2 tokens/s:",

@@ -103,6 +103,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     run_dir = cfg.run_dir
     task = build_task(cfg)
     model = task.build_model()
+    if rt.elastic is not None and cfg.parallel.mode == "auto":
+        cfg.parallel.mode = "ddp"  # elastic replicas are whole copies: auto means DDP here
     model = parallelize(model, task, cfg, rt)
     if rt.elastic is not None and (rt.layout.wrap == "fsdp" or rt.layout.tp * rt.layout.pp * rt.layout.ep > 1):
         raise UserError(f"--elastic re-splits data-parallel replicas only ({rt.layout.describe()}); "
