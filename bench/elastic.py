@@ -10,7 +10,7 @@ every `--ckpt-every` steps:
                         resumes from the newest checkpoint, redoing the steps since.
 Reported: wall time of each and the extra over the baseline, and the elastic run's own
 `stall_s` (from its reconfigure record). Usage:
-    python bench/elastic.py [--steps 30] [--kill-at 17] [--ckpt-every 10]
+    python bench/elastic.py [--steps 30] [--kill-at 17] [--ckpt-every 10] [--replicas 3]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run(name: str, extra: list[str], fault: str | None, data: Path, out: Path, a
             "run.tensorboard=false", f"checkpoint.every={a.ckpt_every}", "eval.batches=1", "parallel.mode=ddp",
             "parallel.timeout_s=10", "model.vocab_size=1024", "run.dtype=fp32"]
     sets += ["model.seq_len=32"] if a.tiny else []
-    cmd = [sys.executable, "-m", "exaflop", "train", "lm-tiny", "--nproc", "3", "--quiet", *extra]
+    cmd = [sys.executable, "-m", "exaflop", "train", "lm-tiny", "--nproc", str(a.replicas), "--quiet", *extra]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,10 +53,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kill-at", type=int, default=17, help="0-based step before which replica 1 dies")
     ap.add_argument("--ckpt-every", type=int, default=10)
+    ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     a = ap.parse_args()
     if a.tiny:
-        a.steps, a.kill_at, a.ckpt_every = 6, 4, 3
+        a.steps, a.kill_at, a.ckpt_every, a.replicas = 5, 3, 2, 2  # 2 -> 1: also the lone-survivor path
     from exaflop.engine.precision import cpu_capability
     from exaflop.lm.shards import build_text_dataset
 
@@ -69,11 +70,11 @@ def main() -> None:
         tr, _ = run("restart", ["--max-restarts", "1"], fault, data, runs, a)
     stall = next(r["stall_s"] for r in recs if r["kind"] == "reconfigure")
     redone = a.kill_at - (a.kill_at // a.ckpt_every) * a.ckpt_every
-    print(f"lm-tiny, 3 DDP replicas x 1 thread, {a.steps} steps, checkpoint every {a.ckpt_every}, "
+    print(f"lm-tiny, {a.replicas} DDP replicas x 1 thread, {a.steps} steps, checkpoint every {a.ckpt_every}, "
           f"replica 1 killed before step {a.kill_at}; CPU: {cpu_capability()}")
     print(f"  uninterrupted   : {base:6.1f} s")
     print(f"  elastic (shrink): {el:6.1f} s  (+{el - base:.1f} s; group re-formed in {stall:.2f} s, "
-          f"then 2 replicas for the rest)")
+          f"then {a.replicas - 1} for the rest)")
     print(f"  torchrun restart: {tr:6.1f} s  (+{tr - base:.1f} s; all processes restarted, {redone} steps redone "
           f"from the checkpoint)")
     # On fewer cores than replicas the shrunk group can even finish sooner: print both, not a ratio.

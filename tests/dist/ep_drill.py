@@ -82,9 +82,11 @@ def main() -> None:
     rg = m.router.weight.grad.clone()
     dist.all_reduce(rg)
     res["router_grad"] = torch.allclose(rg / world, ref.router.weight.grad, atol=1e-6)
-    dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
         json.dump(res, f)
+    # Every rank done before any tears its connections down (gloo aborts a peer still finishing).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ def main() -> None:
               "grad_norm": res.grad_norm,
               "ref_grad_norm": float(torch.nn.utils.get_total_norm(list(want.values()))),
               "diff": {n: float((g - want[n]).abs().max()) for n, g in got.items()}}
-    dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
         json.dump(report, f)
+    # Every rank done before any tears its connections down (gloo aborts a peer still finishing).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

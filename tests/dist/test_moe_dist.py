@@ -37,7 +37,7 @@ def moe_ep(launcher):
     ("moe_tp_ep", 4, ["parallel.ep=2", "parallel.tp=2"]),
     ("moe_ddp", 2, ["parallel.mode=ddp"]),
     # FSDP2 without expert parallel: test_expert_parallel_checkpoint_resumes_on_other_layouts
-    ("moe_tp", 2, ["parallel.tp=2"]),
+    # TP with sequence parallelism: moe_tp_ep (the same expert split, plus EP)
     ("moe_tp_nosp", 2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
 ])
 def test_moe_layout_matches_single_process(launcher, moe_reference, name, nproc, extra):

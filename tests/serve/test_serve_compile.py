@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import openai
+import pytest
 import torch
 
 from exaflop.serve.engine import Engine
@@ -17,6 +18,9 @@ from exaflop.serve.reload import load_weights
 
 MODEL = "m"
 NO_SPECIALS = {str(i): -100 for i in range(6)}
+
+
+pytestmark = pytest.mark.compile
 
 
 def test_compiled_decode_step_matches_eager(run_dir):
