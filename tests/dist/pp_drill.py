@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -59,9 +60,10 @@ def main() -> None:
               "diff": {n: float((g - want[n]).abs().max()) for n, g in got.items()}}
     with open(f"{out}.{rank}", "w") as f:
         json.dump(report, f)
-    # Every rank done before any tears its connections down (gloo aborts a peer still finishing).
+    # Every rank done, then leave without running c10d's destructors: the verdict is on disk, and
+    # a gloo teardown racing the peer's once aborted a rank (SIGABRT) after a passing drill.
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_experts_without_tokens_get_the_reference_gradients(tmp_path, case):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(script), case, str(tmp_path / "r")]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[:4000]  # the head: the rank's own error
     for rank in (0, 1):
         res = json.loads((tmp_path / f"r.{rank}").read_text())
         assert res["local_rows"] == [2, 2, 2]  # E=4 over 2 ranks: two experts' weights each
