@@ -208,6 +208,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                     drills.discard(step)
                     model, layout, loader = _shrink(cfg, rt, task, model, train_src, B, step, log, heartbeat,
                                                     evaluator, val_src, workers)
+                    eval_model = model  # elastic runs have no pipeline
             if not out.finite:
                 skipped += 1
                 bad_run += 1
@@ -234,6 +235,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                     raise
                 model, layout, loader = _shrink(cfg, rt, task, model, train_src, B, done, log, heartbeat,
                                                 evaluator, val_src, workers)
+                eval_model = model
                 stopping = sliced
             if saver.due(done, stopping):
                 saver.save(model, optimizer, done, skipped)
