@@ -104,7 +104,7 @@ def test_stages_balance_matmul_cost_counting_the_head():
 
 
 def test_a_pipeline_step_gets_at_least_pp_micro_batches():
-    from exaflop.engine.trainer import _pipeline_micro
+    from exaflop.engine.pipeline import pipeline_micro_batch as _pipeline_micro
 
     assert _pipeline_micro(16, 16, 2) == 8  # lm-tiny's one micro-batch of 16 becomes two of 8
     assert _pipeline_micro(8, 2, 2) == 2  # already 4 micro-batches: unchanged

@@ -118,7 +118,7 @@ class ExpertGrads:
 
     @torch.no_grad()
     def reduce(self) -> None:
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
         if self.group is not None:
             flat = torch.cat([g.flatten() for g in grads])  # one collective, not one per weight
             torch.distributed.all_reduce(flat, group=self.group)
@@ -126,7 +126,8 @@ class ExpertGrads:
         torch._foreach_div_(grads, float(self.dp))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place changes reach it); a plain tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exaflop.engine.parallel import clip_grad_norm
+from exaflop.engine.parallel import clip_grad_norm, local_tensor
 from exaflop.engine.step import NoDrills, StepOutcome, to_device
 from exaflop.errors import UserError
 
@@ -37,6 +37,16 @@ from exaflop.errors import UserError
 def bubble_fraction(pp: int, n_micro: int) -> float:
     """Idle share of a GPipe / 1F1B step with equal stages: (p - 1) / (m + p - 1)."""
     return (pp - 1) / (n_micro + pp - 1)
+
+
+def pipeline_micro_batch(per_rank: int, micro: int, pp: int) -> int:
+    """A pipeline needs at least `pp` micro-batches per step to keep its stages busy: the largest
+    micro-batch no bigger than `micro` that divides the rank's batch into at least `pp` (the
+    samples a step consumes do not depend on it). Unchanged when the batch is smaller than pp."""
+    for m in range(micro, 0, -1):
+        if per_rank % m == 0 and per_rank // m >= pp:
+            return m
+    return micro
 
 
 class Pipeline:
@@ -130,8 +140,7 @@ class Pipeline:
         # gradient from each use: their sum, on both, keeps the two copies equal.
         for p in self.tied:
             if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                dist.all_reduce(g, group=self.tied_group)
+                dist.all_reduce(local_tensor(p.grad), group=self.tied_group)
 
     @torch.no_grad()
     def _clip(self, max_norm: float) -> float:

@@ -27,7 +27,7 @@ from exaflop.engine.checkpoint import Checkpointer, latest_complete
 from exaflop.engine.faults import Drills
 from exaflop.engine.mesh import resolve_layout
 from exaflop.engine.optim import build_optimizer, lr_at
-from exaflop.engine.parallel import data_parallel_size, parallelize, unwrap
+from exaflop.engine.parallel import data_parallel_size, local_tensor, parallelize, unwrap
 from exaflop.engine.precision import peak_dtype
 from exaflop.engine.step import to_device, train_step
 from exaflop.engine.task import build_task
@@ -125,22 +125,10 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         start_step = int(meta["step"])
         if rng is not None:
             rtm.set_rng_state(rng)
-    dp_world, dp_rank = data_parallel_size(cfg, rt)
     B = global_batch_of(cfg, task)
-    # A micro-batch larger than a rank's share of the global batch shrinks to that share,
-    # so a preset written for one process also runs on N.
-    micro = min(cfg.train.micro_batch, max(1, B // dp_world))
-    if rt.layout.pp > 1:
-        micro = _pipeline_micro(B // dp_world, micro, rt.layout.pp)
-    layout = StreamLayout(B, micro, dp_rank, dp_world)
     workers = getattr(cfg.data, "num_workers", 0)
-    train_src = task.build_dataset("train")
-    loader = make_loader(train_src, task.collate, layout, cfg.run.seed, start_step, workers)
-    val_src = task.build_dataset("val")
-    # Every data-parallel rank evaluates the same number of batches: FSDP and TP forwards are
-    # collectives, so a rank with one batch fewer would leave the others waiting forever.
-    n_eval = -(-cfg.eval.batches // dp_world) * dp_world
-    val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
+    train_src, val_src = task.build_dataset("train"), task.build_dataset("val")
+    layout, loader, val = _split_data(cfg, rt, task, train_src, val_src, B, start_step, workers)
     pipe = None
     if rt.layout.pp > 1:
         from exaflop.engine.pipeline import Pipeline
@@ -149,7 +137,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     # A trial under compile would compile both dtypes, and a pipeline stage cannot run a step
     # alone: those keep the probe's choice.
     if not cfg.run.compile and pipe is None:
-        _confirm_precision(model, task, train_src, micro, rt)
+        _confirm_precision(model, task, train_src, layout.micro_batch, rt)
     if rt.is_main:
         # The run records what "auto" became on this machine (a resume elsewhere resolves again).
         cfg.run.resolved_dtype = rt.precision.name
@@ -313,12 +301,7 @@ def _shrink(cfg: Config, rt: rtm.Runtime, task, model, train_src, B: int, step: 
     rt.layout = resolve_layout(cfg.parallel, rt.world)
     inner = unwrap(model)
     model = DDP(inner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else inner
-    dp_world, dp_rank = data_parallel_size(cfg, rt)
-    micro = min(cfg.train.micro_batch, max(1, B // dp_world))
-    layout = StreamLayout(B, micro, dp_rank, dp_world)
-    loader = make_loader(train_src, task.collate, layout, cfg.run.seed, step, workers)
-    n_eval = -(-cfg.eval.batches // dp_world) * dp_world
-    evaluator.val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
+    layout, loader, evaluator.val = _split_data(cfg, rt, task, train_src, val_src, B, step, workers)
     heartbeat.store = _get_default_store()
     if rt.is_main:
         log.enable()
@@ -328,19 +311,29 @@ def _shrink(cfg: Config, rt: rtm.Runtime, task, model, train_src, B: int, step: 
     return model, layout, loader
 
 
-def _pipeline_micro(per_rank: int, micro: int, pp: int) -> int:
-    """A pipeline needs at least `pp` micro-batches per step to keep its stages busy: the largest
-    micro-batch no bigger than `micro` that divides the rank's batch into at least `pp` (the
-    samples a step consumes do not depend on it). Unchanged when the batch is smaller than pp."""
-    for m in range(micro, 0, -1):
-        if per_rank % m == 0 and per_rank // m >= pp:
-            return m
-    return micro
+def _split_data(cfg: Config, rt: rtm.Runtime, task, train_src, val_src, B: int, step: int, workers: int):
+    """This rank's share of the global batch from optimizer step `step` on (the stream layout and
+    loader) and its evaluation batches: at the start, and again when an elastic group shrinks."""
+    dp_world, dp_rank = data_parallel_size(cfg, rt)
+    # A micro-batch larger than a rank's share of the global batch shrinks to that share,
+    # so a preset written for one process also runs on N.
+    micro = min(cfg.train.micro_batch, max(1, B // dp_world))
+    if rt.layout.pp > 1:
+        from exaflop.engine.pipeline import pipeline_micro_batch
+
+        micro = pipeline_micro_batch(B // dp_world, micro, rt.layout.pp)
+    layout = StreamLayout(B, micro, dp_rank, dp_world)
+    loader = make_loader(train_src, task.collate, layout, cfg.run.seed, step, workers)
+    # Every data-parallel rank evaluates the same number of batches: FSDP and TP forwards are
+    # collectives, so a rank with one batch fewer would leave the others waiting forever.
+    n_eval = -(-cfg.eval.batches // dp_world) * dp_world
+    val = eval_batches(val_src, task.collate, cfg.train.micro_batch, n_eval, dp_rank, dp_world)
+    return layout, loader, val
 
 
 def _local_numel(model) -> int:
     """Parameter elements this rank holds (its shards under FSDP/TP/EP)."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    return sum(local_tensor(p).numel() for p in model.parameters())
 
 
 class _Evaluator:
