@@ -31,7 +31,9 @@ def _add_train(sub) -> None:
     p.add_argument("--record-samples", action="store_true",
                    help="write RUN/samples_rank<r>.jsonl with the global sample ids of every step")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
-    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a rank dies")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts after a rank dies; with --elastic: replacements that join the "
+                        "running group for lost replicas")
     p.add_argument("--elastic", action="store_true",
                    help="with --nproc: data-parallel replicas that lose a member go on without it "
                         "(no restart, no checkpoint load; docs/distributed.md)")
@@ -54,7 +56,8 @@ def _cmd_train(args) -> int:
             raise UserError("--elastic needs --nproc 2 or more")
         from exaflop.engine.elastic import launch as launch_elastic
 
-        return launch_elastic(args.config, args.overrides, args.nproc, args.resume, args.quiet)
+        return launch_elastic(args.config, args.overrides, args.nproc, args.resume, args.quiet,
+                              replacements=args.max_restarts)
     if args.nproc > 1:
         from exaflop.engine.launch import launch
 

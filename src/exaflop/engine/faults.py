@@ -3,12 +3,17 @@
     EXAFLOP_FAULT=sigkill@rank1:step6   rank 1 SIGKILLs itself before optimizer step 6
     EXAFLOP_FAULT=sigterm@rank0:step3   rank 0 receives SIGTERM (a preemption notice)
     EXAFLOP_FAULT=hang@rank1:step3      rank 1 stops answering collectives
+    EXAFLOP_FAULT=sigkill@rank1:step4,await_join@step6
+                                        under --elastic with a replacement: every member holds
+                                        the boundary after step 6 until the replacement has
+                                        registered (engine/elastic.py), so the rejoin test does
+                                        not race the replacement's start-up
     EXAFLOP_FAULT=before_rename         (engine.checkpoint) die between shard write and rename
     EXAFLOP_FAULT=atomic_write:torn     (engine.checkpoint) die half-way through writing meta.json
                                         or `latest`; also atomic_write:before_fsync, :before_replace
 
-Faults fire only in torchrun's first attempt, so a restarted job does not crash
-again at the same place; the signals are delivered to the process for real.
+Faults fire only in torchrun's first attempt (and never in an elastic replacement), so a
+restarted job does not crash again at the same place; the signals are delivered to the process for real.
 
 The server has its own, aimed at single requests so the others can be watched going on:
 
@@ -29,10 +34,13 @@ _SPEC = re.compile(r"^(sigkill|sigterm|hang)@rank(\d+):step(\d+)$")
 
 
 def _parse() -> tuple[str, int, int] | None:
-    m = _SPEC.match(os.environ.get("EXAFLOP_FAULT", ""))
-    if m is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return None
-    return m.group(1), int(m.group(2)), int(m.group(3))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or os.environ.get("EXAFLOP_ELASTIC_JOIN") == "1":
+        return None  # a restarted group, or a replacement joining one, does not crash again
+    for part in os.environ.get("EXAFLOP_FAULT", "").split(","):
+        m = _SPEC.match(part.strip())
+        if m is not None:
+            return m.group(1), int(m.group(2)), int(m.group(3))
+    return None
 
 
 def maybe_inject(step: int, rank: int) -> None:

@@ -59,10 +59,15 @@ def setup(cfg) -> Runtime:
         torch.set_num_threads(cfg.run.threads)
     elastic = None
     if world > 1 and not dist.is_initialized() and os.environ.get("EXAFLOP_ELASTIC_STORE"):
-        from exaflop.engine.elastic import Elastic
+        from exaflop.engine.elastic import JOIN_ENV, Elastic
 
-        elastic = Elastic(os.environ["EXAFLOP_ELASTIC_STORE"], rank, world, timedelta(seconds=cfg.parallel.timeout_s))
-        elastic.init(rank, world)
+        elastic = Elastic(os.environ["EXAFLOP_ELASTIC_STORE"], rank, world, timedelta(seconds=cfg.parallel.timeout_s),
+                          joining=os.environ.get(JOIN_ENV) == "1")
+        if elastic.joining:
+            # A replacement joins a running group later (trainer): alone until it is admitted.
+            world = 1
+        else:
+            elastic.init(rank, world)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=cfg.parallel.timeout_s)

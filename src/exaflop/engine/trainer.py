@@ -55,12 +55,14 @@ class _StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
 
-    def any_rank(self, rt) -> bool:
-        """Preemption may reach one rank only: all ranks agree so they save together."""
-        flag = torch.tensor([1 if self.signal is not None else 0], device=rt.device)
+    def any_rank(self, rt, joiners: int = 0) -> tuple[bool, int]:
+        """Preemption may reach one rank only: all ranks agree so they save together. The same
+        all-reduce carries rank 0's count of registered elastic replacements (engine/elastic.py),
+        so every member decides to grow at the same step boundary."""
+        flag = torch.tensor([1 if self.signal is not None else 0, joiners], device=rt.device)
         if rt.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(flag[0].item()), int(flag[1].item())
 
 
 def global_batch_of(cfg: Config, task) -> int:
@@ -103,6 +105,12 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     run_dir = cfg.run_dir
     task = build_task(cfg)
     model = task.build_model()
+    joined = None
+    if rt.elastic is not None and rt.elastic.joining:
+        # A replacement for a lost replica: ready to train, it now waits for the group to admit it.
+        joined = _admit(rt, heartbeat)
+        if joined is None:
+            return {"step": 0, "joined": False, "run_dir": str(run_dir)}
     if rt.elastic is not None and cfg.parallel.mode == "auto":
         cfg.parallel.mode = "ddp"  # elastic replicas are whole copies: auto means DDP here
     model = parallelize(model, task, cfg, rt)
@@ -114,8 +122,14 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
 
-    start_step = 0
-    if resume:
+    start_step, skipped = 0, 0
+    if joined is not None:  # the optimizer state, step and RNG from rank 0, not from disk
+        from exaflop.engine.elastic import share_state
+
+        meta, _ = share_state(optimizer, None)
+        start_step, skipped = meta["step"], meta["skipped"]
+        rtm.set_rng_state(meta["rng"])
+    elif resume:
         if not ckpt.root.exists():
             raise UserError(f"--resume: {run_dir} has no checkpoints; start without --resume")
         meta, rng, problems = _load(ckpt, model, optimizer, cfg)
@@ -136,7 +150,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         pipe = Pipeline(model, task, cfg, rt, rt.layout, rt.mesh, layout.accum_steps)
     # A trial under compile would compile both dtypes, and a pipeline stage cannot run a step
     # alone: those keep the probe's choice.
-    if not cfg.run.compile and pipe is None:
+    if not cfg.run.compile and pipe is None and joined is None:
         _confirm_precision(model, task, train_src, layout.micro_batch, rt)
     if rt.is_main:
         # The run records what "auto" became on this machine (a resume elsewhere resolves again).
@@ -150,7 +164,9 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     peak = rtm.measure_peak_flops(rt.device, peak_dtype(rt.precision)) if rt.is_main or rt.elastic else 1.0
     total = cfg.train.steps
     record = record_samples or os.environ.get("EXAFLOP_RECORD_SAMPLES") == "1"
-    drills = Drills(rt.rank, cfg.train.inject_nan_at_step, run_dir / f"samples_rank{rt.rank}.jsonl" if record else None)
+    # Elastic ranks change as members come and go: files are named by the fixed member id.
+    member = rt.elastic.member if rt.elastic is not None else rt.rank
+    drills = Drills(rt.rank, cfg.train.inject_nan_at_step, run_dir / f"samples_rank{member}.jsonl" if record else None)
     if rt.is_main and rt.distributed and not quiet:
         console.print(f"[dim]{rt.layout.describe()}")
     if rt.is_main and not quiet:
@@ -170,7 +186,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     saver = _Saver(ckpt, cfg, log)
 
     result: dict[str, Any] = {"step": start_step, "stopped_by_signal": False}
-    skipped, bad_run = 0, 0
+    bad_run = 0
     extra = "loss {task.fields[loss]} | {task.fields[rate]} | MFU {task.fields[mfu]}"
     with _StopFlag() as stop, progress_bar(quiet or not rt.is_main, extra) as bar:
         bar_task = bar.add_task(f"train {rt.precision.name}", total=total, completed=start_step, loss="-", rate="-", mfu="-")
@@ -194,8 +210,8 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
                     # A replica is gone mid-step: re-form without it and run this step again.
                     optimizer.zero_grad(set_to_none=True)
                     drills.discard(step)
-                    model, layout, loader = _shrink(cfg, rt, task, model, train_src, B, step, log, heartbeat,
-                                                    evaluator, val_src, workers)
+                    model, layout, loader = _reformed(rt.elastic.reform(), cfg, rt, task, model, train_src, B, step,
+                                                      log, heartbeat, evaluator, val_src, workers)
                     eval_model = model  # elastic runs have no pipeline
             if not out.finite:
                 skipped += 1
@@ -216,17 +232,25 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
             if evaluator.due(done):
                 log.log(evaluator.run(eval_model, done))
             sliced = bool(cfg.train.stop_after) and done - start_step >= cfg.train.stop_after and done != total
+            joiners = 0
             try:
-                stopping = stop.any_rank(rt) or sliced
+                registered = rt.elastic.registered(done, rt.rank) if rt.elastic is not None else 0
+                stopping, joiners = stop.any_rank(rt, registered)
+                stopping = stopping or sliced
             except Exception as e:  # the step is applied everywhere; only the flag's exchange failed
                 if rt.elastic is None or not rt.elastic.is_peer_failure(e):
                     raise
-                model, layout, loader = _shrink(cfg, rt, task, model, train_src, B, done, log, heartbeat,
-                                                evaluator, val_src, workers)
+                model, layout, loader = _reformed(rt.elastic.reform(), cfg, rt, task, model, train_src, B, done,
+                                                  log, heartbeat, evaluator, val_src, workers)
                 eval_model = model
                 stopping = sliced
             if saver.due(done, stopping):
                 saver.save(model, optimizer, done, skipped)
+            if rt.elastic is not None and joiners > rt.elastic.admitted and not stopping and done < total:
+                # Replacements are ready: grow back; they get rank 0's state by broadcast.
+                model, layout, loader = _reformed(rt.elastic.grow(joiners), cfg, rt, task, model, train_src, B, done,
+                                                  log, heartbeat, evaluator, val_src, workers, optimizer, skipped)
+                eval_model = model
             if stopping:
                 result["stopped_by_signal"] = not sliced
                 result["stopped_early"] = True
@@ -289,24 +313,54 @@ class _Meter:
         return {"loss": f"{out.loss:.3f}", "rate": rate, "mfu": f"{100 * mfu:.1f}%"}
 
 
-def _shrink(cfg: Config, rt: rtm.Runtime, task, model, train_src, B: int, step: int, log: MetricsLog,
-            heartbeat, evaluator, val_src, workers: int):
-    """After a lost replica (engine/elastic.py): the re-formed group's DDP wrapper, and the
-    same global batch re-split over the survivors from step `step` on (the global cursor)."""
+def _admit(rt: rtm.Runtime, heartbeat) -> dict[str, Any] | None:
+    """A replacement (engine/elastic.py): wait to be admitted into the running group, then take
+    its ranks and rank 0's precision. None if the run finished before a step boundary let it in."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    info = rt.elastic.join()
+    if info is None:
+        return None
+    rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
+    rt.precision = rtm.agree(rt.precision, rt.device)
+    rt.dtype = rt.precision.dtype
+    heartbeat.store = _get_default_store()
+    return info
+
+
+def _reformed(rec: dict[str, Any], cfg: Config, rt: rtm.Runtime, task, model, train_src, B: int, step: int,
+              log: MetricsLog, heartbeat, evaluator, val_src, workers: int, optimizer=None, skipped: int = 0):
+    """After the elastic group re-formed (`rec` from Elastic.reform or .grow): the new group's
+    DDP wrapper, and the same global batch re-split over its members from step `step` on (the
+    global cursor). When it grew, the replacements get the state here, in the same collective
+    order as their side (trainer._admit, parallelize, share_state): rank 0's precision choice,
+    its weights (DDP's construction-time broadcast), its optimizer state, step and RNG."""
     from torch.distributed.distributed_c10d import _get_default_store
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    rec = rt.elastic.reform()
+    t0 = time.time()
     rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
     rt.layout = resolve_layout(cfg.parallel, rt.world)
+    if rec["joined"]:
+        rt.precision = rtm.agree(rt.precision, rt.device)
     inner = unwrap(model)
     model = DDP(inner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else inner
+    if rec["joined"]:
+        from exaflop.engine.elastic import share_state
+
+        _, rec["state_bytes"] = share_state(optimizer, {"step": step, "skipped": skipped, "rng": rtm.rng_state()})
+        rec["state_from"] = rt.elastic.members[0]
+    rec["stall_s"] += time.time() - t0
     layout, loader, evaluator.val = _split_data(cfg, rt, task, train_src, val_src, B, step, workers)
     heartbeat.store = _get_default_store()
     if rt.is_main:
         log.enable()
-        console.print(f"[yellow]step {step}: replica(s) {rec['left']} lost; continuing on {rt.world} "
-                      f"(stalled {rec['stall_s']:.1f}s)")
+        if rec["left"]:
+            console.print(f"[yellow]step {step}: replica(s) {rec['left']} lost; continuing on {rt.world} "
+                          f"(stalled {rec['stall_s']:.1f}s)")
+        else:
+            console.print(f"[green]step {step}: replacement(s) {rec['joined']} joined with rank 0's state; "
+                          f"{rt.world} replicas (stalled {rec['stall_s']:.1f}s)")
     log.log({**rec, "step": step})
     return model, layout, loader
 
