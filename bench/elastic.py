@@ -7,9 +7,12 @@ every `--ckpt-every` steps:
   uninterrupted       — the baseline wall time;
   elastic             — replica 1 SIGKILLed before step K; the other two re-form and go on;
   torchrun restart    — the same kill under `--max-restarts 1`: the whole group restarts and
-                        resumes from the newest checkpoint, redoing the steps since.
-Reported: wall time of each and the extra over the baseline, and the elastic run's own
-`stall_s` (from its reconfigure record). Usage:
+                        resumes from the newest checkpoint, redoing the steps since;
+  elastic + rejoin    — `--elastic --max-restarts 1`: the survivors go on, and a replacement
+                        joins at the first step boundary after it is ready, with rank 0's
+                        state by broadcast.
+Reported: wall time of each and the extra over the baseline, and the elastic runs' own
+`stall_s` (from their reconfigure records). Usage:
     python bench/elastic.py [--steps 30] [--kill-at 17] [--ckpt-every 10] [--replicas 3]
 """
 
@@ -68,7 +71,9 @@ def main() -> None:
         base, _ = run("uninterrupted", [], None, data, runs, a)
         el, recs = run("elastic", ["--elastic"], fault, data, runs, a)
         tr, _ = run("restart", ["--max-restarts", "1"], fault, data, runs, a)
+        rj, rj_recs = run("rejoin", ["--elastic", "--max-restarts", "1"], fault, data, runs, a)
     stall = next(r["stall_s"] for r in recs if r["kind"] == "reconfigure")
+    grow = [r for r in rj_recs if r["kind"] == "reconfigure" and r.get("joined")]
     redone = a.kill_at - (a.kill_at // a.ckpt_every) * a.ckpt_every
     print(f"lm-tiny, {a.replicas} DDP replicas x 1 thread, {a.steps} steps, checkpoint every {a.ckpt_every}, "
           f"replica 1 killed before step {a.kill_at}; CPU: {cpu_capability()}")
@@ -77,6 +82,12 @@ def main() -> None:
           f"then {a.replicas - 1} for the rest)")
     print(f"  torchrun restart: {tr:6.1f} s  (+{tr - base:.1f} s; all processes restarted, {redone} steps redone "
           f"from the checkpoint)")
+    if grow:
+        g = grow[0]
+        print(f"  elastic + rejoin: {rj:6.1f} s  (+{rj - base:.1f} s; replacement {g['joined']} joined after step "
+              f"{g['step']}, group paused {g['stall_s']:.2f} s for {g['state_bytes'] / 1e6:.1f} MB of optimizer state)")
+    else:
+        print(f"  elastic + rejoin: {rj:6.1f} s  (+{rj - base:.1f} s; the run ended before the replacement was ready)")
     # On fewer cores than replicas the shrunk group can even finish sooner: print both, not a ratio.
     print(f"extra time lost, restart / shrink: {tr - base:+.1f} s / {el - base:+.1f} s")
 

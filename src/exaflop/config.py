@@ -83,7 +83,10 @@ class ParallelConfig(Strict):
     # Pipeline parallel: the layers split into `pp` stages on different ranks; the step's
     # micro-batches (train.micro_batch) flow through them on the schedule below.
     pp: int = Field(1, ge=1)
-    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    # Interleaved 1F1B (Megatron's virtual pipeline): each rank runs `pp_virtual` stages,
+    # rank r stages r, r + pp, ...: the bubble shrinks by that factor for more p2p sends.
+    pp_virtual: int = Field(2, ge=2)
     mode: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: fsdp when dp_shard > 1
     activation_checkpoint: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = True

@@ -1,7 +1,7 @@
 """Run by tests/dist/test_pipeline.py under torchrun: one pipeline step's gradients, stage by
 stage, against the unsplit model's on the same batch.
 
-    torchrun --nproc-per-node=2 tests/dist/pp_drill.py SCHEDULE OUT.json
+    torchrun --nproc-per-node=2 tests/dist/pp_drill.py SCHEDULE OUT.json   (gpipe, 1f1b, interleaved)
 
 Every rank builds the same 4-layer LM, computes the single-process reference gradients
 (mean cross-entropy over 4 micro-batches), then keeps its stage (lm/parallel_plan.py's
@@ -26,6 +26,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     from exaflop.config import load_config
     from exaflop.engine.mesh import build_mesh, resolve_layout
+    from exaflop.engine.parallel import split_stages
     from exaflop.engine.pipeline import Pipeline
     from exaflop.engine.runtime import Runtime
     from exaflop.lm.model import LM
@@ -48,7 +49,7 @@ def main() -> None:
     task = LMTask(cfg)
     model = copy.deepcopy(ref)
     model.zero_grad(set_to_none=True)
-    rt.pp_tied = task.split_stage(model, layout.stage_of(rank), layout.pp)
+    model = split_stages(model, task, cfg, layout, rt)  # interleaved: this rank's 2 stages
     pipe = Pipeline(model, task, cfg, rt, layout, rt.mesh, len(batches))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     got: dict[str, torch.Tensor] = {}

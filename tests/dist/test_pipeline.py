@@ -1,6 +1,7 @@
 """Pipeline parallel for real (torchrun, gloo): a 4-layer model in 2 stages, 4 micro-batches
-per step, on the GPipe and 1F1B schedules, alone and composed with FSDP2 and tensor
-parallel, gives the single-process losses and consumes the same samples; each stage's
+per step, on the GPipe and 1F1B schedules (and in 4 stages on 2 ranks on interleaved 1F1B),
+alone and composed with FSDP2 and tensor parallel, gives the single-process losses and
+consumes the same samples; each stage's
 gradients equal the unsplit model's; a pipeline checkpoint resumes on other layouts; a
 hung stage is named."""
 
@@ -46,10 +47,32 @@ def test_1f1b_matches_single_process(pp_reference, pp_1f1b):
     assert len(last["peak_mem_mb_per_rank"]) == 2  # memory per stage
 
 
+@pytest.fixture(scope="module")
+def pp_interleaved(launcher):
+    """PP=2 ranks x 2 virtual stages (layers 0 | 1 | 2 | 3 on ranks 0, 1, 0, 1)."""
+    return launcher.run("pp_interleaved", 2, [*PP, "parallel.pp=2", "parallel.pp_schedule=interleaved"])
+
+
+def test_interleaved_matches_single_process(pp_reference, pp_interleaved):
+    assert_same_losses(pp_interleaved, pp_reference)
+    assert_same_samples(pp_interleaved, pp_reference, range(STEPS))
+    assert pp_interleaved.records("eval")[-1]["val_loss"] == pytest.approx(
+        pp_reference.records("eval")[-1]["val_loss"], abs=1e-4)
+    run = pp_interleaved.records("run")[0]
+    # (p - 1) / (v·m + p - 1) with p = 2, v = 2, m = 4: a third of 1F1B's 1/5.
+    assert (run["pp"], run["pp_virtual"], run["pp_microbatches"]) == (2, 2, 4)
+    assert run["pp_bubble"] == pytest.approx(1 / 9)
+    # Rank 1 holds layers 1 and 3 and the head: the larger share.
+    shares = run["pp_stage_flops_share"]
+    assert len(shares) == 2 and sum(shares) == pytest.approx(1) and shares[1] > shares[0]
+
+
 @pytest.mark.parametrize("name,nproc,extra", [
     ("pp_gpipe", 2, ["parallel.pp_schedule=gpipe"]),
     ("pp_fsdp", 4, []),  # 2 stages x FSDP2 over 2 (each data-parallel rank: 2 micro-batches)
     ("pp_tp", 4, ["parallel.tp=2"]),  # 2 stages x tensor parallel 2 with sequence parallelism
+    ("pp_interleaved_fsdp", 4, ["parallel.pp_schedule=interleaved"]),  # each stage its own FSDP2 root
+    ("pp_interleaved_tp", 4, ["parallel.pp_schedule=interleaved", "parallel.tp=2"]),
 ])
 def test_pipeline_layout_matches_single_process(launcher, pp_reference, name, nproc, extra):
     run = launcher.run(name, nproc, [*PP, "parallel.pp=2", *extra])
@@ -57,7 +80,7 @@ def test_pipeline_layout_matches_single_process(launcher, pp_reference, name, np
     assert_same_samples(run, pp_reference, range(STEPS))
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
 def test_stage_gradients_equal_the_unsplit_model(tmp_path, schedule):
     script = Path(__file__).with_name("pp_drill.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -84,6 +107,18 @@ def test_pipeline_checkpoint_resumes_on_other_layouts(launcher, pp_reference, pp
     launcher.fork(pp_1f1b, name, [5])
     run = launcher.run(name, nproc, PP + extra, resume=True)
     assert sorted(run.losses()) == list(range(6, STEPS + 1))
+    assert_same_samples(run, pp_reference, range(5, STEPS))
+    assert_same_losses(run, pp_reference, range(6, STEPS + 1))
+
+
+@pytest.mark.parametrize("name,nproc,extra,source", [
+    ("interleaved_to_1", 1, [], "interleaved"),  # 2 stages per rank -> the unsplit model
+    ("1f1b_to_interleaved", 2, ["parallel.pp=2", "parallel.pp_schedule=interleaved"], "1f1b"),
+])
+def test_interleaved_checkpoints_reshard(launcher, pp_reference, pp_1f1b, pp_interleaved, name, nproc, extra,
+                                         source):
+    launcher.fork(pp_interleaved if source == "interleaved" else pp_1f1b, name, [5])
+    run = launcher.run(name, nproc, PP + extra, resume=True)
     assert_same_samples(run, pp_reference, range(5, STEPS))
     assert_same_losses(run, pp_reference, range(6, STEPS + 1))
 

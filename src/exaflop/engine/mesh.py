@@ -38,11 +38,21 @@ class Layout:
     tp: int
     wrap: Wrap  # what wraps the model for data parallelism
     ep: int = 1  # expert-parallel degree, a divisor of dp
-    pp: int = 1  # pipeline stages
+    pp: int = 1  # pipeline ranks
+    pp_virtual: int = 1  # stages per pipeline rank (> 1: the interleaved schedule)
 
     def stage_of(self, rank: int) -> int:
-        """The pipeline stage `rank` runs (pp is the outermost mesh dim)."""
+        """The pipeline rank (position on the pp mesh dim, the outermost) of `rank`."""
         return rank // (self.dp * self.tp)
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.pp_virtual
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The stages `rank` runs: its pipeline position, plus pp, 2·pp, ... when interleaved."""
+        first = self.stage_of(rank)
+        return [first + k * self.pp for k in range(self.pp_virtual)]
 
     @property
     def dp(self) -> int:
@@ -58,7 +68,8 @@ class Layout:
         if self.ep > 1:
             parts.append(f"ep={self.ep}")
         if self.pp > 1:
-            parts.append(f"pp={self.pp}")
+            parts.append(f"pp={self.pp}" + (f" (interleaved, {self.pp_virtual} stages each)"
+                                             if self.pp_virtual > 1 else ""))
         return f"{self.world} ranks: " + ", ".join(parts)
 
 
@@ -101,7 +112,8 @@ def resolve_layout(par, world: int) -> Layout:
     if pp > 1 and mode == "ddp" and rep > 1:
         raise UserError("parallel.mode=ddp cannot run a pipeline (pp > 1); set parallel.mode=auto "
                         "(HSDP replicas instead)")
-    return Layout(world, rep, shard, tp, wrap, ep, pp)
+    virtual = par.pp_virtual if pp > 1 and par.pp_schedule == "interleaved" else 1
+    return Layout(world, rep, shard, tp, wrap, ep, pp, virtual)
 
 
 def build_mesh(layout: Layout, device_type: str):

@@ -20,6 +20,7 @@ holding the same experts.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -56,12 +57,11 @@ def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
     layout = resolve_layout(par, rt.world)
     rt.layout = layout
     model.to(rt.device)
-    if layout.pp > 1:  # first: everything below applies to this rank's stage only
-        split = getattr(task, "split_stage", None)
-        if split is None:
-            raise UserError(f"parallel.pp={layout.pp}: task {cfg.task!r} cannot be split into pipeline "
-                            "stages (its task object has no split_stage); set parallel.pp=1")
-        rt.pp_tied = split(model, layout.stage_of(rt.rank), layout.pp)
+    if layout.pp > 1:  # first: everything below applies to this rank's stage(s) only
+        model = split_stages(model, task, cfg, layout, rt)
+    # The modules a pipeline stage runs (several under the interleaved schedule): TP and the
+    # FSDP root apply to each, since each is called on its own.
+    roots = rt.pp_chunks or [model]
     blocks = model_blocks(model, task, cfg)
     if par.activation_checkpoint != "none":
         if not blocks:
@@ -93,7 +93,8 @@ def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
         if apply_tp is None:
             raise UserError(f"parallel.tp={layout.tp}: task {cfg.task!r} has no tensor-parallel plan "
                             "(its task object has no apply_tp); set parallel.tp=1")
-        apply_tp(model, mesh["tp"], par.sequence_parallel)
+        for root in roots:
+            apply_tp(root, mesh["tp"], par.sequence_parallel)
     if layout.wrap == "ddp":
         if expert:
             ids = {id(p) for p in expert}
@@ -101,8 +102,63 @@ def parallelize(model: nn.Module, task, cfg, rt: Runtime) -> nn.Module:
                 model, [n for n, p in model.named_parameters() if id(p) in ids])
         return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     if layout.wrap == "fsdp":
-        _fully_shard(model, blocks, layout, mesh, rt, set(expert))
+        _fully_shard(roots, blocks, layout, mesh, rt, set(expert))
     return model
+
+
+def split_stages(model: nn.Module, task, cfg, layout: Layout, rt: Runtime) -> nn.Module:
+    """This rank's pipeline stage(s) of `model` (task.split_stage prunes a model to one stage).
+
+    One stage: the pruned model itself. Interleaved (several stages per rank): one pruned
+    shallow copy per stage, each run by its own PipelineStage, and a `StageChunks` module
+    holding all their weights under the unsplit model's names, which the optimizer, gradient
+    clipping and checkpoints see (so checkpoints reshard across schedules and degrees)."""
+    split = getattr(task, "split_stage", None)
+    if split is None:
+        raise UserError(f"parallel.pp={layout.pp}: task {cfg.task!r} cannot be split into pipeline "
+                        "stages (its task object has no split_stage); set parallel.pp=1")
+    stages = layout.stages_of(rt.rank)
+    if len(stages) == 1:
+        rt.pp_tied = split(model, stages[0], layout.n_stages)
+        rt.pp_chunks = [model]
+        return model
+    chunks = [_shallow_copy(model) for _ in stages]
+    tied = [split(c, s, layout.n_stages) for c, s in zip(chunks, stages, strict=True)]
+    rt.pp_tied = sorted({n for t in tied for n in t})
+    rt.pp_chunks = chunks
+    return StageChunks(chunks)
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A module object sharing `module`'s submodules, parameters and buffers, whose own child
+    registrations (and forward) can change without touching the original."""
+    c = copy.copy(module)
+    for attr in ("_modules", "_parameters", "_buffers"):
+        object.__setattr__(c, attr, dict(getattr(module, attr)))
+    c._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return c
+
+
+class StageChunks(nn.Module):
+    """A rank's stages under the interleaved schedule, as one module for the optimizer, the
+    gradient clip and checkpoints. It registers the stages' own children (module dicts such as
+    the blocks keyed by global index are merged), so parameter names are the unsplit model's.
+    Its forward is never called: each stage runs on its own."""
+
+    def __init__(self, chunks: list[nn.Module]):
+        super().__init__()
+        self.cfg = getattr(chunks[0], "cfg", None)
+        for c in chunks:
+            for name, child in c.named_children():
+                if isinstance(child, nn.ModuleDict):
+                    if name not in self._modules:
+                        self.add_module(name, nn.ModuleDict())
+                    self._modules[name].update(child)
+                elif name not in self._modules:
+                    self.add_module(name, child)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("StageChunks holds interleaved pipeline stages; run them through engine/pipeline.py")
 
 
 @dataclass
@@ -131,7 +187,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh, rt: Runtime,
+def _fully_shard(roots: list[nn.Module], blocks: list[nn.Module], layout: Layout, mesh, rt: Runtime,
                  ignored: set[nn.Parameter]) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -148,7 +204,8 @@ def _fully_shard(model: nn.Module, blocks: list[nn.Module], layout: Layout, mesh
     for i, b in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them.
         fully_shard(b, reshard_after_forward=i < len(blocks) - 1, **kw)
-    fully_shard(model, reshard_after_forward=False, **kw)
+    for root in roots:  # the model, or each interleaved pipeline stage (each runs forward itself)
+        fully_shard(root, reshard_after_forward=False, **kw)
 
 
 # -- activation checkpointing ----------------------------------------------------------

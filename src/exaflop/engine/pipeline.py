@@ -3,7 +3,9 @@
 The model's layers are split into `parallel.pp` stages (the task decides how: its
 `split_stage`), one per rank of the mesh's `pp` dim; a step's micro-batches (the same
 `train.micro_batch` as gradient accumulation) flow through them on a GPipe or 1F1B
-schedule. Each stage keeps the parameter names of the unsplit model, so checkpoints
+schedule. The interleaved 1F1B schedule splits them into pp × `parallel.pp_virtual` stages
+instead, rank r running stages r, r + pp, ... (Megatron's virtual pipeline, Narayanan et al.
+2021): each rank idles (p - 1) / (v·m + p - 1) of a step instead of (p - 1) / (m + p - 1). Each stage keeps the parameter names of the unsplit model, so checkpoints
 reshard across pipeline degrees like across any other layout. The task's optional
 methods for it:
 
@@ -16,8 +18,8 @@ methods for it:
     stage_shares(n_stages) -> list[float]                      # optional: each stage's share of
                                                                # the FLOPs (per-stage MFU)
 
-Interleaved schedules (several stages per rank) are not offered: they were not proven
-reliable on gloo here, so nothing depends on them.
+Interleaved 1F1B on gloo was checked by repeated runs with a collective timeout
+(docs/distributed.md): the same losses as one process every time.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from exaflop.engine.step import NoDrills, StepOutcome, to_device
 from exaflop.errors import UserError
 
 
-def bubble_fraction(pp: int, n_micro: int) -> float:
-    """Idle share of a GPipe / 1F1B step with equal stages: (p - 1) / (m + p - 1)."""
-    return (pp - 1) / (n_micro + pp - 1)
+def bubble_fraction(pp: int, n_micro: int, virtual: int = 1) -> float:
+    """Idle share of a step with equal stages: (p - 1) / (m + p - 1) for GPipe / 1F1B, and
+    (p - 1) / (v·m + p - 1) for interleaved 1F1B with v stages per rank (each warm-up and
+    drain slot lasts 1/v of a whole rank's layers)."""
+    return (pp - 1) / (virtual * n_micro + pp - 1)
 
 
 def pipeline_micro_batch(per_rank: int, micro: int, pp: int) -> int:
@@ -51,7 +55,13 @@ def pipeline_micro_batch(per_rank: int, micro: int, pp: int) -> int:
 
 class Pipeline:
     def __init__(self, model: nn.Module, task, cfg, rt, layout, mesh, n_micro: int):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleLoopedBFS,
+        )
 
         for name in ("pipeline_io", "pipeline_loss"):
             if not hasattr(task, name):
@@ -64,26 +74,40 @@ class Pipeline:
         self.task, self.rt, self.model = task, rt, model
         self.n, self.n_micro = layout.pp, n_micro
         self.index = layout.stage_of(rt.rank)
-        self.first, self.last = self.index == 0, self.index == self.n - 1
+        self.virtual, n_stages = layout.pp_virtual, layout.n_stages
+        stages = layout.stages_of(rt.rank)
+        self.first, self.last = stages[0] == 0, stages[-1] == n_stages - 1
         self.group = mesh["pp"].get_group()
         # By name: FSDP2 replaced the parameter objects after the split.
         params = dict(model.named_parameters())
         self.tied = [params[n] for n in rt.pp_tied or []]  # engine.parallel.parallelize split the model
         self.tied_group = self.group if self.n == 2 else _first_last_group(layout, rt.rank)
         self.contributors = rt.world // self.n  # ranks that compute a loss: the last stage's
-        cls = Schedule1F1B if cfg.parallel.pp_schedule == "1f1b" else ScheduleGPipe
-        self.schedule = cls(PipelineStage(model, self.index, self.n, rt.device, group=self.group),
-                            n_micro, loss_fn=task.pipeline_loss)
-        # Evaluation: one micro-batch per call on a stage of its own (its buffers are sized
+        def pipeline_stages() -> list:
+            return [PipelineStage(m, s, n_stages, rt.device, group=self.group)
+                    for m, s in zip(rt.pp_chunks, stages, strict=True)]
+
+        if self.virtual > 1:
+            self.schedule = ScheduleInterleaved1F1B(pipeline_stages(), n_micro, loss_fn=task.pipeline_loss)
+        else:
+            cls = Schedule1F1B if cfg.parallel.pp_schedule == "1f1b" else ScheduleGPipe
+            self.schedule = cls(pipeline_stages()[0], n_micro, loss_fn=task.pipeline_loss)
+        # Evaluation: one micro-batch per call on stages of its own (their buffers are sized
         # by the micro-batch count the first time a schedule runs).
-        self._eval = ScheduleGPipe(PipelineStage(model, self.index, self.n, rt.device, group=self.group), 1,
-                                   loss_fn=task.pipeline_loss)
-        self.bubble = bubble_fraction(self.n, n_micro)
+        if self.virtual > 1:
+            self._eval = ScheduleLoopedBFS(pipeline_stages(), 1, loss_fn=task.pipeline_loss)
+        else:
+            self._eval = ScheduleGPipe(pipeline_stages()[0], 1, loss_fn=task.pipeline_loss)
+        self.bubble = bubble_fraction(self.n, n_micro, self.virtual)
         shares = getattr(task, "stage_shares", None)
-        self.shares = shares(self.n) if shares is not None else None
+        self.shares = None
+        if shares is not None:  # per pipeline rank: the sum over its stages
+            per_stage = shares(n_stages)
+            self.shares = [sum(per_stage[r + k * self.n] for k in range(self.virtual)) for r in range(self.n)]
 
     def describe(self) -> dict[str, Any]:
-        out = {"pp": self.n, "pp_stage": self.index, "pp_microbatches": self.n_micro, "pp_bubble": self.bubble}
+        out = {"pp": self.n, "pp_stage": self.index, "pp_microbatches": self.n_micro, "pp_bubble": self.bubble,
+               "pp_virtual": self.virtual}
         if self.shares:
             out["pp_stage_flops_share"] = self.shares
         return out

@@ -28,6 +28,7 @@ class Runtime:
     expert_grads: Any = None  # engine.parallel.ExpertGrads under expert parallelism
     elastic: Any = None  # engine.elastic.Elastic under `--elastic`
     pp_tied: Any = None  # names of weights on the first and last pipeline stage (engine/pipeline.py)
+    pp_chunks: Any = None  # the modules this rank's pipeline stages run (several when interleaved)
 
     @property
     def is_main(self) -> bool:

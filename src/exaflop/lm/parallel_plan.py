@@ -42,7 +42,8 @@ def stage_split(cfg, n_stages: int) -> tuple[list[range], list[float]]:
     with the smallest maximum, the most even."""
     L = cfg.n_layer
     if n_stages > L:
-        raise UserError(f"parallel.pp={n_stages} exceeds model.n_layer={L}; each stage needs a layer")
+        raise UserError(f"parallel.pp={n_stages} exceeds model.n_layer={L}; each stage needs a layer "
+                        "(interleaved: parallel.pp × parallel.pp_virtual stages)")
     C, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
     block = 2 * C * (2 * C + 2 * kv) + 4 * cfg.seq_len * C + 6 * C * cfg.d_ff * max(1, cfg.top_k if cfg.n_experts > 1 else 1)
     head = 2 * C * cfg.vocab_size
