@@ -4,14 +4,17 @@ The lm-124m shape (12 layers, d 768, vocab 50304; sequence 256 here to keep a CP
 short), the same global batch three ways, one intra-op thread per process:
   1 process            — the time a step's work takes on one core (t1);
   DP=2 (DDP)           — each process the whole model, half the batch;
-  PP=2 (1F1B, m micro) — each process about half the layers, the whole batch in m micro-batches.
+  PP=2 (1F1B, m micro) — each process about half the layers, the whole batch in m micro-batches;
+  PP=2 interleaved     — the layers in 4 stages, 2 per process (stages r and r + 2).
 Reported: the trainer's own tokens/s (metrics.jsonl, median after the first interval) and
 per-rank peak memory (max RSS on CPU). The idle share of a pipeline step is measured as
 1 - (t1 / 2) / t_pp — everything that keeps the two stages from splitting the work
 perfectly: the fill/drain bubble, stage imbalance and the stage-to-stage sends — and set
-beside two predictions: the schedule's bubble (p - 1) / (m + p - 1) for equal stages, and
-the form exaflop's planner uses (plan/cost.py: m + p - 1 micro-batch times of the slowest
-stage), here with the stage split's own FLOP shares: 1 - m / (p · max share · (m + p - 1)).
+beside two predictions: the schedule's bubble (p - 1) / (v·m + p - 1) for equal stages (v = 1,
+or 2 interleaved), and the form exaflop's planner uses (plan/cost.py: m micro-batches on the
+busiest rank plus p - 1 fill/drain slots of one stage, t_rank · (m + (p - 1) / v)), here with
+the split's own FLOP shares: the busiest rank's share L (the sum of its stages) and the
+largest single stage's c, idle = 1 - (m / p) / (m·L + (p - 1)·c); for 1F1B L = c.
 Usage:
     python bench/pipeline.py [--steps 4] [--micro-batches 4] [--dtype fp32|bf16]
 """
@@ -79,6 +82,7 @@ def main() -> None:
         one, mem1 = run("one", 1, [], data, runs, a)
         dp, mem_dp = run("dp2", 2, ["parallel.mode=ddp"], data, runs, a)
         pp, mem_pp = run("pp2", 2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"], data, runs, a)
+        ppi, mem_ppi = run("pp2i", 2, ["parallel.pp=2", "parallel.pp_schedule=interleaved"], data, runs, a)
     m = a.micro_batches
     shape = "tiny" if a.tiny else "lm-124m shape"
     print(f"{shape}, seq {a.seq}, {a.dtype}, global batch {m} x {a.micro_batch}, 1 thread per process; "
@@ -86,14 +90,19 @@ def main() -> None:
     print(f"  1 process : {one:9,.0f} tokens/s   peak RSS {mem1[0]:,.0f} MB")
     print(f"  DP=2 (DDP): {dp:9,.0f} tokens/s   peak RSS per rank {', '.join(f'{x:,.0f}' for x in mem_dp)} MB")
     print(f"  PP=2 1F1B : {pp:9,.0f} tokens/s   peak RSS per rank {', '.join(f'{x:,.0f}' for x in mem_pp)} MB")
-    idle = 1 - pp / (2 * one)  # 1 - (t1 / 2) / t_pp, with t = tokens / (tokens/s)
+    print(f"  PP=2 int. : {ppi:9,.0f} tokens/s   peak RSS per rank {', '.join(f'{x:,.0f}' for x in mem_ppi)} MB")
     sizes = ["model.n_layer=4", "model.d_model=64", "model.n_head=4", "model.vocab_size=1024"] if a.tiny else []
-    stages, shares = stage_split(load_config("lm-124m", [f"model.seq_len={a.seq}", *sizes]).model, 2)
-    planner = 1 - m / (2 * max(shares) * (m + 1))
-    print(f"stage split {[len(r) for r in stages]} layers, FLOP shares {', '.join(f'{x:.3f}' for x in shares)}")
-    print(f"pipeline idle share: measured {idle:.1%} vs planner form (slowest stage) {planner:.1%}, "
-          f"equal-stage bubble (p-1)/(m+p-1) {bubble_fraction(2, m):.1%}")
-    print(f"PP=2 / DP=2 tokens/s: {pp / dp:.2f}x")
+    mcfg = load_config("lm-124m", [f"model.seq_len={a.seq}", *sizes]).model
+    for name, rate, v in (("1F1B", pp, 1), ("interleaved", ppi, 2)):
+        idle = 1 - rate / (2 * one)  # 1 - (t1 / 2) / t_pp, with t = tokens / (tokens/s)
+        stages, shares = stage_split(mcfg, 2 * v)
+        per_rank = [sum(shares[r + k * 2] for k in range(v)) for r in range(2)]
+        planner = 1 - (m / 2) / (m * max(per_rank) + max(shares))
+        print(f"{name}: stage split {[len(r) for r in stages]} layers, FLOP shares "
+              f"{', '.join(f'{x:.3f}' for x in shares)}")
+        print(f"  idle share: measured {idle:.1%} vs planner form (busiest rank) {planner:.1%}, "
+              f"equal-stage bubble (p-1)/(v·m+p-1) {bubble_fraction(2, m, v):.1%}")
+    print(f"PP=2 / DP=2 tokens/s: 1F1B {pp / dp:.2f}x, interleaved {ppi / dp:.2f}x")
 
 
 if __name__ == "__main__":
