@@ -13,6 +13,7 @@ Each role marker and <|end|> is a single special token of the exaflop tokenizer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,3 +50,27 @@ def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = Tru
     if add_generation_prompt:
         parts.append(role_header("assistant"))
     return "".join(parts)
+
+
+# -- tools (serve/grammar.py enforces the call format) -------------------------------------
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tools_preamble(functions: Sequence[dict[str, Any]]) -> str:
+    """What a system turn says about the callable tools (Hermes-style: one JSON per line)."""
+    lines = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False, separators=(",", ":"))
+                      for f in functions)
+    return ("You may call tools. To call one, reply with " + TOOL_CALL_OPEN
+            + '{"name":NAME,"arguments":{...}}' + TOOL_CALL_CLOSE + " (one per line).\n<tools>\n"
+            + lines + "\n</tools>")
+
+
+def render_tool_call(name: str, arguments: str) -> str:
+    """One call as the model writes it; `arguments` is the JSON text of the arguments."""
+    return f'{TOOL_CALL_OPEN}{{"name":{json.dumps(name, ensure_ascii=False)},"arguments":{arguments or "{}"}}}{TOOL_CALL_CLOSE}'
+
+
+def render_tool_result(content: str) -> str:
+    """A tool's result, as the content of a user turn (the template has no tool role token)."""
+    return f"<tool_response>\n{content}\n</tool_response>"

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from exaflop.lm.chat import END, role_header
+from exaflop.lm.chat import END, render_tool_call, render_tool_result, role_header, tools_preamble
 from exaflop.serve.auth import RateLimited
+from exaflop.serve.grammar import request_grammar, tools_in_force
 from exaflop.serve.protocol import APIError, ChatRequest, CompletionRequest
 from exaflop.serve.reload import ServedModel, Weights
 from exaflop.serve.scheduler import QueueFull
@@ -59,10 +60,38 @@ def encode_chat(tok, messages: list[tuple[str, str]]) -> list[int]:
     return ids
 
 
+def chat_turns(body: ChatRequest) -> list[tuple[str, str]]:
+    """The request's messages as the template's (role, content) turns: developer is system,
+    a tool result is a user turn wrapping it, an assistant's earlier calls are written as it
+    wrote them, and the tools in force are described at the top of the system turn."""
+    turns: list[tuple[str, str]] = []
+    for m in body.messages:
+        if m.role == "tool":
+            turns.append(("user", render_tool_result(m.text())))
+        elif m.role == "assistant" and m.tool_calls:
+            calls = "\n".join(render_tool_call(c.function.name, c.function.arguments) for c in m.tool_calls)
+            turns.append(("assistant", f"{m.text()}\n{calls}" if m.text() else calls))
+        else:
+            turns.append(("system" if m.role == "developer" else m.role, m.text()))
+    tools, _ = tools_in_force(body)
+    if tools:
+        preamble = tools_preamble([t.function.model_dump(exclude_none=True) for t in tools])
+        if turns and turns[0][0] == "system":
+            turns[0] = ("system", f"{turns[0][1]}\n\n{preamble}" if turns[0][1] else preamble)
+        else:
+            turns.insert(0, ("system", preamble))
+    return turns
+
+
+def _prepare(body: CompletionRequest | ChatRequest, w: Weights) -> tuple[list[list[int]], str | None]:
+    """Token ids of each prompt, and the output grammar (structured outputs, forced tool calls)."""
+    grammar = request_grammar(body, w)[0] if isinstance(body, ChatRequest) else None
+    return _prompts(body, w), grammar
+
+
 def _prompts(body: CompletionRequest | ChatRequest, w: Weights) -> list[list[int]]:
     if isinstance(body, ChatRequest):
-        msgs = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-        return [encode_chat(w.tok, msgs)]
+        return [encode_chat(w.tok, chat_turns(body))]
     p = body.prompt
     if isinstance(p, str):
         texts = [p]
@@ -82,7 +111,8 @@ def _prompts(body: CompletionRequest | ChatRequest, w: Weights) -> list[list[int
 def _texts(body: CompletionRequest | ChatRequest) -> tuple[str, list[int]]:
     """(param, characters of text per prompt) of a request, before any tokenization."""
     if isinstance(body, ChatRequest):
-        return "messages", [sum(len(m.text() or "") for m in body.messages)]
+        tools = sum(len(t.model_dump_json()) for t in body.tools or [])  # described in the prompt
+        return "messages", [sum(len(m.text() or "") for m in body.messages) + tools]
     p = body.prompt
     if isinstance(p, str):
         return "prompt", [len(p)]
@@ -168,8 +198,10 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
         raise APIError(503, f"model `{body.model}` is still loading; retry shortly", type="server_error",
                        code="model_loading", retry_after=5)
     _check_length(body, w)
-    prompts = await asyncio.get_running_loop().run_in_executor(_TOKENIZE, _prompts, body, w)
+    prompts, grammar = await asyncio.get_running_loop().run_in_executor(_TOKENIZE, _prepare, body, w)
     params = _params(body, w, max(len(p) for p in prompts))
+    params.grammar = grammar
+    tool_mode = tools_in_force(body)[1] if chat else "none"
     n = body.n or 1
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
@@ -194,7 +226,8 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
     if not chat and body.echo:
         echo = {s.index: w.tok.decode(s.prompt_ids, skip_special_tokens=False) for s in seqs}
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    shaper = Shaper(chat, body.model, params.logprobs is not None, f"exaflop-step{w.step}", include_usage)
+    shaper = Shaper(chat, body.model, params.logprobs is not None, f"exaflop-step{w.step}", include_usage,
+                    tool_mode)
     choices = {s.index: Choice(s.index) for s in seqs}
 
     def finish(completion_tokens: int) -> None:

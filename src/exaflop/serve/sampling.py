@@ -1,6 +1,8 @@
 """Pick the next token for every row of a batch, each row with its own settings.
 
-Penalties, logit bias and greedy decoding are vectorised over the batch; rows that
+Penalties, logit bias and greedy decoding are vectorised over the batch; rows under an
+output grammar (serve/grammar.py) have the tokens it forbids masked after penalties and
+bias, before greedy or sampled choice; rows that
 sample draw from their own seeded generator, so a seeded request gives the same
 tokens whichever other requests share its batch. Reported logprobs are those of
 the model's own distribution (before penalties, temperature and top-k/top-p), as
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from exaflop.lm.generate import filter_logits
+from exaflop.serve.grammar import mask_rows
 from exaflop.serve.sequence import Sequence, TokenLogprob
 
 
@@ -37,6 +40,7 @@ def sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[T
     if biased:
         logits[biased] += torch.stack([seqs[i].bias for i in biased])  # type: ignore[misc]
 
+    mask_rows(logits, [s.constraint for s in seqs])
     tokens = logits.argmax(-1)  # greedy rows keep this
     for i, s in enumerate(seqs):
         p = s.params

@@ -32,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
+    grammar: str | None = None  # llguidance grammar the output must follow (serve/grammar.py)
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +89,7 @@ class Sequence:
         self.counts: torch.Tensor | None = None  # per-token output counts, for penalties
         self.bias: torch.Tensor | None = None  # dense logit_bias row
         self.generator: torch.Generator | None = None
+        self.constraint: Any = None  # serve.grammar.Constraint while the output is constrained
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # decoded output so far (held-back part included)
         self.sent = 0  # chars of self.text already delivered
@@ -111,6 +113,10 @@ class Sequence:
         # Choice i of a seeded request uses seed+i, so n>1 choices differ but repeat exactly.
         self.generator.manual_seed((seed + self.index) % (1 << 63) if seed is not None else
                                    int(torch.randint(0, 1 << 62, ()).item()))
+        if self.params.grammar is not None:
+            from exaflop.serve.grammar import Constraint
+
+            self.constraint = Constraint(weights, self.params.grammar)
         if self.params.penalized:
             self.counts = torch.zeros(weights.vocab_size, device=device)
         if self.params.logit_bias:  # dense once, so a step adds every row's bias in one op
@@ -121,6 +127,8 @@ class Sequence:
     def add_token(self, token: int, lp: TokenLogprob | None) -> Event | None:
         """Record a sampled token; returns what to deliver now (or None to wait)."""
         w = self.weights
+        if self.constraint is not None:
+            self.constraint.consume(token)
         self.out_ids.append(token)
         if self.counts is not None:
             self.counts[token] += 1
