@@ -203,3 +203,10 @@ def test_tool_request_mistakes_are_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, tools=[bad], tool_choice="required")
     assert e.value.body["param"] == "tools" and "if" in e.value.body["message"]
+
+
+def test_tool_messages_must_answer_an_earlier_call(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[
+            {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_x", "content": "1"}])
+    assert e.value.body["param"] == "messages[1]" and "call_x" in e.value.body["message"]

@@ -79,6 +79,16 @@ class LM(nn.Module):
                 loss = (loss * m).sum() / m.sum().clamp(min=1)
         return logits, loss
 
+    @torch.no_grad()
+    def embed(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """(B, C) fp32 sentence embeddings: the final (normed) hidden states mean-pooled over each
+        row's first `lengths[b]` tokens (rows right-padded to T; causal, so padding after a
+        row's tokens does not change them). What /v1/embeddings serves: a decoder LM's pooled
+        states, not a model trained for retrieval."""
+        x = self.norm(self.hidden(idx)).float()
+        keep = (torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]).float()
+        return (x * keep[..., None]).sum(1) / lengths[:, None].clamp(min=1).float()
+
     def moe_layers(self) -> list:
         return [b.mlp for b in self.blocks if hasattr(b.mlp, "expert_bias")]
 

@@ -65,10 +65,17 @@ def chat_turns(body: ChatRequest) -> list[tuple[str, str]]:
     a tool result is a user turn wrapping it, an assistant's earlier calls are written as it
     wrote them, and the tools in force are described at the top of the system turn."""
     turns: list[tuple[str, str]] = []
-    for m in body.messages:
+    called: set[str] = set()  # ids of the calls earlier assistant messages made
+    for i, m in enumerate(body.messages):
         if m.role == "tool":
+            if m.tool_call_id is None:
+                raise APIError(400, f"messages[{i}].tool_call_id: required for role tool", param=f"messages[{i}]")
+            if m.tool_call_id not in called:
+                raise APIError(400, f"messages[{i}]: a tool message must answer a call of an earlier assistant "
+                               f"message (no tool_calls entry has id {m.tool_call_id!r})", param=f"messages[{i}]")
             turns.append(("user", render_tool_result(m.text())))
         elif m.role == "assistant" and m.tool_calls:
+            called |= {c.id for c in m.tool_calls}
             calls = "\n".join(render_tool_call(c.function.name, c.function.arguments) for c in m.tool_calls)
             turns.append(("assistant", f"{m.text()}\n{calls}" if m.text() else calls))
         else:

@@ -24,6 +24,9 @@ from exaflop.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
     validation_message,
 )
 from exaflop.serve.reload import Reloader, ServedModel
@@ -131,6 +134,24 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await api.generate(server.models.get(body.model), body, request, server)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        from exaflop.serve.utility import embeddings
+
+        return await embeddings(server.models.get(body.model), body)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        from exaflop.serve.utility import tokenize
+
+        return await tokenize(server.models.get(body.model), body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        from exaflop.serve.utility import detokenize
+
+        return await detokenize(server.models.get(body.model), body)
 
     @app.post("/v1/drive/predict")
     async def drive_predict(request: Request):

@@ -139,6 +139,27 @@ class ChatRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
+class TokenizeRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, max_length=MAX_MESSAGES)  # rendered as chat would
+    add_special_tokens: bool | None = None  # accepted; exaflop adds none to a plain prompt
+
+
+class DetokenizeRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    tokens: list[Annotated[int, Field(ge=0, lt=1 << 31)]] = Field(max_length=1 << 20)
+
+
+class EmbeddingRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)] | PromptIds | \
+        Annotated[list[PromptIds], Field(min_length=1, max_length=2048)]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256)
+
+
 class APIError(Exception):
     """A 4xx/5xx answered in the OpenAI error shape."""
 
