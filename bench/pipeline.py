@@ -95,7 +95,7 @@ def main() -> None:
     mcfg = load_config("lm-124m", [f"model.seq_len={a.seq}", *sizes]).model
     for name, rate, v in (("1F1B", pp, 1), ("interleaved", ppi, 2)):
         idle = 1 - rate / (2 * one)  # 1 - (t1 / 2) / t_pp, with t = tokens / (tokens/s)
-        stages, shares = stage_split(mcfg, 2 * v)
+        stages, shares = stage_split(mcfg, 2 * v, ranks=2)
         per_rank = [sum(shares[r + k * 2] for k in range(v)) for r in range(2)]
         planner = 1 - (m / 2) / (m * max(per_rank) + max(shares))
         print(f"{name}: stage split {[len(r) for r in stages]} layers, FLOP shares "

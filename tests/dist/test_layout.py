@@ -89,7 +89,7 @@ def test_non_dividing_pipeline_layouts_are_refused(world, kw, needle):
 
 
 def test_stages_balance_matmul_cost_counting_the_head():
-    from exaflop.lm.parallel_plan import stage_layers
+    from exaflop.lm.parallel_plan import stage_layers, stage_split
 
     even = load_config("lm-tiny", ["model.n_layer=4", "model.vocab_size=64"]).model  # head ~ free
     assert stage_layers(even, 2) == [range(0, 2), range(2, 4)]
@@ -99,6 +99,11 @@ def test_stages_balance_matmul_cost_counting_the_head():
     big = load_config("lm-124m").model  # 12 layers, vocab 50304: the head costs ~3.5 blocks
     assert [len(r) for r in stage_layers(big, 4)] == [3, 4, 4, 1]
     assert [len(r) for r in stage_layers(big, 2)] == [8, 4]
+    # Interleaved, 2 ranks x 2 stages (rank 0: stages 0 and 2, rank 1: 1 and 3 + the head):
+    # the ranks' loads are balanced, not the stages (3+4+4+1 would load rank 1 with 5 + head).
+    assert [len(r) for r in stage_layers(big, 4, ranks=2)] == [3, 3, 5, 1]
+    _, shares = stage_split(big, 4, ranks=2)
+    assert max(shares[0] + shares[2], shares[1] + shares[3]) < 0.52
     with pytest.raises(UserError, match=re.escape("parallel.pp=8 exceeds model.n_layer=4")):
         stage_layers(even, 8)
 

@@ -123,7 +123,7 @@ def split_stages(model: nn.Module, task, cfg, layout: Layout, rt: Runtime) -> nn
         rt.pp_chunks = [model]
         return model
     chunks = [_shallow_copy(model) for _ in stages]
-    tied = [split(c, s, layout.n_stages) for c, s in zip(chunks, stages, strict=True)]
+    tied = [split(c, s, layout.n_stages, ranks=layout.pp) for c, s in zip(chunks, stages, strict=True)]
     rt.pp_tied = sorted({n for t in tied for n in t})
     rt.pp_chunks = chunks
     return StageChunks(chunks)

@@ -9,13 +9,13 @@ instead, rank r running stages r, r + pp, ... (Megatron's virtual pipeline, Nara
 reshard across pipeline degrees like across any other layout. The task's optional
 methods for it:
 
-    split_stage(model, stage, n_stages) -> list[str]   # prune to this stage (called by
+    split_stage(model, stage, n_stages, ranks) -> list[str]   # prune to this stage (called by
                                                        # engine.parallel.parallelize); returns the
                                                        # names of weights the first and last
                                                        # stages share (tied embeddings)
     pipeline_io(batch) -> (input, target)                      # what enters and what the loss reads
     pipeline_loss(output, target) -> Tensor                    # the last stage's loss per micro-batch
-    stage_shares(n_stages) -> list[float]                      # optional: each stage's share of
+    stage_shares(n_stages, ranks) -> list[float]               # optional: each stage's share of
                                                                # the FLOPs (per-stage MFU)
 
 Interleaved 1F1B on gloo was checked by repeated runs with a collective timeout
@@ -102,7 +102,7 @@ class Pipeline:
         shares = getattr(task, "stage_shares", None)
         self.shares = None
         if shares is not None:  # per pipeline rank: the sum over its stages
-            per_stage = shares(n_stages)
+            per_stage = shares(n_stages, ranks=self.n) if self.virtual > 1 else shares(n_stages)
             self.shares = [sum(per_stage[r + k * self.n] for k in range(self.virtual)) for r in range(self.n)]
 
     def describe(self) -> dict[str, Any]:

@@ -30,16 +30,22 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 # -- pipeline stages (engine/pipeline.py) ---------------------------------------------
 
-def stage_layers(cfg, n_stages: int) -> list[range]:
+def stage_layers(cfg, n_stages: int, ranks: int = 0) -> list[range]:
     """Consecutive layers per stage (see stage_split)."""
-    return stage_split(cfg, n_stages)[0]
+    return stage_split(cfg, n_stages, ranks)[0]
 
 
-def stage_split(cfg, n_stages: int) -> tuple[list[range], list[float]]:
+def stage_split(cfg, n_stages: int, ranks: int = 0) -> tuple[list[range], list[float]]:
     """Consecutive layers per stage, and each stage's share of the FLOPs, balancing each stage's matmul FLOPs per token: the blocks
     (attention projections and scores, MLP; MoE: the active experts), with the LM head's
     2·C·V counted on the last stage (the embedding lookup has no matmul). Among the splits
-    with the smallest maximum, the most even."""
+    with the smallest maximum, the most even.
+
+    Interleaved (`ranks` pipeline ranks holding n_stages / ranks stages each, rank r stages
+    r, r + ranks, ...): a step takes m micro-batches of the busiest rank's load plus
+    ranks - 1 fill/drain slots of one stage, so the busiest rank's sum comes first, then the
+    largest stage. (lm-124m, 2 ranks x 2: 4+3+4+1 layers, ranks 8 and 4 + head, instead of
+    the per-stage optimum 3+4+4+1 whose second rank carries 8 + head.)"""
     L = cfg.n_layer
     if n_stages > L:
         raise UserError(f"parallel.pp={n_stages} exceeds model.n_layer={L}; each stage needs a layer "
@@ -48,13 +54,18 @@ def stage_split(cfg, n_stages: int) -> tuple[list[range], list[float]]:
     block = 2 * C * (2 * C + 2 * kv) + 4 * cfg.seq_len * C + 6 * C * cfg.d_ff * max(1, cfg.top_k if cfg.n_experts > 1 else 1)
     head = 2 * C * cfg.vocab_size
     # Smallest maximum stage cost first, then the most even spread (sum of squares).
-    best: tuple[tuple[float, float], list[int]] | None = None
+    best: tuple[tuple[float, ...], list[int]] | None = None
+
+    per_rank = ranks if 0 < ranks < n_stages else 0
 
     def search(start: int, left: int, cuts: list[int], costs: list[float]) -> None:
         nonlocal best
         if left == 1:
             done = [*costs, (L - start) * block + head]
             key = (max(done), sum(c * c for c in done))
+            if per_rank:
+                loads = [sum(done[r::per_rank]) for r in range(per_rank)]
+                key = (max(loads), max(done), sum(x * x for x in loads))
             if best is None or key < best[0]:
                 best = (key, [*cuts, L])
             return
@@ -70,7 +81,7 @@ def stage_split(cfg, n_stages: int) -> tuple[list[range], list[float]]:
     return stages, [c / sum(costs) for c in costs]
 
 
-def split_stage(model: nn.Module, stage: int, n_stages: int) -> list[str]:
+def split_stage(model: nn.Module, stage: int, n_stages: int, ranks: int = 0) -> list[str]:
     """Keep only stage `stage`'s part of the LM, under the unsplit model's parameter names.
 
     The blocks become a ModuleDict keyed by their global index ("blocks.3.attn.wq.weight"
@@ -80,7 +91,7 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> list[str]:
     if getattr(model.cfg, "n_experts", 1) > 1:
         raise UserError("parallel.pp > 1 with a mixture-of-experts model (model.n_experts > 1) is not "
                         "supported yet; set parallel.pp=1 (expert parallel: parallel.ep)")
-    layers = stage_layers(model.cfg, n_stages)[stage]
+    layers = stage_layers(model.cfg, n_stages, ranks)[stage]
     first, last = stage == 0, stage == n_stages - 1
     model.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
     tied = model.cfg.tie_embeddings

@@ -59,14 +59,14 @@ class LMTask:
     def apply_ep(self, model: nn.Module, mesh) -> list[nn.Parameter]:
         return parallel_plan.apply_ep(model, mesh)
 
-    def split_stage(self, model: nn.Module, stage: int, n_stages: int) -> list[str]:
+    def split_stage(self, model: nn.Module, stage: int, n_stages: int, ranks: int = 0) -> list[str]:
         if self.cfg.data.sft_path:
             raise UserError("parallel.pp > 1 does not support chat fine-tuning (data.sft_path: masked "
                             "losses); set parallel.pp=1")
-        return parallel_plan.split_stage(model, stage, n_stages)
+        return parallel_plan.split_stage(model, stage, n_stages, ranks)
 
-    def stage_shares(self, n_stages: int) -> list[float]:
-        return parallel_plan.stage_split(self.mcfg, n_stages)[1]
+    def stage_shares(self, n_stages: int, ranks: int = 0) -> list[float]:
+        return parallel_plan.stage_split(self.mcfg, n_stages, ranks)[1]
 
     def pipeline_io(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return batch["input"], batch["target"]

@@ -26,6 +26,7 @@ from exaflop.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
     validation_message,
 )
@@ -134,6 +135,12 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await api.generate(server.models.get(body.model), body, request, server)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        from exaflop.serve.responses import create
+
+        return await create(server.models.get(body.model), body, request, server)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):

@@ -139,6 +139,87 @@ class ChatRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
+# -- /v1/responses (stateless subset) --------------------------------------------------
+
+class InputText(Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list | None = None  # echoed back by clients replaying earlier output
+
+
+class InputMessage(Strict):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(Strict):
+    type: Literal["function_call"]
+    call_id: str = Field(max_length=256)
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1 << 20)
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(Strict):
+    type: Literal["function_call_output"]
+    call_id: str = Field(max_length=256)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponsesTool(Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesNamedTool(Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64)
+
+
+class ResponsesTextFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(Strict):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem],
+                           Field(min_length=1, max_length=MAX_MESSAGES)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool | None = False
+    tools: list[ResponsesTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponsesText | None = None
+    store: bool | None = None  # nothing is stored here: accepted, reported as false
+    previous_response_id: str | None = Field(None, description="not supported: the API is stateless")
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    user: str | None = Field(None, max_length=256)
+    truncation: Literal["disabled"] | None = None
+
+
 class TokenizeRequest(Strict):
     model: str = Field(min_length=1, max_length=256)
     prompt: str | None = None
