@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from exaflop.lm.chat import END, render_tool_call, render_tool_result, role_header, tools_preamble
+from exaflop.lm.chat import END, exaflop_turns, role_header
 from exaflop.serve.auth import RateLimited
 from exaflop.serve.grammar import request_grammar, tools_in_force
 from exaflop.serve.protocol import APIError, ChatRequest, CompletionRequest
@@ -27,9 +27,17 @@ from exaflop.serve.shapes import Choice, Shaper, sse
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
-def _encode(tok, text: str, param: str) -> list[int]:
+def _encode(tok, text: str, param: str, special: bool = False) -> list[int]:
+    """Plain text's ids; `special`: special-token strings in it become those tokens."""
     try:
-        return tok.encode(text, add_special_tokens=False).ids
+        if not special:
+            return tok.encode(text, add_special_tokens=False).ids
+        previous = tok.encode_special_tokens
+        tok.encode_special_tokens = False
+        try:
+            return tok.encode(text, add_special_tokens=False).ids
+        finally:
+            tok.encode_special_tokens = previous
     except Exception:  # e.g. a lone UTF-16 surrogate ("\\ud800") in the JSON: not encodable text
         raise APIError(400, f"{param}: text is not valid Unicode (lone surrogate?)", param=param) from None
 
@@ -60,12 +68,11 @@ def encode_chat(tok, messages: list[tuple[str, str]]) -> list[int]:
     return ids
 
 
-def chat_turns(body: ChatRequest) -> list[tuple[str, str]]:
-    """The request's messages as the template's (role, content) turns: developer is system,
-    a tool result is a user turn wrapping it, an assistant's earlier calls are written as it
-    wrote them, and the tools in force are described at the top of the system turn."""
-    turns: list[tuple[str, str]] = []
+def chat_messages(body: ChatRequest) -> tuple[list[dict], list[dict] | None]:
+    """The request's messages as OpenAI-shaped dicts, and the tools in force (None: none), after
+    the checks templates do not make: a tool result must answer an earlier call."""
     called: set[str] = set()  # ids of the calls earlier assistant messages made
+    msgs = []
     for i, m in enumerate(body.messages):
         if m.role == "tool":
             if m.tool_call_id is None:
@@ -73,21 +80,31 @@ def chat_turns(body: ChatRequest) -> list[tuple[str, str]]:
             if m.tool_call_id not in called:
                 raise APIError(400, f"messages[{i}]: a tool message must answer a call of an earlier assistant "
                                f"message (no tool_calls entry has id {m.tool_call_id!r})", param=f"messages[{i}]")
-            turns.append(("user", render_tool_result(m.text())))
-        elif m.role == "assistant" and m.tool_calls:
+        if m.tool_calls:
             called |= {c.id for c in m.tool_calls}
-            calls = "\n".join(render_tool_call(c.function.name, c.function.arguments) for c in m.tool_calls)
-            turns.append(("assistant", f"{m.text()}\n{calls}" if m.text() else calls))
-        else:
-            turns.append(("system" if m.role == "developer" else m.role, m.text()))
+        msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            msg["content"] = m.text() or None
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        msgs.append(msg)
     tools, _ = tools_in_force(body)
-    if tools:
-        preamble = tools_preamble([t.function.model_dump(exclude_none=True) for t in tools])
-        if turns and turns[0][0] == "system":
-            turns[0] = ("system", f"{turns[0][1]}\n\n{preamble}" if turns[0][1] else preamble)
-        else:
-            turns.insert(0, ("system", preamble))
-    return turns
+    return msgs, [t.model_dump(exclude_none=True) for t in tools] or None
+
+
+def chat_prompt(body: ChatRequest, w: Weights) -> list[int]:
+    """Token ids of a chat request's prompt, rendered with the run's template (lm.chat.ChatTemplate):
+    exaflop's (role markers special, content plain text) or an imported model's own Jinja one
+    (encoded as transformers encodes it: special tokens in the text are parsed)."""
+    msgs, tools = chat_messages(body)
+    if w.template.native:
+        return encode_chat(w.tok, exaflop_turns(msgs, tools))
+    try:
+        text = w.template.render(msgs, tools)
+    except Exception as e:  # the template's own checks (raise_exception) and Jinja errors
+        raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+    return _encode(w.tok, text, "messages", special=True)
 
 
 def _prepare(body: CompletionRequest | ChatRequest, w: Weights) -> tuple[list[list[int]], str | None]:
@@ -98,7 +115,7 @@ def _prepare(body: CompletionRequest | ChatRequest, w: Weights) -> tuple[list[li
 
 def _prompts(body: CompletionRequest | ChatRequest, w: Weights) -> list[list[int]]:
     if isinstance(body, ChatRequest):
-        return [encode_chat(w.tok, chat_turns(body))]
+        return [chat_prompt(body, w)]
     p = body.prompt
     if isinstance(p, str):
         texts = [p]

@@ -224,6 +224,7 @@ class TokenizeRequest(Strict):
     model: str = Field(min_length=1, max_length=256)
     prompt: str | None = None
     messages: list[Message] | None = Field(None, max_length=MAX_MESSAGES)  # rendered as chat would
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # with messages: described as chat would
     add_special_tokens: bool | None = None  # accepted; exaflop adds none to a plain prompt
 
 

@@ -20,6 +20,7 @@ import torch
 
 from exaflop.engine.checkpoint import load_for_inference, read_latest
 from exaflop.errors import UserError
+from exaflop.lm.chat import ChatTemplate
 from exaflop.lm.tokenizer import load_tokenizer, special_ids
 from exaflop.nn.decode import KVCache
 from exaflop.serve.engine import Engine
@@ -32,8 +33,9 @@ log = logging.getLogger("exaflop.serve")
 class Weights:
     """One loaded language-model checkpoint, plus the KV cache its sequences decode in."""
 
-    def __init__(self, cfg, model, tok, ckpt: Path, device: torch.device):
+    def __init__(self, cfg, model, tok, ckpt: Path, device: torch.device, template: ChatTemplate | None = None):
         self.cfg, self.model, self.tok, self.ckpt, self.device = cfg, model, tok, ckpt, device
+        self.template = template or ChatTemplate()  # exaflop's, or an imported model's own (lm/chat.py)
         self.step = int(getattr(model, "checkpoint_step", 0))
         self.ctx = cfg.model.seq_len
         self.vocab_size = cfg.model.vocab_size
@@ -86,7 +88,7 @@ def load_weights(ckpt: Path, run_dir: Path, device: torch.device, dtype: torch.d
     if dtype is not None:
         model.to(dtype)
     tok = load_tokenizer(task.assets / "tokenizer.json")  # the run's own (lm/assets.py)
-    return Weights(cfg, model, tok, ckpt, device)
+    return Weights(cfg, model, tok, ckpt, device, ChatTemplate.from_dir(task.assets))
 
 
 @dataclass

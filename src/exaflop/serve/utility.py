@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from exaflop.serve.api import _TOKENIZE, _check_ids, _encode, chat_turns, encode_chat
+from exaflop.serve.api import _TOKENIZE, _check_ids, _encode, chat_prompt
 from exaflop.serve.protocol import (
     APIError,
     ChatRequest,
@@ -52,8 +52,7 @@ async def tokenize(served: ServedModel | None, body: TokenizeRequest) -> dict:
     def run() -> list[int]:
         if body.prompt is not None:
             return _encode(w.tok, body.prompt, "prompt")
-        chat = ChatRequest(model=body.model, messages=body.messages or [])
-        return encode_chat(w.tok, chat_turns(chat))
+        return chat_prompt(ChatRequest(model=body.model, messages=body.messages or [], tools=body.tools), w)
 
     ids = await asyncio.get_running_loop().run_in_executor(_TOKENIZE, run)
     return {"tokens": ids, "count": len(ids), "max_model_len": w.ctx}
