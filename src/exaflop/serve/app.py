@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exaflop.serve import api
@@ -33,6 +34,7 @@ from exaflop.serve.protocol import (
 from exaflop.serve.reload import Reloader, ServedModel
 
 log = logging.getLogger("exaflop.serve")
+CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 
 @dataclass
 class Server:
@@ -94,6 +96,11 @@ def create_app(server: Server) -> FastAPI:
     async def _crash(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return json_error(500, "internal server error; the server keeps running", type="server_error")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        # A static page shipped in the package (no build step): it calls this server's API.
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():

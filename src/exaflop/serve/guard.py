@@ -3,7 +3,7 @@
 In order, for each request:
 1. counts it by route and status for /metrics; a client that left before any response
    is `status="client_closed"`, never a 5xx (it would page an operator for nothing);
-2. enforces the API key everywhere but /health, and rate-limits failed authentication
+2. enforces the API key everywhere but /health and the chat page (/), and rate-limits failed authentication
    per client address (429 with Retry-After once over the limit; a valid key always passes);
 3. reads the body before the app sees it: larger than the limit is a 413 however it is
    sent (Content-Length or chunked), slower than the body deadline is a 408.
@@ -23,9 +23,10 @@ from exaflop.serve.protocol import error_body
 
 log = logging.getLogger("exaflop.serve")
 
-OPEN_PATHS = {"/health"}
+# The chat page is static (no data of the server's in it); its API calls carry the key.
+OPEN_PATHS = {"/health", "/"}
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/drive/predict",
-          "/openapi.json", "/docs"}
+          "/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize", "/", "/openapi.json", "/docs"}
 
 
 class AsciiJSON(JSONResponse):
