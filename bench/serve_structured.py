@@ -29,7 +29,8 @@ SCHEMA = {"type": "object", "properties": {"values": {"type": "array", "items": 
           "required": ["values"], "additionalProperties": False}
 
 
-def make_run(tmp: Path, tiny: bool) -> Path:
+def make_run(tmp: Path, tiny: bool, seq_len: int = 512) -> Path:
+    """A run holding a random lm-small-shaped model (tiny: a 2-layer one) and its tokenizer."""
     import torch
 
     from exaflop.config import Config
@@ -42,7 +43,7 @@ def make_run(tmp: Path, tiny: bool) -> Path:
     model = {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2} if tiny else \
         {"n_layer": 6, "d_model": 384, "n_head": 6, "n_kv_head": 6}
     cfg = Config.model_validate({"task": "lm", "run": {"name": "m", "out_dir": str(tmp / "runs"), "dtype": "fp32"},
-                                 "model": {**model, "vocab_size": vocab, "seq_len": 512},
+                                 "model": {**model, "vocab_size": vocab, "seq_len": seq_len},
                                  "data": {"path": str(tmp / "data")}})
     torch.manual_seed(0)
     return write_run(cfg, LM(cfg.model), "bench", force=False)

@@ -28,6 +28,7 @@ LAST_WORDS = {
     "precision": "auto / faster of fp32 and bf16:",
     "serve_abuse": "5xx in /metrics",
     "serve_load": "round 1: exaflop, concurrency 2:",
+    "serve_prefix": "cached / cold TTFT:",
     "serve_structured": "constrained / free:",
     "serve_vs_llamacpp": "(tok/s: higher is better",
     "train_throughput": "ratio exaflop eager / transformers:",

@@ -22,7 +22,7 @@ from exaflop.serve.protocol import APIError, ChatRequest, CompletionRequest
 from exaflop.serve.reload import ServedModel, Weights
 from exaflop.serve.scheduler import QueueFull
 from exaflop.serve.sequence import Event, Handle, SamplingParams, Sequence
-from exaflop.serve.shapes import Choice, Shaper, sse
+from exaflop.serve.shapes import Choice, Shaper, cached_of, sse
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
@@ -260,7 +260,7 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
         server.limiter.charge(key, completion_tokens)
 
     if body.stream:
-        stream = _stream(shaper, queue, choices, echo, prompt_tokens, finish, served.engine)
+        stream = _stream(shaper, queue, choices, echo, prompt_tokens, finish, served.engine, n)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     done = 0
@@ -277,7 +277,7 @@ async def generate(served: ServedModel | None, body: CompletionRequest | ChatReq
     finally:
         watcher.cancel()
         finish(sum(c.completion_tokens for c in choices.values()))
-    return JSONResponse(shaper.response(list(choices.values()), prompt_tokens, echo))
+    return JSONResponse(shaper.response(list(choices.values()), prompt_tokens, echo, n))
 
 
 async def _signal_disconnect(request: Request, queue: asyncio.Queue) -> None:
@@ -305,7 +305,7 @@ async def _next_event(queue: asyncio.Queue, engine) -> Event | None:
 
 
 async def _stream(shaper: Shaper, queue: asyncio.Queue, choices: dict[int, Choice], echo: dict[int, str],
-                  prompt_tokens: int, finish, engine) -> AsyncIterator[str]:
+                  prompt_tokens: int, finish, engine, n: int = 1) -> AsyncIterator[str]:
     done = 0
     try:
         for c in choices.values():
@@ -321,11 +321,13 @@ async def _stream(shaper: Shaper, queue: asyncio.Queue, choices: dict[int, Choic
                 break
             c = choices[ev.index]
             c.completion_tokens = max(c.completion_tokens, ev.completion_tokens)
+            c.cached_tokens = max(c.cached_tokens, ev.cached_tokens)
             done += ev.finish_reason is not None
             if ev.text or ev.logprobs or ev.finish_reason:
                 yield shaper.chunk(c, ev.text, ev.logprobs, ev.finish_reason)
         if shaper.include_usage:
-            yield shaper.usage_chunk(prompt_tokens, sum(c.completion_tokens for c in choices.values()))
+            yield shaper.usage_chunk(prompt_tokens, sum(c.completion_tokens for c in choices.values()),
+                                     cached_of(choices.values(), n))
         yield sse("[DONE]")
     finally:  # also runs when the client disconnects and the response task is cancelled
         finish(sum(c.completion_tokens for c in choices.values()))

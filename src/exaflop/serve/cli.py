@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="sequences that may wait; beyond it: 503")
     p.add_argument("--prefill-tokens", type=int, default=4096,
                    help="padded prompt tokens prefilled per step (bounds the stall new prompts cause)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0,
+                   help="memory for cached prompt blocks reused across requests (serve/prefix.py); 0: off")
     p.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0: off)")
     p.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0: off)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
@@ -102,7 +104,8 @@ def build_server(args):
         if load_config_file(run_dir / "config.toml").task == "drive":
             drives[name] = DrivePredictor(name, path, watch, device, precision.dtype)
             continue
-        engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile)
+        engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile,
+                        prefix_cache_mb=args.prefix_cache_mb)
         models[name] = ServedModel(name, path, engine, watch)
     reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
                         drives=list(drives.values()))

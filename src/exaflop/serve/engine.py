@@ -46,11 +46,11 @@ log = logging.getLogger("exaflop.serve")
 
 class Engine:
     def __init__(self, name: str, metrics: Metrics, max_running: int = 32, max_queue: int = 256,
-                 prefill_tokens: int = 4096, compile: bool = False):
+                 prefill_tokens: int = 4096, compile: bool = False, prefix_cache_mb: float = 0.0):
         self.name, self.metrics = name, metrics
         self.fault = ServeFault.from_env()  # drills only: EXAFLOP_SERVE_FAULT (engine/faults.py)
         self.scheduler = Scheduler(name, metrics, max_running, max_queue, prefill_tokens, self.fault)
-        self.runner = Runner(name, metrics, compile, self.fault)
+        self.runner = Runner(name, metrics, compile, self.fault, prefix_bytes=int(prefix_cache_mb * (1 << 20)))
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -229,6 +229,10 @@ class Engine:
                 self._outbox.append((s.handle, ev))
             if s.finish_reason is not None:
                 m.e2e.observe(now - s.handle.arrival, model=self.name)
+                try:
+                    self.runner.keep(s)
+                except Exception:  # noqa: BLE001 — a cache that cannot keep a block must not fail the reply
+                    log.exception("engine %s: prefix cache store failed", self.name)
                 self._release(s)
         m.itl.observe_many(gaps, model=self.name)
 

@@ -139,7 +139,8 @@ class _Shape:
         for item in self.output:
             item["status"] = self.status
         if usage is not None:
-            self.usage = {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            self.usage = {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
                           "output_tokens": usage["completion_tokens"],
                           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": usage["total_tokens"]}
 
@@ -219,7 +220,7 @@ class _Shape:
             yield self._event("response.output_item.added", output_index=text_item, item=self.output[text_item])
         self.finish(finish, None if self.usage is None else {
             "prompt_tokens": self.usage["input_tokens"], "completion_tokens": self.usage["output_tokens"],
-            "total_tokens": self.usage["total_tokens"]})
+            "total_tokens": self.usage["total_tokens"], "prompt_tokens_details": self.usage["input_tokens_details"]})
         for k, item in sorted(self.open.items()):
             if item["type"] == "message":
                 part = item["content"][0]

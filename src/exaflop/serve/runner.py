@@ -17,14 +17,17 @@ from torch import Tensor
 
 from exaflop.engine.faults import ServeFault
 from exaflop.serve.metrics import Metrics
+from exaflop.serve.prefix import PrefixCache
 from exaflop.serve.sequence import Sequence
 
 log = logging.getLogger("exaflop.serve")
 
 
 class Runner:
-    def __init__(self, name: str, metrics: Metrics, compile: bool = False, fault: ServeFault | None = None) -> None:
+    def __init__(self, name: str, metrics: Metrics, compile: bool = False, fault: ServeFault | None = None,
+                 prefix_bytes: int = 0) -> None:
         self.name, self.metrics, self.fault = name, metrics, fault
+        self.prefix_bytes = prefix_bytes  # prefix-cache budget per checkpoint (0: off)
         self.compile = compile
         self.decode_step = None  # a compiled LM.logits_at, once `prepare` made one
         self.compiled = False
@@ -59,20 +62,41 @@ class Runner:
         self.decode_step, self.compiled = compiled, True
         log.info("engine %s: decode step compiled in %.1f s", self.name, time.perf_counter() - t0)
 
+    def prefix_cache(self, w) -> PrefixCache | None:
+        """The checkpoint's prefix cache (serve/prefix.py), made on first use; None when off."""
+        if self.prefix_bytes <= 0:
+            return None
+        if getattr(w, "prefix", None) is None:
+            w.prefix = PrefixCache(self.prefix_bytes)
+        return w.prefix
+
     def prefill(self, seqs: list[Sequence]) -> Tensor:
-        """Next-token logits (B, V) after each prompt; fills the prompts' cache rows."""
+        """Next-token logits (B, V) after each prompt; fills the prompts' cache rows. Blocks of a
+        prompt found in the prefix cache are copied in, and only the rest is computed."""
         w = seqs[0].weights
-        lens = [len(s.prompt_ids) for s in seqs]
-        x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            x[i, :lens[i]] = torch.tensor(s.prompt_ids)
         rows = torch.tensor([s.slot for s in seqs], device=w.device)
         w.cache.reset(rows)
+        prefix = self.prefix_cache(w)
+        for s in seqs:
+            s.cached_tokens = prefix.restore(w.cache, s.slot, s.prompt_ids) if prefix is not None else 0
+        lens = [len(s.prompt_ids) - s.cached_tokens for s in seqs]
+        x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, :lens[i]] = torch.tensor(s.prompt_ids[s.cached_tokens:])
         if self.fault:
             self.fault.check("prefill", seqs)
         logits = w.model.decode(x.to(w.device), w.cache, rows, torch.tensor(lens, device=w.device))
         self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
+        if prefix is not None:
+            for s in seqs:
+                prefix.store(w.cache, s.slot, s.prompt_ids)
         return logits
+
+    def keep(self, s: Sequence) -> None:
+        """A finished sequence: keep its prompt and output blocks for a next turn."""
+        prefix = self.prefix_cache(s.weights) if s.weights is not None and s.slot >= 0 else None
+        if prefix is not None and s.out_ids:
+            prefix.store(s.weights.cache, s.slot, s.prompt_ids + s.out_ids[:-1])
 
     def decode(self, seqs: list[Sequence]) -> Tensor:
         """Next-token logits (B, V) after each sequence's last token, sorted by slot in place."""

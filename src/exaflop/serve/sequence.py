@@ -61,6 +61,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "error"
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # of the prompt, restored from the prefix cache
 
 
 class Handle:
@@ -90,6 +91,7 @@ class Sequence:
         self.bias: torch.Tensor | None = None  # dense logit_bias row
         self.generator: torch.Generator | None = None
         self.constraint: Any = None  # serve.grammar.Constraint while the output is constrained
+        self.cached_tokens = 0  # prompt tokens restored from the prefix cache (serve/prefix.py)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # decoded output so far (held-back part included)
         self.sent = 0  # chars of self.text already delivered
@@ -177,7 +179,7 @@ class Sequence:
 
     def _event(self, end: int, finish: str | None = None) -> Event:
         ev = Event(self.index, self.text[self.sent:end], self._pending_lp, finish,
-                   completion_tokens=len(self.out_ids))
+                   completion_tokens=len(self.out_ids), cached_tokens=self.cached_tokens)
         self.sent = max(self.sent, end)
         self._pending_lp = []
         return ev

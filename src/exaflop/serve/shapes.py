@@ -25,9 +25,19 @@ def sse(obj: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_of(choices, n: int) -> int:
+    """Prompt tokens served from the prefix cache: per prompt (choices i*n .. i*n+n-1 share
+    it, counted once like prompt_tokens), the most any of its choices reused."""
+    per_prompt: dict[int, int] = {}
+    for c in choices:
+        per_prompt[c.index // n] = max(per_prompt.get(c.index // n, 0), c.cached_tokens)
+    return sum(per_prompt.values())
 
 
 def chat_logprobs(lps: list[TokenLogprob]) -> dict:
@@ -160,12 +170,14 @@ class Choice:
     completion_tokens: int = 0
     offset: int = 0  # completions text_offset of the next streamed token
     parser: ToolCallParser | None = None  # chat with tools in force
+    cached_tokens: int = 0
 
     def add(self, ev: Event) -> None:
         self.text += ev.text
         self.logprobs += ev.logprobs
         self.finish_reason = ev.finish_reason or self.finish_reason
         self.completion_tokens = max(self.completion_tokens, ev.completion_tokens)
+        self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
 
 
 class Shaper:
@@ -184,7 +196,7 @@ class Shaper:
             out["system_fingerprint"] = self.fingerprint
         return out
 
-    def response(self, choices: list[Choice], prompt_tokens: int, prefix: dict[int, str]) -> dict:
+    def response(self, choices: list[Choice], prompt_tokens: int, prefix: dict[int, str], n: int = 1) -> dict:
         out = self._base("chat.completion" if self.chat else "text_completion")
         out["choices"] = []
         for c in choices:
@@ -204,7 +216,7 @@ class Shaper:
                 lp = completion_logprobs(c.logprobs, len(prefix.get(c.index, ""))) if self.want_logprobs else None
                 out["choices"].append({"index": c.index, "text": prefix.get(c.index, "") + c.text,
                                        "logprobs": lp, "finish_reason": c.finish_reason})
-        out["usage"] = usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+        out["usage"] = usage(prompt_tokens, sum(c.completion_tokens for c in choices), cached_of(choices, n))
         return out
 
     def chunk(self, choice: Choice, text: str, lps: list[TokenLogprob], finish: str | None,
@@ -231,8 +243,8 @@ class Shaper:
             out["usage"] = None
         return sse(out)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> str:
         out = self._base("chat.completion.chunk" if self.chat else "text_completion")
         out["choices"] = []
-        out["usage"] = usage(prompt_tokens, completion_tokens)
+        out["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return sse(out)
