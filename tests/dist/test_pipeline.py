@@ -72,7 +72,6 @@ def test_interleaved_matches_single_process(pp_reference, pp_interleaved):
     ("pp_fsdp", 4, []),  # 2 stages x FSDP2 over 2 (each data-parallel rank: 2 micro-batches)
     ("pp_tp", 4, ["parallel.tp=2"]),  # 2 stages x tensor parallel 2 with sequence parallelism
     ("pp_interleaved_fsdp", 4, ["parallel.pp_schedule=interleaved"]),  # each stage its own FSDP2 root
-    ("pp_interleaved_tp", 4, ["parallel.pp_schedule=interleaved", "parallel.tp=2"]),
 ])
 def test_pipeline_layout_matches_single_process(launcher, pp_reference, name, nproc, extra):
     run = launcher.run(name, nproc, [*PP, "parallel.pp=2", *extra])

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+# An imported model's tokenizer_config.json, kept in the run's tokenizer folder (its chat template).
+HF_TOKENIZER_CONFIG = "hf_tokenizer_config.json"
 END = "<|end|>"
 
 CHAT_TEMPLATE_JINJA = (
@@ -136,8 +138,6 @@ class ChatTemplate:
     @classmethod
     def from_dir(cls, tokenizer_dir: Path | str) -> ChatTemplate:
         """The template of the run whose tokenizer folder is `tokenizer_dir`."""
-        from exaflop.lm.hf import HF_TOKENIZER_CONFIG
-
         path = Path(tokenizer_dir) / HF_TOKENIZER_CONFIG
         if not path.is_file():
             return cls()

@@ -23,13 +23,12 @@ from tokenizers import Tokenizer
 
 from exaflop.errors import UserError
 from exaflop.lm.assets import tokenizer_dir
-from exaflop.lm.chat import CHAT_TEMPLATE_JINJA, END
+from exaflop.lm.chat import CHAT_TEMPLATE_JINJA, END, HF_TOKENIZER_CONFIG
 from exaflop.lm.config import ModelConfig
 from exaflop.lm.tokenizer import EOT
 
 # An imported HF tokenizer keeps its own tokenizer_config.json next to tokenizer.json
 # under this name, so exporting the fine-tuned model gives the original one back.
-HF_TOKENIZER_CONFIG = "hf_tokenizer_config.json"
 HF_GENERATION_CONFIG = "hf_generation_config.json"
 PAD = "<|pad|>"
 
