@@ -8,7 +8,7 @@ turn 1's messages, the answer, one more question — twice over the same server'
   cached — turn 2 of the conversation just answered (its blocks are in the cache).
 TTFT = the first streamed content chunk's arrival after the request was sent; medians over
 repetitions, and their ratio (target of the API issue: cached <= 20% of cold).
-    python bench/serve_prefix.py [--tokens 2000] [--reps 5] [--tiny]
+    python bench/serve_prefix.py [--tokens 2200] [--reps 5] [--tiny]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def conversation(rng: random.Random, words: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=2000, help="about this many prompt tokens in turn 1")
+    ap.add_argument("--tokens", type=int, default=2200, help="about this many prompt tokens in turn 1")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
