@@ -18,8 +18,13 @@ TIMEOUT = 8
 GB12 = ["train.global_batch=12", "parallel.mode=ddp", f"parallel.timeout_s={TIMEOUT}"]
 
 
-def test_a_killed_replica_is_dropped_and_training_goes_on(launcher):
-    reference = launcher.run("elastic_reference", 1, GB12)
+@pytest.fixture(scope="module")
+def reference(launcher):
+    """One process, global batch 12: what the elastic runs must reproduce (checkpointing aside)."""
+    return launcher.run("elastic_reference", 1, GB12)
+
+
+def test_a_killed_replica_is_dropped_and_training_goes_on(launcher, reference):
     cmd = [sys.executable, "-m", "exaflop", "train", "lm-tiny", "--nproc", "3", "--elastic", "--quiet",
            "--record-samples"]
     for s in launcher.overrides("elastic", GB12):
@@ -43,7 +48,7 @@ def test_a_killed_replica_is_dropped_and_training_goes_on(launcher):
     assert_same_losses(run, reference)
 
 
-def test_a_replacement_rejoins_with_state_from_a_live_peer(launcher):
+def test_a_replacement_rejoins_with_state_from_a_live_peer(launcher, reference):
     """Replica 1 dies before step 4; `--max-restarts 1` starts a replacement (member 3). The two
     survivors go on, then admit it at the first step boundary after it registered (the
     `await_join` drill holds the boundary after step 6 until then, so it joins by step 6). It gets
@@ -51,7 +56,6 @@ def test_a_replacement_rejoins_with_state_from_a_live_peer(launcher):
     broadcast (no checkpoint exists before step 10), and the last steps run on 3 replicas again with
     the single-process losses and exactly the uninterrupted run's samples."""
     extra = [*GB12, "checkpoint.every=100"]
-    reference = launcher.run("rejoin_reference", 1, extra)
     cmd = [sys.executable, "-m", "exaflop", "train", "lm-tiny", "--nproc", "3", "--elastic", "--max-restarts", "1",
            "--quiet", "--record-samples"]
     for s in launcher.overrides("rejoin", extra):

@@ -110,14 +110,11 @@ def test_pipeline_checkpoint_resumes_on_other_layouts(launcher, pp_reference, pp
     assert_same_losses(run, pp_reference, range(6, STEPS + 1))
 
 
-@pytest.mark.parametrize("name,nproc,extra,source", [
-    ("interleaved_to_1", 1, [], "interleaved"),  # 2 stages per rank -> the unsplit model
-    ("1f1b_to_interleaved", 2, ["parallel.pp=2", "parallel.pp_schedule=interleaved"], "1f1b"),
-])
-def test_interleaved_checkpoints_reshard(launcher, pp_reference, pp_1f1b, pp_interleaved, name, nproc, extra,
-                                         source):
-    launcher.fork(pp_interleaved if source == "interleaved" else pp_1f1b, name, [5])
-    run = launcher.run(name, nproc, PP + extra, resume=True)
+def test_interleaved_checkpoint_resumes_unsplit(launcher, pp_reference, pp_interleaved):
+    # 2 stages per rank -> the unsplit model (a 1F1B checkpoint resumed interleaved passed too:
+    # the names are the same in every layout; left out of the suite for CI time).
+    launcher.fork(pp_interleaved, "interleaved_to_1", [5])
+    run = launcher.run("interleaved_to_1", 1, PP, resume=True)
     assert_same_samples(run, pp_reference, range(5, STEPS))
     assert_same_losses(run, pp_reference, range(6, STEPS + 1))
 
