@@ -25,11 +25,7 @@ from typing import Any
 
 import torch
 from llguidance import LLMatcher, LLTokenizer
-from llguidance.torch import (
-    allocate_token_bitmask,
-    apply_token_bitmask_inplace,
-    fill_next_token_bitmask,
-)
+from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 from exaflop.lm.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from exaflop.serve.protocol import APIError, ChatRequest
@@ -140,8 +136,15 @@ def mask_rows(logits: torch.Tensor, constraints: list[Constraint | None]) -> Non
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return
-    bitmask = allocate_token_bitmask(logits.shape[0], logits.shape[1])
+    B, V = logits.shape
+    bitmask = allocate_token_bitmask(B, V)
     bitmask.fill_(-1)  # unconstrained rows: everything allowed
     for i in rows:
         fill_next_token_bitmask(constraints[i].matcher, bitmask, i)
-    apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+    # Unpacked eagerly here, not with llguidance.torch.apply_token_bitmask_inplace: that kernel
+    # is torch.compile'd (a compile on first use), and on AVX2-only CPUs its compiled bit
+    # shifts let forbidden tokens through (measured with ATEN_CPU_CAPABILITY=avx2: a mask
+    # allowing token 5 allowed 150 tokens). Bit k of word j allows token 32·j + k.
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(B, -1)[:, :V].bool()
+    logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
