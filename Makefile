@@ -22,16 +22,22 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The fleet-scale tests (Ray cluster, S3 server) need the ray and s3 extras; the default
+# install, and so `make demo`, does not pull them.
+$(VENV)/.fleet: $(VENV)/.installed
+	$(PIP) install -q -e ".[$(EXTRAS),ray,s3]"
+	touch $@
+
 demo: install
 	$(VENV)/bin/exaflop demo
 
 # torch.compile stays off in the default run (tests marked `compile`; make test-all has them).
-test: install
+test: install $(VENV)/.fleet
 	$(VENV)/bin/ruff check src tests bench tools
 	$(PY) -m pytest -q -m "not compile"
 
 # Everything, including the llama.cpp round trip (compiles llama.cpp: ~15 minutes on 2 cores).
-test-all: install
+test-all: install $(VENV)/.fleet
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q -e ".[$(EXTRAS),llamacpp]"
 	$(PY) -m pytest -q
 

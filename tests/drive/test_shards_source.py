@@ -42,7 +42,7 @@ def test_shard_index_random_read_round_trip(tmp_path):
         clips.append((frames, tel, lab))
     info = writer.close()
     assert info["clips"] == 12 and not (tmp_path / "s-000.tar.tmp").exists()
-    index = json.loads(shards.index_path(tmp_path / "s-000.tar").read_text())
+    index = json.loads((tmp_path / shards.index_name("s-000.tar")).read_text())
     # A plain tar, members grouped by key the WebDataset way.
     with tarfile.open(tmp_path / "s-000.tar") as tf:
         names = tf.getnames()

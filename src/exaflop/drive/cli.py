@@ -58,7 +58,12 @@ def _importer(sub, name: str, help_text: str, needs_input: bool = True) -> argpa
     p = sub.add_parser(name, help=help_text)
     if needs_input:
         p.add_argument("input", help="folder to import")
-    p.add_argument("--out", help=f"output folder (default data/drive-{name})")
+    p.add_argument("--out", help=f"output folder or URL, e.g. s3://BUCKET/PREFIX (default data/drive-{name})")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option of the output store, e.g. endpoint_url=http://HOST:9000 (repeatable)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="convert drives as Ray tasks across a cluster: its address (default auto: the "
+                        "running cluster), or 'local' to start one on this machine")
     p.add_argument("--size", help="clip frame size WIDTHxHEIGHT (default 64x64)")
     for flag, (typ, text) in CLIP_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=text)
@@ -120,24 +125,35 @@ def _cmd_import(args) -> int:
     from exaflop.drive.importers.clips import ImportOptions
     from exaflop.drive.importers.run import run_import
     from exaflop.drive.importers.sim import SimOptions, default_options, run_sim_import
+    from exaflop.drive.store import is_url, parse_storage_options
     from exaflop.progress import console
 
-    out = Path(args.out or f"data/drive-{args.importer}")
+    out = args.out or f"data/drive-{args.importer}"
+    out = out if is_url(out) else Path(out)
+    storage = parse_storage_options(args.storage_option)
     if args.importer == "sim":
         opts = build_options(args, default_options())
         so = SimOptions(episodes=args.episodes, seconds=args.seconds, seed=args.seed,
                         fps=opts.fps, workers=max(1, opts.workers))
         if args.episodes < 2:
             raise UserError("--episodes: need at least 2 (whole episodes are held out for validation)")
-        raw = Path(args.raw_dir) if args.raw_dir else None
-        manifest = run_sim_import(out, so, opts, raw_dir=raw, quiet=args.quiet)
+        if args.raw_dir:
+            raw = Path(args.raw_dir)
+        else:  # episodes are recorded locally, whatever the output store
+            raw = Path("data/drive-sim-raw") if is_url(out) else None
+        manifest = run_sim_import(out, so, opts, raw_dir=raw, quiet=args.quiet, storage_options=storage,
+                                  ray_address=args.ray)
     else:
         opts = build_options(args, ImportOptions())
         manifest = run_import(args.importer, Path(args.input), out, opts,
-                              provenance={"command": f"exaflop data drive {args.importer}"}, quiet=args.quiet)
+                              provenance={"command": f"exaflop data drive {args.importer}"}, quiet=args.quiet,
+                              storage_options=storage, ray_address=args.ray)
     c = manifest["counts"]
     console.print(f"{out}: {c['clips_train']:,} train / {c['clips_val']:,} val clips from {c['items_ok']} drives"
                   f" ({c['items_skipped']} skipped; labels from {', '.join(manifest['labels_from']) or '-'})")
+    if manifest["run"]["retries"]:
+        console.print(f"  {len(manifest['run']['retries'])} task(s) retried on the cluster "
+                      f"(first: {manifest['run']['retries'][0]['reason']})", markup=False, highlight=False)
     for s in manifest["skipped"][:10]:
         console.print(f"  skipped {s['item']}: {s['reason']}", markup=False, highlight=False)
     return 0
@@ -201,7 +217,7 @@ def _cmd_eval(args) -> int:
 def _train_source(task):
     from exaflop.drive.source import ClipSource
 
-    return ClipSource(task.dcfg.path, "train")
+    return ClipSource(task.dcfg.path, "train", storage_options=task.dcfg.storage_options)
 
 
 def _cmd_demo(args) -> int:

@@ -65,6 +65,9 @@ class DataConfig(Strict):
     # Directory written by `exaflop data drive ...` (train/ and val/ shards + manifest.json),
     # or an fsspec URL to one (e.g. s3://bucket/drive-sim).
     path: str = "data/drive-sim"
+    # fsspec options of the store at `path`, e.g. {endpoint_url = "http://127.0.0.1:9000"} for an
+    # S3-compatible server; credentials come from the AWS environment variables or profiles.
+    storage_options: dict[str, str | int | float | bool] = {}
     num_workers: int = Field(2, ge=0)  # DataLoader worker processes decoding clips
     augment: bool = True  # photometric jitter + label-consistent mirror on the train split
     brightness: float = Field(0.2, ge=0, lt=1)  # max relative brightness change

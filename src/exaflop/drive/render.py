@@ -159,7 +159,7 @@ def render_run(run_dir: str | Path, out_dir: Path | None = None, clips: int = 8,
 def _plain_train(task):
     from exaflop.drive.source import ClipSource
 
-    return ClipSource(task.dcfg.path, "train")
+    return ClipSource(task.dcfg.path, "train", storage_options=task.dcfg.storage_options)
 
 
 def print_table(res: dict) -> None:

@@ -15,23 +15,34 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
-from exaflop.errors import UserError
+from exaflop.drive.store import MANIFEST, Store
 
 MEMBERS = ("mp4", "telemetry.json", "labels.json")
-MANIFEST = "manifest.json"
 
 
 class ShardWriter:
-    """Append clips to one tar; `close()` finalises the tar and then its index."""
+    """Append clips to one tar; `close()` finalises the tar and then its index.
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+    The tar is written to a local temporary file and handed to the store whole when
+    closed (renamed into place locally, one upload to object storage); the index follows,
+    so an index that exists always describes a finished shard."""
+
+    def __init__(self, path: Path | str, store: Store | None = None):
+        self.store = store or Store(Path(path).parent)
+        self.name = Path(path).name if store is None else str(path)  # relative to the store
+        local_dir = Path(self.store.url(*Path(self.name).parent.parts)) if self.store.local else None
+        if local_dir is not None:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp = local_dir / (Path(self.name).name + ".tmp")
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="exaflop-shard-", suffix=".tar")
+            os.close(fd)
+            self.tmp = Path(tmp)
+        self.path = self.store.url(self.name)
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.clips: list[list[Any]] = []
 
@@ -55,42 +66,35 @@ class ShardWriter:
     def close(self) -> dict:
         self.tar.close()
         digest = hashlib.sha256(self.tmp.read_bytes()).hexdigest()
-        os.replace(self.tmp, self.path)
-        index = {"shard": self.path.name, "bytes": self.path.stat().st_size, "sha256": digest,
-                 "members": list(MEMBERS), "clips": self.clips}
-        write_json(index_path(self.path), index)
-        return {"file": self.path.name, "index": index_path(self.path).name, "clips": len(self.clips),
-                "bytes": index["bytes"], "sha256": digest}
+        size = self.tmp.stat().st_size
+        self.store.put_file(self.tmp, self.name)
+        shard = Path(self.name).name
+        index = {"shard": shard, "bytes": size, "sha256": digest, "members": list(MEMBERS), "clips": self.clips}
+        idx = index_name(self.name)
+        self.store.write_json(index, idx)
+        return {"file": shard, "index": Path(idx).name, "clips": len(self.clips), "bytes": size, "sha256": digest}
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (nothing reaches the store)."""
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
 
 
-def index_path(shard: Path) -> Path:
-    return shard.with_name(shard.name.removesuffix(".tar") + ".idx.json")
+def index_name(shard: str) -> str:
+    return shard.removesuffix(".tar") + ".idx.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic write: readers never see half a file, a crash leaves the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1 if path.name == MANIFEST else None))
-    os.replace(tmp, path)
+    """Atomic write of a local JSON file: readers never see half a file, a crash leaves the old one."""
+    Store(path.parent).write_json(obj, path.name)
 
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def read_json(url: str, what: str) -> Any:
-    try:
-        with fsspec.open(url, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise UserError(f"{url}: no {what} here; write the dataset first with `exaflop data drive ...` "
-                        "or set data.path") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{url}: {what} is not valid JSON ({e}); re-run the import") from None
-
-
-def load_manifest(root: str) -> dict:
-    return read_json(join(root, MANIFEST), "dataset manifest")
+def load_manifest(root: str, storage_options: dict | None = None) -> dict:
+    return Store(root, storage_options).read_json(MANIFEST, what="dataset manifest")
 
 
 def decode_record(blob: bytes, entry: list) -> tuple[bytes, dict, dict]:

@@ -2,7 +2,8 @@
 
 `ClipSource` is what the engine's global-cursor stream indexes. It is pickled
 into DataLoader workers, so it holds only the (small) index; each worker opens
-the shard files itself, once, through fsspec (local paths and any URL).
+local shard files itself, once, or reads objects in storage (s3://, any fsspec
+URL) with one ranged GET per clip.
 Augmentation is a pure function of (seed, sample id): a resumed run sees
 bit-identical batches.
 """
@@ -13,30 +14,32 @@ import os
 import random
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
 from exaflop.drive import shards
+from exaflop.drive.store import Store
 from exaflop.drive.video import decode_clip
 from exaflop.errors import UserError
 
 
 class ClipSource:
-    def __init__(self, root: str, split: str, augment: dict | None = None, seed: int = 0):
+    def __init__(self, root: str, split: str, augment: dict | None = None, seed: int = 0,
+                 storage_options: dict | None = None):
         self.root, self.split, self.augment, self.seed = str(root), split, augment, seed
-        self.manifest = shards.load_manifest(self.root)
+        self.store = Store(self.root, storage_options)
+        self.manifest = self.store.read_json(shards.MANIFEST, what="dataset manifest")
         if split not in self.manifest.get("splits", {}):
             raise UserError(f"{self.root}/manifest.json: no split {split!r} (has {list(self.manifest['splits'])})")
         self.view = self.manifest.get("view", {})
-        self.urls: list[str] = []
+        self.files: list[str] = []  # shard paths relative to the root
         keys, rows = [], []
         for shard in self.manifest["splits"][split]["shards"]:
-            index = shards.read_json(shards.join(self.root, shard["index"]), "shard index")
+            index = self.store.read_json(shard["index"], what="shard index")
             for entry in index["clips"]:
                 keys.append(entry[0])
-                rows.append([len(self.urls), *entry[1:9]])
-            self.urls.append(shards.join(self.root, shard["file"]))
+                rows.append([len(self.files), *entry[1:9]])
+            self.files.append(shard["file"])
         self.keys = keys
         # One int64 row per clip: shard number, byte start, length, then member offsets/sizes.
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 9)
@@ -53,28 +56,28 @@ class ClipSource:
         state["_rows"] = None
         return state
 
-    def _read(self, shard: int, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset + length) of a shard file: one pread for a local file (the
-        reads are random, so no seek and no read-ahead buffer), fsspec's file for a URL."""
+    def _read(self, shard: int, offset: int, length: int, key: str) -> bytes:
+        """Bytes [offset, offset + length) of a shard: one pread of a local file (the reads
+        are random, so no seek and no read-ahead buffer); one ranged GET of an object in
+        storage (no whole-shard download, no read-ahead), retried with backoff."""
+        if not self.store.local:
+            return self.store.read_range(self.files[shard], offset, length, key)
         if self._pid != os.getpid():  # forked worker: the parent's handles share offsets, reopen
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
-            url = self.urls[shard]
-            path = url[len("file://"):] if url.startswith("file://") else url
-            if "://" not in path and hasattr(os, "pread"):
+            path = self.store.url(self.files[shard])
+            try:
                 f = os.open(path, os.O_RDONLY)
-            else:
-                f = fsspec.open(url, "rb").open()
+            except FileNotFoundError:
+                raise UserError(f"{path}: shard missing (reading clip {key!r}); re-import the dataset "
+                                "or check data.path") from None
             self._files[shard] = f
-        if isinstance(f, int):
-            return os.pread(f, length, offset)
-        f.seek(offset)
-        return f.read(length)
+        return os.pread(f, length, offset)
 
     def __del__(self) -> None:
         for f in getattr(self, "_files", {}).values():
-            if isinstance(f, int) and self._pid == os.getpid():
+            if self._pid == os.getpid():
                 os.close(f)
 
     def _record(self, sample_id: int) -> tuple[bytes, dict, dict]:
@@ -82,7 +85,7 @@ class ClipSource:
         if self._rows is None:  # Python ints: per-clip numpy scalar conversions cost more than the read
             self._rows = self.rows.tolist()
         row = self._rows[sample_id]
-        return shards.decode_record(self._read(row[0], row[1], row[2]), row)
+        return shards.decode_record(self._read(row[0], row[1], row[2], self.keys[sample_id]), row)
 
     def read(self, sample_id: int, channels_first: bool = False) -> tuple[np.ndarray, dict, dict]:
         """(frames (T,H,W,3) or (T,3,H,W) uint8, telemetry, labels) of one clip, unaugmented."""

@@ -28,7 +28,7 @@ class DriveTask:
     @property
     def manifest(self) -> dict:
         if self._manifest is None:
-            self._manifest = shards.load_manifest(self.dcfg.path)
+            self._manifest = shards.load_manifest(self.dcfg.path, self.dcfg.storage_options)
             self._check_geometry(self._manifest)
         return self._manifest
 
@@ -62,7 +62,7 @@ class DriveTask:
         """Point evaluation / rendering at a dataset (`--data PATH`, default data.path); the
         run itself holds no clips. A missing one is one line naming the flag."""
         try:
-            manifest = shards.load_manifest(path)
+            manifest = shards.load_manifest(path, self.dcfg.storage_options)
         except UserError:
             raise UserError(f"{what} needs the clips as well as the run: no dataset manifest at {path} "
                             "(data.path in the run's config.toml); pass --data PATH to the imported "
@@ -85,7 +85,8 @@ class DriveTask:
             aug = {"brightness": self.dcfg.brightness, "contrast": self.dcfg.contrast,
                    "mirror_prob": self.dcfg.mirror_prob}
         self.manifest  # noqa: B018  (validates geometry before workers start)
-        source = ClipSource(self.dcfg.path, split, augment=aug, seed=self.cfg.run.seed)
+        source = ClipSource(self.dcfg.path, split, augment=aug, seed=self.cfg.run.seed,
+                            storage_options=self.dcfg.storage_options)
         if len(source) == 0:
             raise UserError(f"{self.dcfg.path}: the {split} split has no clips; import more drives "
                             "or lower --val-fraction")

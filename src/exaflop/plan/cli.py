@@ -3,7 +3,7 @@
 Mounted by the main CLI through `add_parser(subparsers)` + `run(args)`; also runnable
 as `python -m exaflop.plan`. Sub-commands: (none) plan one run, `scaling` plan it from
 1K to 1M accelerators, `validate` against published step times, `calibrate` re-fit the
-efficiency constants, `list` the catalogs.
+efficiency constants, `list` the catalogs, `data` size a fleet-video import.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from exaflop.errors import UserError
+from exaflop.plan import data as plan_data
 from exaflop.plan.catalog import CATALOG_DIR, Catalog, load_catalog
 from exaflop.plan.cost import RECOMPUTE, SOFTWARE, Job
 from exaflop.plan.outcome import FAILURES_PER_ACCEL_HOUR, RunInputs, outcome
@@ -81,6 +82,7 @@ def add_parser(subparsers) -> None:
                        help="for rows without a software column (the published rows ran 2021-22 Megatron)")
         v.add_argument("--json", action="store_true")
         _catalog_option(v)
+    plan_data.add_parser(sub)
     ls = sub.add_parser("list", help="list catalog entries")
     _catalog_option(ls)
     p.set_defaults(func=run)
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         return _validate(args, catalog, fit_constants=command == "calibrate")
     if command == "list":
         return _list(catalog)
+    if command == "data":
+        return plan_data.run(args)
     if command == "scaling":
         return _scaling(args, catalog)
     return _plan(args, catalog)

@@ -145,13 +145,15 @@ def default_options() -> ImportOptions:
                          wheelbase=5.0, steer_ratio=1.0, max_gap=0.5, val_fraction=0.2)
 
 
-def run_sim_import(out: Path, so: SimOptions, opts: ImportOptions | None = None,
-                   raw_dir: Path | None = None, quiet: bool = False) -> dict:
+def run_sim_import(out: Path | str, so: SimOptions, opts: ImportOptions | None = None,
+                   raw_dir: Path | None = None, quiet: bool = False, storage_options: dict | None = None,
+                   ray_address: str | None = None) -> dict:
     from exaflop.drive.importers.run import run_import
 
     opts = opts or default_options()
-    raw_dir = raw_dir or out.with_name(out.name + "-raw")
+    raw_dir = raw_dir or Path(out).with_name(Path(out).name + "-raw")
     simulate(raw_dir, so, quiet)
     prov = {"simulator": "highway-env", "episodes": so.episodes, "seconds": so.seconds, "seed": so.seed,
             "raw_dir": str(raw_dir)}
-    return run_import("generic", raw_dir, out, opts, provenance=prov, quiet=quiet)
+    return run_import("generic", raw_dir, out, opts, provenance=prov, quiet=quiet,
+                      storage_options=storage_options, ray_address=ray_address)

@@ -1,0 +1,260 @@
+"""Fleet scale for real: imports written straight to a real S3-protocol server (moto's
+standalone server on 127.0.0.1, through s3fs), the same import run as Ray tasks on a real
+two-node Ray cluster that loses a node and its driver, training streamed from the bucket
+with exact resume, and storage mistakes answered in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exaflop.cli import main
+from exaflop.drive.source import ClipSource
+from exaflop.errors import UserError
+
+from . import synth
+
+s3fs = pytest.importorskip("s3fs", reason="the s3 extra is not installed: pip install 'exaflop[s3]'")
+pytest.importorskip("moto.server", reason="moto[server] (test extra) is not installed")
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "fleet"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3(log: Path | None = None, enforce_auth: bool = False) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in its own process; `log` gets one access-log line per request."""
+    port = _free_port()
+    env = {**os.environ, **AWS}
+    if enforce_auth:  # every request must carry a key moto knows: ours do not
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115  (the server owns it)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=out, stderr=out)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in AWS}
+    os.environ.update(AWS)
+    log = tmp_path_factory.mktemp("s3log") / "access.log"
+    proc, endpoint = start_s3(log)
+    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(BUCKET)
+    yield endpoint, log
+    proc.kill()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+CLIP = ["--size", "32x32", "--frames", "4", "--stride", "2", "--waypoints", "4", "--dt", "0.5",
+        "--val-fraction", "0.25", "--clips-per-shard", "16", "--quiet"]
+
+
+def import_args(raw: Path, out: str, *extra: str) -> list[str]:
+    return ["data", "drive", "generic", str(raw), "--out", out, *CLIP, *extra]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Ten recorded drives and their import by the local path, in this process: the reference."""
+    root = tmp_path_factory.mktemp("fleet")
+    for i in range(10):
+        synth.write_generic(root / "raw", f"drive{i:02d}", seed=i, seconds=9.0)
+    assert main(import_args(root / "raw", str(root / "local"), "--workers", "0")) == 0
+    return root, json.loads((root / "local" / "manifest.json").read_text())
+
+
+def _to_s3(root: Path, endpoint: str, prefix: str = "pool") -> str:
+    url = f"s3://{BUCKET}/{prefix}"
+    if not _fs(endpoint).exists(f"{BUCKET}/{prefix}/manifest.json"):
+        assert main(import_args(root / "raw", url, "--workers", "2", "--storage-option",
+                                f"endpoint_url={endpoint}")) == 0
+    return url
+
+
+def same_data(a: dict, b: dict) -> None:
+    """Two manifests describe the same dataset: everything but when and how it ran."""
+    drop = ("created", "run")
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+def _fs(endpoint: str):
+    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False)
+
+
+def test_import_straight_to_object_storage_equals_local(s3, fleet):
+    endpoint, log = s3
+    root, ref = fleet
+    _to_s3(root, endpoint)
+    m = json.loads(_fs(endpoint).cat_file(f"{BUCKET}/pool/manifest.json"))
+    same_data(m, ref)
+    assert m["run"]["executor"] == "local pool (2 workers)" and ref["run"]["executor"].startswith("local pool (0")
+    assert m["counts"]["clips"] > 100 and len(m["splits"]["val"]["items"]) >= 2
+    fs = _fs(endpoint)
+    for shard in ref["splits"]["train"]["shards"]:  # byte-identical shards
+        assert fs.cat_file(f"{BUCKET}/pool/{shard['file']}") == (root / "local" / shard["file"]).read_bytes()
+    assert not [p for p in fs.find(f"{BUCKET}/pool") if p.endswith(".tmp") or "probe" in p]
+
+
+def test_loader_reads_each_clip_with_one_ranged_get(s3, fleet):
+    endpoint, log = s3
+    root, ref = fleet
+    url = _to_s3(root, endpoint)
+    remote = ClipSource(url, "train", storage_options={"endpoint_url": endpoint})
+    local = ClipSource(str(root / "local"), "train")
+    assert len(remote) == len(local)
+    before = log.read_text().count(".tar HTTP")
+    ids = [0, len(local) // 3, len(local) - 1, 5, 17]
+    for i in ids:
+        a, b = local[i], remote[i]
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    time.sleep(0.3)  # the server flushes its access log line after answering
+    gets = [ln for ln in log.read_text().splitlines() if ".tar HTTP" in ln][before:]
+    assert len(gets) == len(ids) and all("GET /" in ln and " 206 " in ln for ln in gets), gets
+
+
+def test_a_failed_read_is_retried_then_named(s3, fleet, tmp_path):
+    root, _ = fleet
+    proc, endpoint = start_s3()
+    fs = _fs(endpoint)
+    fs.mkdir("gone")
+    fs.put(str(root / "local") + "/", "gone/ds/", recursive=True)
+    quick = {"endpoint_url": endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    src = ClipSource("s3://gone/ds", "train", storage_options=quick)
+    src[0]
+    proc.kill()
+    proc.wait()
+    t0 = time.time()
+    with pytest.raises(UserError) as e:
+        src[3]
+    msg = str(e.value)
+    assert "\n" not in msg and "s3://gone/ds/train/" in msg and repr(src.keys[3]) in msg, msg
+    assert "after 4 attempts" in msg and "endpoint" in msg and time.time() - t0 > 1.5  # backed off
+
+
+def test_storage_mistakes_are_one_line_and_write_nothing(s3, fleet, capsys):
+    endpoint, _ = s3
+    root, _ = fleet
+    base = ["data", "drive", "generic", str(root / "raw"), "--quiet", "--size", "32x32", "--frames", "4"]
+    auth_proc, auth_endpoint = start_s3(enforce_auth=True)
+    try:
+        cases = {
+            "does not exist": ["--out=s3://no-such-bucket/x", f"--storage-option=endpoint_url={endpoint}"],
+            "access denied": [f"--out=s3://{BUCKET}/denied", f"--storage-option=endpoint_url={auth_endpoint}"],
+            "cannot reach": [f"--out=s3://{BUCKET}/x", "--storage-option=endpoint_url=http://127.0.0.1:9"],
+        }
+        for want, extra in cases.items():
+            code = main([*base, *extra])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and want in err and "\n" not in err, (want, err)
+            assert extra[0].removeprefix("--out=") in err
+            assert ("AWS_ACCESS_KEY_ID" in err) == (want == "access denied")
+            assert ("endpoint_url" in err) == (want == "cannot reach")
+    finally:
+        auth_proc.kill()
+    assert not _fs(endpoint).exists(f"{BUCKET}/x/manifest.json")
+    assert main([*base, "--out", f"s3://{BUCKET}/bad", "--storage-option", "endpoint_url"]) == 2
+    assert "--storage-option 'endpoint_url': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def _items(fs, prefix: str) -> int:
+    try:
+        return len(fs.ls(f"{BUCKET}/{prefix}/items", refresh=True))
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_items(fs, prefix: str, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while _items(fs, prefix) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no progress on the Ray cluster"
+        time.sleep(0.05)
+
+
+def test_ray_import_survives_a_killed_driver_and_a_lost_node(s3, fleet):
+    """A head and a second node with one CPU each. The first driver is killed mid-import; the
+    rerun skips the finished drives, loses the second node while its tasks run, retries them
+    on the head, and the result equals the local import: nothing missing, nothing twice."""
+    ray_cluster = pytest.importorskip("ray.cluster_utils", reason="the ray extra is not installed")
+    endpoint, _ = s3
+    root, ref = fleet
+    cluster = ray_cluster.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        fs, prefix = _fs(endpoint), "ray"
+        cmd = [sys.executable, "-m", "exaflop", *import_args(root / "raw", f"s3://{BUCKET}/{prefix}",
+               "--storage-option", f"endpoint_url={endpoint}", "--ray", cluster.address)]
+        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_items(fs, prefix, 2, first)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        kept = _items(fs, prefix)
+        assert kept < 10 and not fs.exists(f"{BUCKET}/{prefix}/manifest.json")
+        second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_items(fs, prefix, kept + 1, second)
+        cluster.remove_node(worker)
+        _, err = second.communicate(timeout=240)
+        assert second.returncode == 0, err
+        m = json.loads(fs.cat_file(f"{BUCKET}/{prefix}/manifest.json"))
+        same_data(m, ref)  # same clips, splits, shard checksums and counts as the local import
+        assert m["run"]["resumed_items"] >= 2
+        retried = m["run"]["retries"]
+        assert retried and all("NodeDied" in r["reason"] or "Worker" in r["reason"] for r in retried), retried
+        # Nothing twice: exactly the reference's shard objects, no leftovers.
+        files = sorted(p.split(f"{prefix}/", 1)[1] for p in fs.find(f"{BUCKET}/{prefix}") if p.endswith(".tar"))
+        assert files == sorted(s["file"] for sp in ("train", "val") for s in ref["splits"][sp]["shards"])
+    finally:
+        cluster.shutdown()
+
+
+def test_training_streams_from_object_storage_with_exact_resume(s3, fleet, tmp_path):
+    from exaflop.config import load_config
+    from exaflop.engine.telemetry import read_metrics
+    from exaflop.engine.trainer import train
+
+    endpoint, _ = s3
+    root, _ = fleet
+    url = _to_s3(root, endpoint)
+    common = ["model.frames=4", "model.height=32", "model.width=32", "model.waypoints=4", "model.n_layer=1",
+              "model.d_model=32", "model.n_head=2", "train.steps=6", "eval.every=0", "checkpoint.every=3",
+              "run.tensorboard=false", "train.log_every=1", "train.global_batch=8", "train.micro_batch=8", "data.num_workers=1",
+              f"run.out_dir={tmp_path}"]
+
+    def losses(name: str) -> list[float]:
+        return [r["loss"] for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
+
+    train(load_config("drive-tiny", [*common, f"data.path={root / 'local'}", "run.name=disk"]), quiet=True)
+    s3_set = [*common, f"data.path={url}", f"data.storage_options.endpoint_url={endpoint}", "run.name=s3"]
+    first = train(load_config("drive-tiny", [*s3_set, "train.stop_after=3"]), quiet=True)
+    assert first["step"] == 3 and first["stopped_early"]
+    train(load_config("drive-tiny", s3_set), resume=True, quiet=True)
+    assert len(losses("disk")) == 6 and losses("s3") == losses("disk")  # same batches, bit for bit
+
