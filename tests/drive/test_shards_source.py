@@ -160,3 +160,17 @@ def test_shard_checksums_in_manifest_match(dataset):
         for s in m["splits"][split]["shards"]:
             data = (dataset / s["file"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+
+
+def test_rgb_to_yuv420_inverts_the_decoders_conversion():
+    """The encoder's own BT.601 conversion (exact integers, no swscale) and the loader's
+    inverse agree: flat 2x2 blocks come back within rounding."""
+    from exaflop.drive.video import rgb_to_yuv420, yuv420_to_rgb
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(16, 236, size=(8, 8, 3), dtype=np.uint8)
+    rgb = blocks.repeat(2, 0).repeat(2, 1)  # chroma is shared per 2x2 block: make it exact there
+    yuv = rgb_to_yuv420(rgb)
+    assert yuv.shape == (24, 16) and yuv.dtype == np.uint8
+    assert np.abs(yuv420_to_rgb(yuv).astype(int) - rgb).max() <= 3
+    assert np.array_equal(rgb_to_yuv420(np.ascontiguousarray(rgb[::-1][::-1])), yuv)

@@ -87,6 +87,18 @@ class ClipSource:
         row = self._rows[sample_id]
         return shards.decode_record(self._read(row[0], row[1], row[2], self.keys[sample_id]), row)
 
+    def _prefetch(self, sample_ids: list[int]) -> list[tuple[bytes, dict, dict]] | None:
+        """The records of a batch from object storage, their GETs in flight together
+        (None for local shards: a pread each is already as cheap as it gets)."""
+        if self.store.local or len(sample_ids) < 2:
+            return None
+        if self._rows is None:
+            self._rows = self.rows.tolist()
+        rows = [self._rows[i] for i in sample_ids]
+        blobs = self.store.read_ranges([(self.files[r[0]], r[1], r[2], self.keys[i])
+                                        for r, i in zip(rows, sample_ids, strict=True)])
+        return [shards.decode_record(b, r) for b, r in zip(blobs, rows, strict=True)]
+
     def read(self, sample_id: int, channels_first: bool = False) -> tuple[np.ndarray, dict, dict]:
         """(frames (T,H,W,3) or (T,3,H,W) uint8, telemetry, labels) of one clip, unaugmented."""
         mp4, telemetry, labels = self._record(sample_id)
@@ -119,8 +131,9 @@ class ClipSource:
     def _decode(self, sample_ids: list[int], slots: np.ndarray | None = None) -> tuple[list, dict]:
         """Decode (into slots[j] when given) and label the samples: (videos, label fields)."""
         videos, records = [], []
+        blobs = self._prefetch(sample_ids)
         for j, i in enumerate(sample_ids):
-            mp4, tel, lab = self._record(i)
+            mp4, tel, lab = blobs[j] if blobs else self._record(i)
             photometric, mirror = draw_augment(self.seed, i, self.augment)
             flip = self.view.get("mirror_axis", "width") if mirror else None
             try:

@@ -104,25 +104,36 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, code
 
 
 def encode_clip(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
-    """One clip as an H.264 MP4 in memory. No B-frames: clips are short and decode faster without."""
+    """One clip as an H.264 MP4 in memory, the same bytes for the same frames on any worker of
+    any size (an import's checksums match whichever executor ran it). No B-frames (x264's
+    own `bframes=0`: the generic "bframes" key is not an x264 option and was silently
+    ignored): with them, x264's frame-type decisions differed between processes for the
+    same frames, found comparing a Ray import's checksums with a local one's; clips are short
+    and decode faster without. One encoder thread: x264's output depends on its thread
+    count, and parallelism comes from the workers anyway."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        _encode(out, frames, fps, "libx264", crf)
+        _encode(out, frames, fps, "libx264", crf, threads=1)
     return buf.getvalue()
 
 
-def _encode(out, frames: Iterable[np.ndarray], fps: float, codec: str, crf: int) -> None:
+def _encode(out, frames: Iterable[np.ndarray], fps: float, codec: str, crf: int, threads: int = 0) -> None:
     stream = None
     for f in frames:
         if stream is None:
             stream = out.add_stream(codec, rate=_rate(fps))
+            stream.thread_count = threads  # 0: the encoder's own choice
             stream.height, stream.width = f.shape[:2]
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
-                stream.options = {"crf": str(crf), "preset": "veryfast", "bframes": "0"}
+                stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "bframes=0"}
             elif codec in ("libx265", "hevc"):
                 stream.options = {"crf": str(crf), "preset": "veryfast", "x265-params": "log-level=error"}
-        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        if f.shape[0] % 2 == 0 and f.shape[1] % 2 == 0:
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420(f), format="yuv420p")
+        else:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+        for packet in stream.encode(frame):
             out.mux(packet)
     if stream is not None:
         for packet in stream.encode():
@@ -133,6 +144,27 @@ def _rate(fps: float):
     from fractions import Fraction
 
     return Fraction(fps).limit_denominator(1001)
+
+
+def rgb_to_yuv420(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> yuv420p planes (H*3/2, W), BT.601 limited range in integer
+    arithmetic (the inverse of `yuv420_to_rgb`), chroma from each 2x2 block's mean.
+
+    numpy integer arithmetic, not swscale: exact and the same on every CPU (swscale picks
+    its SIMD paths by CPU), so a drive converted on any node of a cluster gives the same clip
+    bytes; and no swscale threads in processes that may later fork."""
+    h, w = rgb.shape[:2]
+    c = rgb.astype(np.int32)
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    out = np.empty((h * 3 // 2, w), np.uint8)
+    out[:h] = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    quad = c.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3))  # 4x the block mean
+    r4, g4, b4 = quad[..., 0], quad[..., 1], quad[..., 2]
+    u = ((-38 * r4 - 74 * g4 + 112 * b4 + 512) >> 10) + 128
+    v = ((112 * r4 - 94 * g4 - 18 * b4 + 512) >> 10) + 128
+    # yuv420p as one (H*3/2, W) array: the U then V planes, each (H/2, W/2), row-major.
+    out[h:] = np.concatenate([u.ravel(), v.ravel()]).reshape(h // 2, w)
+    return out
 
 
 def yuv420_to_rgb(planes: np.ndarray, channels_first: bool = False, out: np.ndarray | None = None,
