@@ -45,6 +45,7 @@ CHEAP = [
     ("exaflop serve runs/lm-tiny", []),
     ("exaflop export", []),
     ("exaflop import hf", []),
+    ("exaflop plan data", ["--resolution", "320x240"]),  # measures a smaller drive: seconds
     ("exaflop plan", []),
 ]
 SKIP = {
@@ -59,6 +60,8 @@ SKIP = {
     "exaflop data drive comma2k19 /data": "downloaded dataset (tests/drive/test_importers.py uses its layout)",
     "exaflop data drive udacity /data": "downloaded dataset (tests/drive/test_importers.py uses its layout)",
     "exaflop data drive generic /data": "downloaded dataset (tests/drive/test_importers.py uses its layout)",
+    "s3://fleet/": "object storage and a Ray cluster: tests/drive/test_fleet.py runs these commands against a "
+                   "moto S3 server and a two-node ray.cluster_utils.Cluster on 127.0.0.1",
     "EXAFLOP_API_KEYS=": "binds 0.0.0.0: tests/serve/ covers keys on 127.0.0.1",
     "exaflop serve runs/lm-small --dtype bf16 --compile": "~30 s compile: tests/serve/test_serve_compile.py",
 }
