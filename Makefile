@@ -34,7 +34,7 @@ demo: install
 # torch.compile stays off in the default run (tests marked `compile`; make test-all has them).
 test: install $(VENV)/.fleet
 	$(VENV)/bin/ruff check src tests bench tools
-	$(PY) -m pytest -q -m "not compile"
+	$(PY) -m pytest -q -m "not compile" --durations=25
 
 # Everything, including the llama.cpp round trip (compiles llama.cpp: ~15 minutes on 2 cores).
 test-all: install $(VENV)/.fleet
