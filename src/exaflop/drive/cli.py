@@ -176,6 +176,17 @@ def add_parser(subparsers) -> None:
     e.add_argument("--data", help=DATA_HELP)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=_cmd_eval)
+    c = sub.add_parser("closed-loop", help="the model drives the simulator from its own frames, beside baselines")
+    c.add_argument("run", help="run directory (runs/<name>) of a model trained on simulator clips")
+    c.add_argument("--episodes", type=int, default=20, help="held-out seeds (disjoint from the recordings')")
+    c.add_argument("--seconds", type=float, default=20.0, help="length of each episode")
+    c.add_argument("--seed", type=int, default=0, help="which block of evaluation seeds")
+    c.add_argument("--policies", default=",".join(CLOSED_LOOP_POLICIES),
+                   help="comma-separated: model, expert, expert-tracked, constant-velocity, hold-steering")
+    c.add_argument("--out", help="where closed_loop.json and closed_loop.png go (default RUN/closed_loop)")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_closed_loop)
     d = sub.add_parser("demo", help="simulate, train drive-tiny, evaluate against baselines, render")
     d.add_argument("--out", default="runs")
     d.add_argument("--data", default="data/drive-sim")
@@ -211,6 +222,33 @@ def _cmd_eval(args) -> int:
         print(json.dumps(res, indent=1))
     else:
         print_table(res)
+    return 0
+
+
+CLOSED_LOOP_POLICIES = ("model", "expert", "expert-tracked", "constant-velocity", "hold-steering")
+
+
+def _cmd_closed_loop(args) -> int:
+    from exaflop.drive import closedloop
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in closedloop.POLICIES]
+    if bad or not policies:
+        raise UserError(f"--policies {args.policies!r}: unknown {bad} (choose from {', '.join(closedloop.POLICIES)})")
+    if args.episodes < 1 or args.seconds <= 1:
+        raise UserError("--episodes must be >= 1 and --seconds > 1")
+    try:
+        import highway_env  # noqa: F401
+    except ImportError:
+        raise UserError("closed loop needs the simulator: pip install 'exaflop[sim]'") from None
+    result = closedloop.evaluate(args.run, policies, args.episodes, args.seconds, args.seed, quiet=args.quiet)
+    out = Path(args.out) if args.out else Path(args.run) / "closed_loop"
+    closedloop.save(result, out)
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+    else:
+        closedloop.print_table(result)
+        print(f"wrote {out / 'closed_loop.json'} and {out / 'closed_loop.png'}")
     return 0
 
 

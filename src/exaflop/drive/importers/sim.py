@@ -49,42 +49,55 @@ def _quiet_sdl() -> None:
         os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="exaflop-xdg-")
 
 
-def simulate_episode(index: int, raw_dir: str, so: SimOptions) -> str:
-    """Worker: one seeded episode -> episode_NNNN.mp4 + .csv (csv written last = done marker)."""
+def make_env(so: SimOptions, seed: int, action: dict | None = None):
+    """(env, unwrapped sim) of one seeded episode, reset, with the ego an IDM/MOBIL expert.
+    `action`: highway-env's action config (closed loop drives with ContinuousAction); the
+    recordings use the environment's default, which the expert ignores."""
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     _quiet_sdl()
     import gymnasium as gym
     import highway_env  # noqa: F401  (registers the environments)
     from highway_env.vehicle.behavior import IDMVehicle
 
-    from exaflop.drive.video import write_video
-
-    stem = Path(raw_dir) / f"episode_{index:04d}"
-    if stem.with_suffix(".csv").exists():
-        return stem.name
-    seed = so.seed * 100_003 + index
     rng = np.random.default_rng(seed)
     # Physics at the frame rate (highway-fast itself uses 5 Hz): a higher rate renders the
     # in-between steps too. The agent observation is unused, so it is made as cheap as possible.
-    env = gym.make("highway-fast-v0", render_mode="rgb_array", disable_env_checker=True, config={
+    config = {
         "screen_width": so.render_size, "screen_height": so.render_size,
         "scaling": so.render_size / so.metres_per_width, "centering_position": list(EGO_AT),
         "policy_frequency": so.fps, "simulation_frequency": so.fps, "duration": so.seconds,
         "observation": {"type": "Kinematics", "vehicles_count": 1, "features": ["presence"]},
         "lanes_count": so.lanes, "vehicles_count": so.vehicles,
         "vehicles_density": float(rng.uniform(0.8, 1.6)),
-    })
+    }
+    if action is not None:
+        config["action"] = action
+    env = gym.make("highway-fast-v0", render_mode="rgb_array", disable_env_checker=True, config=config)
     env.reset(seed=seed)
     sim = env.unwrapped
     # Swap the agent-controlled ego for an IDM/MOBIL driver at the same state: the expert.
     old = sim.vehicle
-    ego = IDMVehicle.create_from(old)
+    if hasattr(old, "target_lane_index"):
+        ego = IDMVehicle.create_from(old)
+    else:  # a plain Vehicle (continuous control): it has no lane target to copy
+        ego = IDMVehicle(sim.road, old.position, old.heading, old.speed, target_lane_index=old.lane_index)
     ego.target_speed = float(rng.uniform(22.0, 34.0))
     ego.POLITENESS = float(rng.uniform(0.0, 0.3))  # eager to overtake: more lane changes to learn
     ego.LANE_CHANGE_MIN_ACC_GAIN = 0.1
     ego.color = (50, 200, 0)  # drawn like highway-env's own ego, not like the blue traffic
     sim.road.vehicles[sim.road.vehicles.index(old)] = ego
     sim.controlled_vehicles[0] = ego
+    return env, sim
+
+
+def simulate_episode(index: int, raw_dir: str, so: SimOptions) -> str:
+    """Worker: one seeded episode -> episode_NNNN.mp4 + .csv (csv written last = done marker)."""
+    from exaflop.drive.video import write_video
+
+    stem = Path(raw_dir) / f"episode_{index:04d}"
+    if stem.with_suffix(".csv").exists():
+        return stem.name
+    env, sim = make_env(so, so.seed * 100_003 + index)
     frames, rows = [], []
     for step in range(int(so.seconds * so.fps) + 1):
         if step:
