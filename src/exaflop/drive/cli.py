@@ -182,7 +182,11 @@ def add_parser(subparsers) -> None:
     c.add_argument("--seconds", type=float, default=20.0, help="length of each episode")
     c.add_argument("--seed", type=int, default=0, help="which block of evaluation seeds")
     c.add_argument("--policies", default=",".join(CLOSED_LOOP_POLICIES),
-                   help="comma-separated: model, expert, expert-tracked, constant-velocity, hold-steering")
+                   help="comma-separated, from: " + ", ".join(CLOSED_LOOP_POLICIES))
+    c.add_argument("--vs", action="append", default=[], metavar="RUN",
+                   help="another run (e.g. the ego-status MLP) driven on the same seeds; repeatable")
+    c.add_argument("--render", action="store_true", help="also write closed_loop.mp4: the model driving, "
+                   "its predicted waypoints drawn")
     c.add_argument("--out", help="where closed_loop.json and closed_loop.png go (default RUN/closed_loop)")
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument("--quiet", action="store_true")
@@ -225,7 +229,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-CLOSED_LOOP_POLICIES = ("model", "expert", "expert-tracked", "constant-velocity", "hold-steering")
+CLOSED_LOOP_POLICIES = ("model", "model-no-video", "expert", "expert-no-lane-change", "expert-tracked",
+                        "constant-velocity", "hold-steering")
 
 
 def _cmd_closed_loop(args) -> int:
@@ -241,14 +246,18 @@ def _cmd_closed_loop(args) -> int:
         import highway_env  # noqa: F401
     except ImportError:
         raise UserError("closed loop needs the simulator: pip install 'exaflop[sim]'") from None
-    result = closedloop.evaluate(args.run, policies, args.episodes, args.seconds, args.seed, quiet=args.quiet)
     out = Path(args.out) if args.out else Path(args.run) / "closed_loop"
+    result = closedloop.evaluate(args.run, policies, args.episodes, args.seconds, args.seed, quiet=args.quiet,
+                                 other_runs=args.vs, render=out / "closed_loop.mp4" if args.render else None)
     closedloop.save(result, out)
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True))
     else:
         closedloop.print_table(result)
-        print(f"wrote {out / 'closed_loop.json'} and {out / 'closed_loop.png'}")
+        for name, d in result.get("model_vs", {}).items():
+            print(f"model - {name}: composite {d['mean']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f})")
+        print(f"wrote {out / 'closed_loop.json'} and {out / 'closed_loop.png'}"
+              + (f" and {out / 'closed_loop.mp4'}" if args.render else ""))
     return 0
 
 

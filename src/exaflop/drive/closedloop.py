@@ -14,7 +14,9 @@ waypoint tracker turns them into acceleration and steering for every policy alik
 - speed: a target of the distance to the first waypoint over its time, acceleration
   = 1.5 x (target - speed) clipped to [-5, 3] m/s^2.
 
-Policies: "model" (a trained run), "expert" (IDM/MOBIL itself, never handed over),
+Policies: "model" (a trained run; an `ego-mlp` run is the ego-status-only baseline),
+"model-no-video" (the same run with its video input zeroed: how much the camera matters),
+"expert" (IDM/MOBIL itself, never handed over), "expert-no-lane-change" (IDM alone),
 "expert-tracked" (the tracker fed the expert's own future positions on the same seed —
 checks the tracker, so tracker bugs are not blamed on models), "constant-velocity" (straight
 ahead at the current speed) and "hold-steering" (last steering and speed held).
@@ -37,7 +39,10 @@ from exaflop.drive import scores as S
 from exaflop.errors import UserError
 
 EVAL_SEED_BASE = 10**9
-POLICIES = ("model", "expert", "expert-tracked", "constant-velocity", "hold-steering")
+POLICIES = ("model", "model-no-video", "expert", "expert-no-lane-change", "expert-tracked",
+            "constant-velocity", "hold-steering")
+EXPERTS = ("expert", "expert-no-lane-change")  # drive themselves: never handed over
+MODELS = ("model", "model-no-video")
 ACCEL = (-5.0, 3.0)  # m/s^2 the tracker may ask for
 STEER_MAX = math.pi / 4  # highway-env's ContinuousAction steering range
 LOOKAHEAD_S, LOOKAHEAD_MIN = 0.8, 4.0
@@ -132,6 +137,8 @@ class Episode:
             "type": "ContinuousAction", "acceleration_range": [-5.0, 5.0],
             "steering_range": [-STEER_MAX, STEER_MAX], "speed_range": [0.0, 40.0]})
         T = clip.frames
+        if self.policy == "expert-no-lane-change":
+            sim.vehicle.enable_lane_change = False
         frames: deque = deque(maxlen=T)
         speeds: deque = deque(maxlen=T)
         steers: deque = deque(maxlen=T)
@@ -155,7 +162,7 @@ class Episode:
                 steers.append(-math.degrees(ego.action.get("steering", 0.0)) if isinstance(ego.action, dict) else 0.0)
                 if step < T - 1:
                     continue  # the expert fills the policy's input buffer; not scored
-                if step == T - 1 and self.policy != "expert":
+                if step == T - 1 and self.policy not in EXPERTS:
                     ego = Vehicle.create_from(ego)  # kinematic bicycle, driven by our commands
                     ego.MIN_SPEED, ego.color = 0.0, (200, 60, 200)
                     sim.road.vehicles[sim.road.vehicles.index(sim.vehicle)] = ego
@@ -163,7 +170,7 @@ class Episode:
                 trace.append(_state(sim, ego))
                 if self.keep_frames:
                     shown.append(rgb)
-                if self.policy == "expert":
+                if self.policy in EXPERTS:
                     continue
                 wp = self._waypoints(step, ego, frames, speeds, steers, encode_clip, decode_clip)
                 plans.append(wp)
@@ -192,6 +199,8 @@ class Episode:
             idx = np.minimum(step + np.round(t * self.so.fps).astype(int), len(path) - 1)
             return _ego_frame(path[idx], ego.position, ego.heading)
         video = decode_clip(encode_clip(np.stack(frames), clip.fps), channels_first=True)
+        if self.policy == "model-no-video":
+            video = np.zeros_like(video)
         return self.predict(video, np.asarray(speeds, np.float32), np.asarray(steers, np.float32))
 
 
@@ -223,8 +232,11 @@ def model_predictor(run: str | Path):
 
 
 def evaluate(run: str | Path | None, policies: list[str], episodes: int, seconds: float, seed: int,
-             quiet: bool = False, clip: Clip | None = None, so=None) -> dict:
-    """Every policy on the same seeds; JSON-ready results (per episode and aggregated)."""
+             quiet: bool = False, clip: Clip | None = None, so=None, other_runs: list[str] = (),
+             render: Path | None = None) -> dict:
+    """Every policy (and the model of each of `other_runs`, as "run:NAME") on the same seeds;
+    JSON-ready results, per episode and aggregated, with paired differences model - other.
+    `render`: an MP4 of the model's first episodes with its predicted waypoints drawn."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -235,41 +247,81 @@ def evaluate(run: str | Path | None, policies: list[str], episodes: int, seconds
 
     from exaflop.drive.importers.sim import SimOptions
 
-    predict = None
-    if "model" in policies:
-        if run is None:
-            raise UserError("the model policy needs a run: exaflop drive closed-loop RUN")
-        predict, clip, so = model_predictor(run)
+    predictors: dict[str, tuple[str, object]] = {}
+    for p in policies:
+        if p in MODELS:
+            if run is None:
+                raise UserError("the model policies need a run: exaflop drive closed-loop RUN")
+            if "model" not in predictors:
+                predict, clip, so = model_predictor(run)
+                predictors["model"] = ("model", predict)
+            predictors[p] = (p, predictors["model"][1])
+        else:
+            predictors[p] = (p, None)
+    for other in other_runs:
+        predict, other_clip, _ = model_predictor(other)
+        if clip is not None and other_clip != clip:
+            raise UserError(f"--vs {other}: its clips ({other_clip}) differ from {run}'s ({clip}); "
+                            "compare runs trained on the same data")
+        clip = clip or other_clip
+        predictors[f"run:{Path(other).name}"] = ("model", predict)
     clip = clip or Clip(frames=8, width=64, height=64, fps=10.0, waypoints=6, dt=0.5)
     so = so or SimOptions(fps=clip.fps)
     so.seconds = seconds
     seeds = [eval_seed(seed, i) for i in range(episodes)]
-    per: dict[str, list[S.EpisodeScore]] = {p: [] for p in policies}
-    expert_runs = {}
-    total = episodes * (len(set(policies) | {"expert"}))
+    per: dict[str, list[S.EpisodeScore]] = {name: [] for name in predictors}
+    shown: list[tuple[np.ndarray, np.ndarray]] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=quiet) as progress:
-        task = progress.add_task("closed loop", total=total)
+        task = progress.add_task("closed loop", total=episodes * (len(set(predictors) | {"expert"})))
         for sd in seeds:
             # The expert first: the reference distance (progress) and path (expert-tracked).
             tr, _, _ = Episode(sd, so, clip, "expert").run()
-            expert_runs[sd] = tr
             progress.advance(task)
-            for p in policies:
-                if p == "expert":
+            dist = float(tr["s"][-1] - tr["s"][0])
+            for name, (policy, predict) in predictors.items():
+                if policy == "expert":
                     trace = tr
                 else:
-                    path = np.stack([tr["x"], tr["y"]], -1) if p == "expert-tracked" else None
-                    trace, _, _ = Episode(sd, so, clip, p, predict=predict, expert_path=path).run()
+                    path = np.stack([tr["x"], tr["y"]], -1) if policy == "expert-tracked" else None
+                    keep = render is not None and name == "model" and len(shown) < 600
+                    trace, frames, plans = Episode(sd, so, clip, policy, predict=predict, expert_path=path,
+                                                   keep_frames=keep).run()
+                    shown += list(zip(frames, plans, strict=False)) if keep else []
                     progress.advance(task)
-                dist = float(tr["s"][-1] - tr["s"][0])
-                per[p].append(S.score_episode(sd, trace, 1.0 / so.fps, so.seconds - (clip.frames - 1) / so.fps, dist))
+                per[name].append(S.score_episode(sd, trace, 1.0 / so.fps, so.seconds - (clip.frames - 1) / so.fps,
+                                                 dist))
     out = {"seeds": {"base": EVAL_SEED_BASE, "seed": seed, "episodes": episodes}, "seconds": seconds,
            "clip": clip.__dict__, "run": str(run) if run else None,
            "policies": {p: {"aggregate": S.aggregate(v), "episodes": [e.dict() for e in v]} for p, v in per.items()}}
     if "model" in per:
         out["model_vs"] = {p: S.paired_difference(per["model"], per[p]) for p in per if p != "model"}
+    if render is not None and shown:
+        write_video_overlay(shown, so, clip, render)
     return out
+
+
+def write_video_overlay(shown: list[tuple[np.ndarray, np.ndarray]], so, clip: Clip, path: Path) -> None:
+    """MP4 of the model driving (the simulator's frames) with its predicted waypoints drawn."""
+    from exaflop.drive.importers.sim import EGO_AT
+    from exaflop.drive.render import draw_polyline
+    from exaflop.drive.video import write_video
+
+    def frames():
+        for rgb, wp in shown:
+            img = np.ascontiguousarray(rgb).copy()
+            h, w = img.shape[:2]
+            px = w / so.metres_per_width
+            # Ego frame (x forward = right of the screen, y left = up) -> pixels.
+            u = EGO_AT[0] * w + np.concatenate([[0.0], wp[:, 0]]) * px
+            v = EGO_AT[1] * h - np.concatenate([[0.0], wp[:, 1]]) * px
+            draw_polyline(img, np.stack([u, v], -1), (255, 40, 40), radius=1)
+            yield img
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.mp4")
+    write_video(tmp, frames(), so.fps)
+    tmp.replace(path)
 
 
 def write_chart(result: dict, path: Path) -> None:

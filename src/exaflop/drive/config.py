@@ -15,7 +15,9 @@ from exaflop.schema import Strict
 
 
 class ModelConfig(Strict):
-    arch: Literal["vit", "pilotnet"] = "vit"
+    # ego-mlp: the ego-status-only baseline (past speed and steering, no camera; AD-MLP,
+    # arXiv 2305.10430): same head and loss, so it shows how much the video adds.
+    arch: Literal["vit", "pilotnet", "ego-mlp"] = "vit"
     frames: int = Field(8, ge=1)  # T, frames per clip
     height: int = Field(64, ge=8)
     width: int = Field(64, ge=8)
@@ -49,6 +51,8 @@ class ModelConfig(Strict):
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.arch == "ego-mlp" and not self.use_ego_state:
+            raise ValueError("arch='ego-mlp' sees only the ego state: it needs use_ego_state = true")
         if self.arch == "vit":
             if self.frames % self.tubelet_t:
                 raise ValueError(f"frames={self.frames} is not divisible by tubelet_t={self.tubelet_t}")

@@ -1,4 +1,5 @@
-"""Driving models: a video transformer and a PilotNet-style CNN, sharing one planning head.
+"""Driving models: a video transformer, a PilotNet-style CNN and the ego-status-only MLP
+baseline, sharing one planning head.
 
 Shapes: B batch, T frames, C channels, H x W pixels, N tokens, D model width,
 K waypoints.
@@ -77,11 +78,25 @@ class PilotNet(nn.Module):
         return self.mlp(x)
 
 
+class EgoMLP(nn.Module):
+    """The ego-status-only baseline: past speed and steering through an MLP, the video
+    ignored (AD-MLP, arXiv 2305.10430, reached strong open-loop scores this way)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * cfg.frames, cfg.d_model), nn.GELU(),
+                                 nn.Linear(cfg.d_model, cfg.d_model), nn.GELU())
+        self.out_dim = cfg.d_model
+
+    def forward(self, video: Tensor, ego: Tensor) -> Tensor:
+        return self.mlp(ego.to(torch.float32))
+
+
 class DriveModel(nn.Module):
     def __init__(self, cfg: ModelConfig, stats: dict, dt: float):
         super().__init__()
         self.cfg, self.k = cfg, cfg.waypoints
-        self.backbone = VideoTransformer(cfg) if cfg.arch == "vit" else PilotNet(cfg)
+        self.backbone = {"vit": VideoTransformer, "pilotnet": PilotNet, "ego-mlp": EgoMLP}[cfg.arch](cfg)
         self.head = nn.Linear(self.backbone.out_dim, 3 * cfg.waypoints)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

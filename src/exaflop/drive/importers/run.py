@@ -38,15 +38,39 @@ from exaflop.errors import UserError
 FORMAT = "exaflop-drive-clips/1"
 
 
-def assign_splits(items: list[Item], val_fraction: float) -> None:
+def assign_splits(items: list[Item], val_fraction: float, pinned: dict[str, str] | None = None) -> None:
     """Whole groups (drives/episodes) go to val, chosen by a hash of their name: deterministic,
-    independent of worker count, and no clip of a val drive ever lands in train."""
+    independent of worker count, and no clip of a val drive ever lands in train.
+
+    `pinned`: group -> split from an earlier import into the same output. Those groups keep
+    their split, so adding drives never moves one between train and val (a val set that
+    changes under a model makes its scores incomparable). New groups then go to val by their
+    own hash alone (sha256 below val_fraction of the range), independent of the others."""
+    if pinned:
+        for it in items:
+            if it.group in pinned:
+                it.split = pinned[it.group]
+            else:
+                h = int(hashlib.sha256(it.group.encode()).hexdigest(), 16) / 16**64
+                it.split = "val" if h < val_fraction else "train"
+        return
     groups = sorted({it.group for it in items}, key=lambda g: hashlib.sha256(g.encode()).hexdigest())
     n_val = int(round(val_fraction * len(groups))) if len(groups) > 1 else 0
     n_val = min(max(n_val, 1 if val_fraction > 0 and len(groups) > 1 else 0), len(groups) - 1)
     val = set(groups[:n_val])
     for it in items:
         it.split = "val" if it.group in val else "train"
+
+
+def pinned_splits(store: Store, items: list[Item]) -> dict[str, str]:
+    """group -> split of the drives an earlier, finished import listed in this output's
+    manifest ({} for a fresh output). From the manifest, not the per-item markers: an
+    interrupted first import has no manifest and is assigned afresh, as it would have been."""
+    if shards.MANIFEST not in store.list_names():
+        return {}
+    manifest = store.read_json(shards.MANIFEST, what="dataset manifest")
+    split_of = {item: split for split, v in manifest.get("splits", {}).items() for item in v.get("items", [])}
+    return {it.group: split_of[it.item_id] for it in items if it.item_id in split_of}
 
 
 def _stats_init(k: int) -> dict:
@@ -137,8 +161,8 @@ def run_import(importer: str, root: str | Path, out: str | Path, opts: ImportOpt
     items, skipped = mod.discover(root, opts)
     if not items and not skipped:
         raise UserError(f"{root}: nothing to import; {mod.EXPECTED}")
-    assign_splits(items, opts.val_fraction)
     store.check_writable()
+    assign_splits(items, opts.val_fraction, pinned_splits(store, items))
     results, total = [], len(items) + len(skipped)
     todo = []
     done = store.list_names("items")  # one listing, not a request per item
