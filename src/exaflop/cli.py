@@ -208,6 +208,14 @@ def _mount(module: str, fn: str, sub) -> None:
     getattr(mod, fn)(sub)
 
 
+def _add_plan(sub) -> None:
+    """`exaflop plan`, with `plan data` (fleet-import sizing) mounted from the driving stack."""
+    from exaflop.drive.dataplan import add_parser as add_data_plan
+    from exaflop.plan.cli import add_parser
+
+    add_parser(sub, extra=(add_data_plan,))
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="exaflop", description="The open software of an AI supercomputer.")
     parser.add_argument("--version", action="version", version="exaflop " + _version())
@@ -220,7 +228,7 @@ def build_parser() -> Parser:
     _add_export(sub)
     _mount("exaflop.lm.hf_import", "add_parser", sub)
     _mount("exaflop.serve.cli", "add_parser", sub)
-    _mount("exaflop.plan.cli", "add_parser", sub)
+    _add_plan(sub)
     _mount("exaflop.drive.cli", "add_parser", sub)
     return parser
 

@@ -164,7 +164,8 @@ class Episode:
                     continue  # the expert fills the policy's input buffer; not scored
                 if step == T - 1 and self.policy not in EXPERTS:
                     ego = Vehicle.create_from(ego)  # kinematic bicycle, driven by our commands
-                    ego.MIN_SPEED, ego.color = 0.0, (200, 60, 200)
+                    # Drawn as the recordings drew the expert: the model has only ever seen a green ego.
+                    ego.MIN_SPEED, ego.color = 0.0, sim.vehicle.color
                     sim.road.vehicles[sim.road.vehicles.index(sim.vehicle)] = ego
                     sim.controlled_vehicles[0] = ego
                 trace.append(_state(sim, ego))

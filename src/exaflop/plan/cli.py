@@ -18,7 +18,6 @@ from typing import Any
 from rich.console import Console
 
 from exaflop.errors import UserError
-from exaflop.plan import data as plan_data
 from exaflop.plan.catalog import CATALOG_DIR, Catalog, load_catalog
 from exaflop.plan.cost import RECOMPUTE, SOFTWARE, Job
 from exaflop.plan.outcome import FAILURES_PER_ACCEL_HOUR, RunInputs, outcome
@@ -60,7 +59,10 @@ def _catalog_option(p: argparse.ArgumentParser) -> None:
                    help="directory (or CSV file) of extra catalog rows; repeatable")
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers, extra: tuple = ()) -> None:
+    """`extra`: functions adding more `plan` sub-commands (each sets `plan_func` as its
+    handler): the top-level CLI mounts `plan data` from drive/ this way, so the planner
+    itself stays free of the driving stack."""
     p = subparsers.add_parser("plan", help="plan a training run on a cluster (1K-1M accelerators)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               allow_abbrev=False)
@@ -82,21 +84,22 @@ def add_parser(subparsers) -> None:
                        help="for rows without a software column (the published rows ran 2021-22 Megatron)")
         v.add_argument("--json", action="store_true")
         _catalog_option(v)
-    plan_data.add_parser(sub)
+    for add in extra:
+        add(sub)
     ls = sub.add_parser("list", help="list catalog entries")
     _catalog_option(ls)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "plan_func", None) is not None:
+        return args.plan_func(args)
     catalog = load_catalog(args.catalog_dir or [])
     command = getattr(args, "plan_command", None)
     if command in ("validate", "calibrate"):
         return _validate(args, catalog, fit_constants=command == "calibrate")
     if command == "list":
         return _list(catalog)
-    if command == "data":
-        return plan_data.run(args)
     if command == "scaling":
         return _scaling(args, catalog)
     return _plan(args, catalog)

@@ -158,6 +158,7 @@ def add_parser(sub) -> None:
     d.add_argument("--efficiency", type=float, default=0.9,
                    help="share of cores doing conversion (scheduling, I/O waits, stragglers)")
     d.add_argument("--json", action="store_true")
+    d.set_defaults(plan_func=run)
 
 
 def run(args: argparse.Namespace) -> int:
