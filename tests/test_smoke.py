@@ -65,7 +65,8 @@ def test_demo_rehearsal_runs_the_whole_job(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     out = done.stdout + done.stderr  # rich's console writes to stderr
-    for line in ("val loss", "unigram", "sample:", "ADE", "demo finished", "a rehearsal"):
+    for line in ("val loss", "unigram", "sample:", "ADE", "closed loop", "model - constant velocity", "demo finished",
+                 "a rehearsal"):
         assert line in out, out[-3000:]
     runs = tmp_path / "runs"
     for run in ("lm-tiny", "drive-tiny"):
@@ -74,3 +75,4 @@ def test_demo_rehearsal_runs_the_whole_job(tmp_path):
         assert max(steps) == 10
     assert list((runs / "lm-tiny" / "plots").glob("*.png"))
     assert (runs / "drive-tiny" / "render" / "contact_sheet.png").stat().st_size > 10_000
+    assert (runs / "drive-tiny" / "closed_loop" / "closed_loop.png").stat().st_size > 5_000

@@ -65,8 +65,9 @@ def run_demo(args) -> int:
                           "(pip install 'exaflop[sim]')")
         else:
             console.rule("[bold]driving")
+            rehearsal = {"closed_loop": (2, 6.0)} if args.steps else {}  # seconds, not a minute
             drive = demo.run_demo(out, data_root / "drive-sim", episodes=args.episodes or None,
-                                  steps=args.steps or None)
+                                  steps=args.steps or None, **rehearsal)
     console.rule("[bold]next")
     if lm:
         run = lm["run_dir"]

@@ -270,5 +270,6 @@ def _train_source(task):
 def _cmd_demo(args) -> int:
     from exaflop.drive.demo import run_demo
 
-    res = run_demo(Path(args.out), data=Path(args.data), episodes=args.episodes, steps=args.steps)
+    rehearsal = {"closed_loop": (2, 6.0)} if args.steps else {}
+    res = run_demo(Path(args.out), data=Path(args.data), episodes=args.episodes, steps=args.steps, **rehearsal)
     return 0 if res["beats_baselines"] else 1

@@ -5,6 +5,8 @@
 3. evaluate on every clip of the held-out episodes beside the constant-velocity
    and hold-last-steering baselines: the model must beat both on ADE
 4. render a PNG contact sheet of held-out clips with the trajectories drawn on
+5. closed loop: the model drives the simulator on held-out seeds beside constant velocity,
+   hold steering and the expert (collisions, progress, composite with 95% intervals)
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from exaflop.progress import console
 
 DEMO_EPISODES = 24  # ~55 s of simulation on 2 cores; 32 gave no better ADE than needed
 DEMO_SECONDS = 30.0
+DEMO_CLOSED_LOOP = (8, 15.0)  # held-out seeds x seconds: ~1 min on 2 cores
 
 
 def run_demo(out_root: Path, data: Path = Path("data/drive-sim"), episodes: int | None = None,
-             steps: int | None = None, quiet: bool = False) -> dict:
+             steps: int | None = None, quiet: bool = False,
+             closed_loop: tuple[int, float] = DEMO_CLOSED_LOOP) -> dict:
     from exaflop.config import load_config
     from exaflop.drive.render import contact_sheet, evaluate_split, predict, print_table
     from exaflop.engine.checkpoint import load_for_inference
@@ -65,10 +69,26 @@ def run_demo(out_root: Path, data: Path = Path("data/drive-sim"), episodes: int 
     console.print(f"ADE {res['val_ade']:.3f} m vs constant velocity {res['val_cv_ade']:.3f} m and hold steering "
                   f"{res['val_hold_ade']:.3f} m: {verdict}")
     console.print(f"png: {png}")
+
+    console.rule("[bold]4. closed loop: the model drives the simulator from its own frames")
+    t3 = time.perf_counter()
+    from exaflop.drive import closedloop
+
+    n, seconds = closed_loop
+    loop = closedloop.evaluate(run_dir, ["model", "constant-velocity", "hold-steering", "expert"], n, seconds,
+                               seed=0, quiet=quiet)
+    closedloop.save(loop, run_dir / "closed_loop")
+    closedloop.print_table(loop)
+    d = loop["model_vs"]["constant-velocity"]
+    console.print(f"model - constant velocity, composite: {d['mean']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. "
+                  f"{d['ci95'][1]:+.3f}); png: {run_dir / 'closed_loop' / 'closed_loop.png'}")
+    times["closed_loop_s"] = time.perf_counter() - t3
     console.print(f"driving part took {time.perf_counter() - t0:.0f}s (simulate {times['simulate_s']:.0f}s, "
-                  f"train {times['train_s']:.0f}s, evaluate+render {times['eval_s']:.0f}s)")
+                  f"train {times['train_s']:.0f}s, evaluate+render {times['eval_s']:.0f}s, "
+                  f"closed loop {times['closed_loop_s']:.0f}s)")
     return {"beats_baselines": beats, "ade": res["val_ade"], "cv_ade": res["val_cv_ade"],
-            "hold_ade": res["val_hold_ade"], "metrics": res, "png": str(png), "run_dir": str(run_dir), **times}
+            "hold_ade": res["val_hold_ade"], "metrics": res, "png": str(png), "run_dir": str(run_dir),
+            "closed_loop": {p: v["aggregate"] for p, v in loop["policies"].items()}, **times}
 
 
 def _read(data: Path) -> dict:
