@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import httpx
 import numpy as np
@@ -159,3 +160,50 @@ def test_upload_uses_the_given_speed(both, drive_run):
     speed = json.dumps([7.0, 7.5, 8.0, 8.5])
     plain = ask(speed=speed)
     assert ask(speed=json.dumps([2.0] * FRAMES)) != plain
+
+
+def test_the_promoted_checkpoint_is_served_not_the_newest(drive_run, start_server):
+    """RUN/promoted.json picks what a server watching the run serves: promoting the older
+    checkpoint swaps it in within one poll, with every request answered during the swap."""
+    import shutil
+    import threading
+
+    from exaflop.cli import main
+
+    run = drive_run / "promo"
+    shutil.copytree(drive_run / "runs" / "pilot", run)
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1
+    older = run / "checkpoints" / "step_0000001"
+    shutil.copytree(ckpts[0], older)  # a second, older checkpoint (same weights, another step)
+    meta = json.loads((older / "meta.json").read_text())
+    (older / "meta.json").write_text(json.dumps({**meta, "step": 1}))
+    base = start_server([run], "--reload-interval", "0.2").url
+    frames = np.zeros((FRAMES, SIZE, SIZE, 3), np.uint8).tolist()
+
+    def step() -> int:
+        r = http.post(f"{base}/v1/drive/predict", json={"model": "promo", "frames": frames})
+        assert r.status_code == 200, r.text
+        return r.json()["checkpoint_step"]
+
+    assert step() == meta["step"]  # the newest, before any promotion
+    failures, stop = [], threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                step()
+            except AssertionError as e:  # any non-200 during the swap
+                failures.append(str(e))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    assert main(["drive", "promote", str(run), "step_0000001"]) == 0
+    deadline = time.time() + 10
+    while step() != 1:
+        assert time.time() < deadline, "the promoted checkpoint was not picked up"
+        time.sleep(0.05)
+    stop.set()
+    t.join()
+    assert not failures, failures[:3]
+    assert main(["drive", "promote", str(run), "step_0000099"]) == 2  # no such checkpoint

@@ -191,6 +191,10 @@ def add_parser(subparsers) -> None:
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_closed_loop)
+    pr = sub.add_parser("promote", help="name the checkpoint `exaflop serve RUN` serves (RUN/promoted.json)")
+    pr.add_argument("run")
+    pr.add_argument("checkpoint", nargs="?", help="step_NNNNNNN under RUN/checkpoints (default: the newest)")
+    pr.set_defaults(func=_cmd_promote)
     d = sub.add_parser("demo", help="simulate, train drive-tiny, evaluate against baselines, render")
     d.add_argument("--out", default="runs")
     d.add_argument("--data", default="data/drive-sim")
@@ -258,6 +262,19 @@ def _cmd_closed_loop(args) -> int:
             print(f"model - {name}: composite {d['mean']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f})")
         print(f"wrote {out / 'closed_loop.json'} and {out / 'closed_loop.png'}"
               + (f" and {out / 'closed_loop.mp4'}" if args.render else ""))
+    return 0
+
+
+def _cmd_promote(args) -> int:
+    from exaflop.drive.promote import promote
+    from exaflop.engine.checkpoint import read_latest
+
+    run = Path(args.run)
+    ckpt = Path(args.checkpoint) if args.checkpoint else read_latest(run / "checkpoints")[0]
+    if ckpt is None:
+        raise UserError(f"{run}: no complete checkpoint to promote")
+    rec = promote(run, ckpt, by="exaflop drive promote")
+    print(f"{run}: serving {rec['checkpoint']} (servers watching the run reload it within one poll)")
     return 0
 
 

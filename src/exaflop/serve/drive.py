@@ -25,6 +25,7 @@ import torch
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from exaflop.drive.promote import promoted
 from exaflop.engine.checkpoint import load_for_inference, read_latest
 from exaflop.serve.protocol import APIError, validation_message
 
@@ -49,6 +50,7 @@ class DrivePredictor:
         self.model = None
         self.cfg = None
         self.step = -1
+        self.ckpt = ""  # the checkpoint directory being served
         self._failed: set[str] = set()
 
     @property
@@ -56,13 +58,16 @@ class DrivePredictor:
         return self.model is not None
 
     def poll(self) -> None:
-        ckpt = read_latest(self.path / "checkpoints")[0] if self.watch else (None if self.loaded else self.path)
+        if self.watch:  # the promoted checkpoint when one is named, else the newest
+            ckpt = promoted(self.path) or read_latest(self.path / "checkpoints")[0]
+        else:
+            ckpt = None if self.loaded else self.path
         if ckpt is None or str(ckpt) in self._failed:
             return
-        step = json.loads((ckpt / "meta.json").read_text()).get("step", -1)
-        if step <= self.step:
+        if str(ckpt) == self.ckpt:
             return
         try:
+            step = json.loads((ckpt / "meta.json").read_text()).get("step", -1)
             cfg, _task, model = load_for_inference(ckpt, self.device)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -70,7 +75,8 @@ class DrivePredictor:
             self._failed.add(str(ckpt))
             log.warning("%s: could not load %s (%s); keeping step %d", self.name, ckpt, e, self.step)
             return
-        self.cfg, self.model, self.step = cfg, model, step  # one assignment each: readers see old or new
+        # One assignment each: readers see old or new. Promotion may go back to an older step.
+        self.cfg, self.model, self.step, self.ckpt = cfg, model, step, str(ckpt)
         log.info("%s: serving driving model %s (step %d)", self.name, ckpt.name, step)
 
     def card(self) -> dict:
