@@ -207,3 +207,52 @@ def test_the_promoted_checkpoint_is_served_not_the_newest(drive_run, start_serve
     t.join()
     assert not failures, failures[:3]
     assert main(["drive", "promote", str(run), "step_0000099"]) == 2  # no such checkpoint
+
+
+def test_recorded_requests_become_clips_once_telemetry_arrives(drive_run, start_server, tmp_path):
+    """serve --drive-record-dir keeps requests that name a drive and a time, with the
+    predictions; `exaflop data drive records` turns them into clips labelled by telemetry
+    that arrives later, and skips (for now) a drive whose telemetry has not."""
+    from exaflop.cli import main
+    from exaflop.drive.source import ClipSource
+
+    rec_dir = tmp_path / "records"
+    server = start_server([drive_run / "runs" / "pilot"], "--drive-record-dir", str(rec_dir))
+    from tests.drive.synth import frames as moving
+
+    video = moving(40, width=SIZE, height=SIZE)  # 4 s at 10 fps, every frame different
+    for k in range(FRAMES - 1, 31):  # one request per frame, the last T frames each time
+        for drive in ("morning", "evening"):
+            r = http.post(server.url + "/v1/drive/predict", json={
+                "model": "pilot", "frames": video[k - FRAMES + 1:k + 1].tolist(), "speed": [8.0] * FRAMES,
+                "drive_id": drive, "t": k / 10})
+            assert r.status_code == 200, r.text
+    r = http.post(server.url + "/v1/drive/predict", json={"model": "pilot", "frames": video[:FRAMES].tolist()})
+    assert r.status_code == 200  # no drive_id: answered, not recorded
+    bad = http.post(server.url + "/v1/drive/predict", json={"model": "pilot", "frames": video[:FRAMES].tolist(),
+                                                             "drive_id": "../etc", "t": 1.0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "drive_id"
+    server.stop()
+    files = sorted(rec_dir.glob("*.jsonl"))
+    assert len(files) == 1 and not list(rec_dir.glob("*.open"))  # closed at shutdown
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert len(lines) == 2 * 28 and {x["drive_id"] for x in lines} == {"morning", "evening"}
+    assert lines[0]["fps"] == 10.0 and len(lines[0]["prediction"]["waypoints"]) == K
+    (rec_dir / "telemetry").mkdir()
+    t = np.arange(0, 6.01, 0.05)
+    (rec_dir / "telemetry" / "morning.csv").write_text(
+        "t,steering,speed,x,y,yaw\n" + "".join(f"{x:.2f},0,8,{8 * x:.3f},0,0\n" for x in t))
+    out = tmp_path / "clips"
+    args = ["data", "drive", "records", str(rec_dir), "--out", str(out), "--size", f"{SIZE}x{SIZE}",
+            "--frames", str(FRAMES), "--waypoints", str(K), "--dt", "0.5", "--stride", "2", "--val-fraction", "0",
+            "--workers", "0", "--quiet"]
+    assert main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["items_ok"] == 1 and m["skipped"][0]["item"] == "rec-evening"
+    assert "no telemetry yet" in m["skipped"][0]["reason"]
+    src = ClipSource(str(out), "train")
+    assert len(src) == 14  # frames 0..30 at stride 2, each with 2 s of future telemetry
+    frames, tel, lab = src.read(3)
+    for j, f in enumerate(frames):  # the frames the server was sent, in order (lossy, but these and no others)
+        assert int(np.argmin([np.abs(f.astype(int) - v).mean() for v in video])) == 6 + j
+    assert np.allclose(np.asarray(lab["waypoints"])[:, 0], 8 * 0.5 * np.arange(1, K + 1), atol=1e-3)

@@ -47,6 +47,9 @@ def add_data_parser(data_subparsers) -> None:
     uda.add_argument("--sim-max-steer", type=float, default=25.0,
                      help="road-wheel degrees of the simulator's steering = 1.0")
     _steering_sign(uda)
+    rec = _importer(imp, "records", "requests recorded by `exaflop serve --drive-record-dir`, labelled by "
+                    "telemetry that arrived later")
+    rec.add_argument("--telemetry", help="folder of DRIVE_ID.csv telemetry files (default INPUT/telemetry)")
     sim = _importer(imp, "sim", "simulate highway-env episodes (IDM/MOBIL expert) and import them", needs_input=False)
     sim.add_argument("--episodes", type=int, default=40)
     sim.add_argument("--seconds", type=float, default=30.0, help="length of each episode")
@@ -117,6 +120,8 @@ def build_options(args, base):
                      time_offset=args.time_offset, raw_fps=args.raw_fps)
     if args.importer == "udacity":
         extra["sim_max_steer"] = args.sim_max_steer
+    if args.importer == "records":
+        extra["telemetry_dir"] = args.telemetry
     opts.extra.update(extra)
     return opts
 

@@ -66,6 +66,8 @@ def create_app(server: Server) -> FastAPI:
             server.reloader.stop()
         for m in server.models.values():
             m.engine.stop()
+        for d in {id(d.recorder): d.recorder for d in server.drive.values() if d.recorder is not None}.values():
+            d.close()  # the open record file becomes a closed .jsonl
 
     app = FastAPI(title="exaflop", description="OpenAI-compatible API for exaflop models", version="1",
                   lifespan=lifespan, redoc_url=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -33,6 +34,11 @@ def add_parser(sub) -> None:
                    help="failed authentications per client address per minute before 429 (0: off)")
     p.add_argument("--reload-interval", type=float, default=2.0,
                    help="seconds between checks for a newer checkpoint (0: never reload)")
+    p.add_argument("--drive-record-dir", type=Path, metavar="DIR",
+                   help="append /v1/drive/predict requests that carry drive_id and t, with their predictions, "
+                        "to rotating JSONL files here (training clips once telemetry arrives: "
+                        "exaflop data drive records DIR)")
+    p.add_argument("--drive-record-mb", type=float, default=64.0, help="rotate the record file at this size")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights and KV cache (auto: bf16 where the device runs bf16 matmuls fast -- CUDA, "
@@ -55,6 +61,16 @@ def _check(args) -> None:
             raise UserError(f"{flag} {value}: must be at least {low}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
+    if args.drive_record_mb <= 0:
+        raise UserError(f"--drive-record-mb {args.drive_record_mb}: must be > 0")
+    if args.drive_record_dir is not None:
+        try:
+            args.drive_record_dir.mkdir(parents=True, exist_ok=True)
+            probe = args.drive_record_dir / ".write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--drive-record-dir {args.drive_record_dir}: cannot write there ({e.strerror or e})") from None
     if args.max_body_mb <= 0 or args.reload_interval < 0:
         raise UserError("--max-body-mb must be > 0 and --reload-interval >= 0")
     for flag, value in (("--max-header-kb", args.max_header_kb), ("--max-headers", args.max_headers),
@@ -73,7 +89,7 @@ def build_server(args):
     from exaflop.errors import UserError
     from exaflop.serve.app import Server
     from exaflop.serve.auth import FailedAuthLimiter, KeyChecker, RateLimiter, check_bind, load_keys
-    from exaflop.serve.drive import DrivePredictor
+    from exaflop.serve.drive import DrivePredictor, DriveRecorder
     from exaflop.serve.engine import Engine
     from exaflop.serve.http import HTTPLimits
     from exaflop.serve.metrics import Metrics
@@ -96,13 +112,16 @@ def build_server(args):
     metrics = Metrics()
     models: dict[str, ServedModel] = {}
     drives: dict[str, DrivePredictor] = {}
+    recorder = None
     for run in args.runs:
         name, path, watch = resolve_run(run)
         if name in models or name in drives:
             raise UserError(f"{run}: model id {name!r} is already taken; serve runs with distinct names")
         run_dir = path if watch else path.parent.parent
         if load_config_file(run_dir / "config.toml").task == "drive":
-            drives[name] = DrivePredictor(name, path, watch, device, precision.dtype)
+            if recorder is None and args.drive_record_dir is not None:
+                recorder = DriveRecorder(args.drive_record_dir, int(args.drive_record_mb * (1 << 20)))
+            drives[name] = DrivePredictor(name, path, watch, device, precision.dtype, recorder)
             continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile,
                         prefix_cache_mb=args.prefix_cache_mb)

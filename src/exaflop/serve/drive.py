@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +33,73 @@ from exaflop.serve.protocol import APIError, validation_message
 log = logging.getLogger("exaflop.serve")
 
 
+DRIVE_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
 class DriveJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
     frames: list = Field(min_length=1, max_length=256)  # shape/range checked against the model
     speed: list[float] | None = Field(None, max_length=256)
     steering: list[float] | None = Field(None, max_length=256)
+    # Which drive and when (seconds on the drive's telemetry clock, of the last frame): with a
+    # recording server, the request becomes a training clip once that drive's telemetry arrives.
+    drive_id: str | None = Field(None, pattern=DRIVE_ID)
+    t: float | None = Field(None, allow_inf_nan=False)
+
+
+class DriveRecorder:
+    """Requests with a drive_id and t, and the predictions made for them, appended to
+    rotating JSONL files in a directory the operator names (`serve --drive-record-dir`).
+
+    One line per request: drive_id, t, model, checkpoint_step, fps, the frames as an H.264
+    clip (base64: ~3 KB for 8 frames of 64x64), past speed/steering, and the prediction. The
+    file being written is `*.jsonl.open`; it is renamed to `*.jsonl` when it reaches
+    `max_bytes` or the server stops, so a reader can take the closed files only. Lines are
+    written whole and flushed: a crash loses at most the line being written (readers skip a
+    broken last line). `exaflop data drive records DIR` turns them into clips."""
+
+    def __init__(self, directory: Path, max_bytes: int = 64 << 20):
+        import os
+        import threading
+
+        self.dir, self.max_bytes = Path(directory), max_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = None
+        self._path: Path | None = None
+        self._n = 0
+        self._prefix = f"drive-records-{int(time.time())}-{os.getpid()}"
+
+    def write(self, record: dict) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            if self._file is None:
+                self._path = self.dir / f"{self._prefix}-{self._n:04d}.jsonl.open"
+                self._file = open(self._path, "ab")  # noqa: SIM115  (kept open across requests)
+            self._file.write(line)
+            self._file.flush()
+            if self._file.tell() >= self.max_bytes:
+                self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._path.rename(self._path.with_suffix(""))  # .jsonl.open -> .jsonl
+            self._file, self._n = None, self._n + 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
 
 
 class DrivePredictor:
     """One driving run: its newest checkpoint, reloaded like the language models."""
 
     def __init__(self, name: str, path: Path, watch: bool, device: torch.device,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, recorder: DriveRecorder | None = None):
         self.name, self.path, self.watch, self.device = name, path, watch, device
+        self.recorder = recorder
         self.autocast = autocast  # bf16 where the device runs it fast (serve --dtype), else fp32
         self.model = None
         self.cfg = None
@@ -94,6 +148,31 @@ class DrivePredictor:
         return {"object": "drive.prediction", "model": self.name, "checkpoint_step": step,
                 "waypoints": wp[0].float().cpu().tolist(), "steering": steer[0].float().cpu().tolist(),
                 "dt": dt, "frames": cfg.model.frames}
+
+    def record(self, drive_id: str, t: float, frames: np.ndarray, speed: np.ndarray, steering: np.ndarray,
+               answer: dict) -> None:
+        import base64
+
+        from exaflop.drive.video import encode_clip
+
+        dataset = self._dataset
+        fps = float(dataset.get("clip", {}).get("fps", 10.0))
+        self.recorder.write({
+            "drive_id": drive_id, "t": t, "received": time.time(), "model": self.name,
+            "checkpoint_step": answer["checkpoint_step"], "fps": fps, "view": dataset.get("view"),
+            "size": [int(frames.shape[2]), int(frames.shape[1])],
+            "frames_mp4": base64.b64encode(encode_clip(frames, fps)).decode(),
+            "speed": speed.tolist(), "steering": steering.tolist(),
+            "prediction": {"waypoints": answer["waypoints"], "steering": answer["steering"], "dt": answer["dt"]}})
+
+    @property
+    def _dataset(self) -> dict:
+        """RUN/dataset.json (clip rate, view) of the served run, for the recording."""
+        run = self.path if self.watch else self.path.parent.parent
+        try:
+            return json.loads((run / "dataset.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
 
 
 def _past(values, name: str, t: int) -> np.ndarray:
@@ -159,7 +238,31 @@ async def predict(server, request: Request) -> dict:
     else:
         frames = _frames(body.frames, cfg)
         speed, steering = _past(body.speed, "speed", cfg.frames), _past(body.steering, "steering", cfg.frames)
-    return await asyncio.to_thread(drive.predict, frames, speed, steering)
+    drive_id, t = _where(form, body if form is None else None)
+    answer = await asyncio.to_thread(drive.predict, frames, speed, steering)
+    if drive.recorder is not None and drive_id is not None and t is not None:
+        await asyncio.to_thread(drive.record, drive_id, t, frames, speed, steering, answer)
+    return answer
+
+
+def _where(form, body: DriveJSON | None) -> tuple[str | None, float | None]:
+    """(drive_id, t) of a request: JSON fields, or form fields of an upload (validated alike)."""
+    import math
+    import re
+
+    if body is not None:
+        return body.drive_id, body.t
+    drive_id, t = form.get("drive_id"), form.get("t")
+    if drive_id is not None and (not isinstance(drive_id, str) or not re.match(DRIVE_ID, drive_id)):
+        raise APIError(400, "drive_id: 1-128 characters of A-Z a-z 0-9 _ . : -", param="drive_id")
+    if t is not None:
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            t = math.nan
+        if not math.isfinite(t):
+            raise APIError(400, "t: a finite number of seconds", param="t")
+    return drive_id, t
 
 
 def _json_list(value, name: str):

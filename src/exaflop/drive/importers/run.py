@@ -178,7 +178,8 @@ def run_import(importer: str, root: str | Path, out: str | Path, opts: ImportOpt
            "resumed_items": len(results), "retries": []}
 
     def check_bad() -> None:
-        if len(skipped) > opts.max_bad_fraction * total:
+        # Items waiting for data (a drive whose telemetry has not arrived) are not bad ones.
+        if sum(not s.get("pending") for s in skipped) > opts.max_bad_fraction * total:
             _write_manifest(store, importer, root, opts, results, skipped, provenance, "stopped", run)
             first = "; ".join(s["reason"] for s in skipped[:3])
             raise UserError(f"import stopped: {len(skipped)} of {total} items are bad (more than "
