@@ -3,6 +3,7 @@ then the CLI's eval and render on the run."""
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("highway_env")
@@ -86,3 +87,68 @@ def test_closed_loop_against_every_baseline(trained, capsys):
 
     with av.open(str(out / "closed_loop.mp4")) as c:
         assert c.streams.video[0].frames >= 20  # the model's steps, its plan drawn on each
+
+
+def test_data_engine_round_and_the_gate(trained, tmp_path):
+    """One engine round on the trained model: triggers fire, relabelled clips land in train
+    only (the val split's manifest entry keeps its sha256), training resumes, the gate
+    decides and the round is logged. Then the gate is shown a candidate trained on shuffled
+    labels: it must refuse it."""
+    import shutil
+
+    from exaflop.config import load_config
+    from exaflop.drive import engine
+    from exaflop.drive.promote import PROMOTED
+    from exaflop.drive.source import ClipSource
+    from exaflop.engine.checkpoint import read_latest
+    from exaflop.engine.trainer import train
+
+    root, result = trained
+    run = tmp_path / "runs" / "eng"
+    shutil.copytree(result["run_dir"], run)
+    data = tmp_path / "data"
+    shutil.copytree(root / "sim", data)
+    cfg = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(cfg.replace(f'path = "{root / "sim"}"', f'path = "{data}"')
+                                     .replace(f'out_dir = "{root / "runs"}"', f'out_dir = "{run.parent}"'))
+    before = engine.val_fingerprint(str(data))
+    n_train = len(ClipSource(str(data), "train"))
+    incumbent = read_latest(run / "checkpoints")[0]
+    lines = engine.run_engine(run, rounds=1, episodes=2, seconds=8.0, steps=20, eval_episodes=2, eval_seconds=6.0,
+                              quiet=True, val_limit=64)
+    line = lines[0]
+    assert sum(line["triggers"].values()) > 0 and line["clips_added"] > 0, line
+    assert engine.val_fingerprint(str(data)) == before  # the val split never changes
+    grown = ClipSource(str(data), "train")
+    assert len(grown) == n_train + line["clips_added"]
+    assert any(k.startswith("engine-r001") for k in grown.keys)
+    step = int(read_latest(run / "checkpoints")[0].name.split("_")[1])
+    assert step == 400 + 20  # training resumed from the checkpoint and went on
+    assert set(line) >= {"before", "after", "composite_diff", "reasons", "promoted"}
+    assert (run / PROMOTED).is_file() == line["promoted"]
+    assert json.loads((run / "engine.jsonl").read_text().splitlines()[-1])["round"] == 1
+
+    # A candidate trained on shuffled labels (every clip's labels moved to another clip).
+    from exaflop.drive import shards
+    from exaflop.drive.store import Store
+
+    bad_data = tmp_path / "shuffled"
+    shutil.copytree(data, bad_data)
+    src = ClipSource(str(data), "train")
+    order = np.random.default_rng(0).permutation(len(src))
+    for shard in Store(str(bad_data)).read_json("manifest.json", what="m")["splits"]["train"]["shards"]:
+        index = json.loads((bad_data / shard["index"]).read_text())
+        writer = shards.ShardWriter(bad_data / shard["file"])
+        for entry in index["clips"]:
+            i = src.keys.index(entry[0])
+            mp4, tel, _ = src._record(i)
+            writer.add(entry[0], mp4, tel, src._record(int(order[i]))[2])
+        writer.close()
+    bad_run = tmp_path / "runs" / "shuffled"
+    shutil.copytree(result["run_dir"], bad_run)
+    train(load_config(str(bad_run / "config.toml"), [f"data.path={bad_data}", f"run.out_dir={bad_run.parent}",
+                                                     "run.name=shuffled", "train.steps=460", "optim.lr=3e-3",
+                                                     "eval.every=0", "checkpoint.every=60"]), resume=True, quiet=True)
+    candidate = read_latest(bad_run / "checkpoints")[0]
+    d = engine.gate(run, candidate, incumbent, str(data), episodes=2, seconds=6.0, seed=0, val_limit=64)
+    assert not d["promote"] and any("ADE" in r for r in d["reasons"]), d

@@ -196,6 +196,18 @@ def add_parser(subparsers) -> None:
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_closed_loop)
+    en = sub.add_parser("engine", help="the data engine: drive, trigger on failures, relabel by the expert "
+                        "(DAgger), grow the train split, resume training, gate, promote")
+    en.add_argument("run", help="a driving run trained on simulator clips (its data.path is grown in place)")
+    en.add_argument("--rounds", type=int, default=1)
+    en.add_argument("--episodes", type=int, default=8, help="episodes driven per round (engine seeds)")
+    en.add_argument("--seconds", type=float, default=20.0)
+    en.add_argument("--steps", type=int, default=200, help="training steps per round, resumed from the checkpoint")
+    en.add_argument("--eval-episodes", type=int, default=20, help="held-out closed-loop seeds for the gate")
+    en.add_argument("--eval-seconds", type=float, default=20.0)
+    en.add_argument("--seed", type=int, default=0)
+    en.add_argument("--quiet", action="store_true")
+    en.set_defaults(func=_cmd_engine)
     pr = sub.add_parser("promote", help="name the checkpoint `exaflop serve RUN` serves (RUN/promoted.json)")
     pr.add_argument("run")
     pr.add_argument("checkpoint", nargs="?", help="step_NNNNNNN under RUN/checkpoints (default: the newest)")
@@ -267,6 +279,20 @@ def _cmd_closed_loop(args) -> int:
             print(f"model - {name}: composite {d['mean']:+.3f} (95% CI {d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f})")
         print(f"wrote {out / 'closed_loop.json'} and {out / 'closed_loop.png'}"
               + (f" and {out / 'closed_loop.mp4'}" if args.render else ""))
+    return 0
+
+
+def _cmd_engine(args) -> int:
+    from exaflop.drive.engine import run_engine
+
+    for name in ("rounds", "episodes", "steps", "eval_episodes"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    lines = run_engine(Path(args.run), args.rounds, args.episodes, args.seconds, args.steps, args.eval_episodes,
+                       args.eval_seconds, args.seed, args.quiet)
+    for line in lines:
+        print(json.dumps({k: line.get(k) for k in ("round", "triggers", "clips_added", "promoted", "reasons",
+                                                   "seconds_first_trigger_to_served")}))
     return 0
 
 
