@@ -152,3 +152,49 @@ def test_data_engine_round_and_the_gate(trained, tmp_path):
     candidate = read_latest(bad_run / "checkpoints")[0]
     d = engine.gate(run, candidate, incumbent, str(data), episodes=2, seconds=6.0, seed=0, val_limit=64)
     assert not d["promote"] and any("ADE" in r for r in d["reasons"]), d
+
+
+def test_data_engine_takes_clips_from_served_records(trained, tmp_path):
+    """The engine's other source: requests a server recorded (the serving path's own
+    DrivePredictor.record into a DriveRecorder) become train clips once the drive's
+    telemetry is there; a drive still waiting for telemetry is left for later."""
+    import shutil
+
+    import torch
+
+    from exaflop.drive import engine
+    from exaflop.drive.source import ClipSource
+    from exaflop.drive.video import decode_video
+    from exaflop.serve.drive import DrivePredictor, DriveRecorder
+
+    root, result = trained
+    run = tmp_path / "runs" / "rec"
+    shutil.copytree(result["run_dir"], run)
+    data = tmp_path / "data"
+    shutil.copytree(root / "sim", data)
+    cfg = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(cfg.replace(f'path = "{root / "sim"}"', f'path = "{data}"')
+                                     .replace(f'out_dir = "{root / "runs"}"', f'out_dir = "{run.parent}"'))
+    records = tmp_path / "records"
+    predictor = DrivePredictor("rec", run, True, torch.device("cpu"), recorder=DriveRecorder(records))
+    predictor.poll()
+    raw = root / "sim-raw"
+    frames, _, _ = decode_video(raw / "episode_0000.mp4", 64, 64)
+    for drive in ("ep0", "waiting"):
+        for k in range(7, 80):  # 8 s of a recorded episode, one request per frame
+            clip = np.ascontiguousarray(frames[k - 7:k + 1])
+            answer = predictor.predict(clip, np.full(8, 25.0, np.float32), np.zeros(8, np.float32))
+            predictor.record(drive, k / 10, clip, np.full(8, 25.0, np.float32), np.zeros(8, np.float32), answer)
+    predictor.recorder.close()
+    (records / "telemetry").mkdir()
+    shutil.copyfile(raw / "episode_0000.csv", records / "telemetry" / "ep0.csv")
+    before = engine.val_fingerprint(str(data))
+    n_train = len(ClipSource(str(data), "train"))
+    line = engine.run_engine(run, rounds=1, steps=10, eval_episodes=2, eval_seconds=6.0, quiet=True, val_limit=64,
+                             records=records)[0]
+    assert line["triggers"] == {"served_records": line["clips_added"]} and line["clips_added"] >= 20, line
+    assert engine.val_fingerprint(str(data)) == before
+    grown = ClipSource(str(data), "train")
+    assert len(grown) == n_train + line["clips_added"]
+    assert any(k.startswith("rec-ep0_") for k in grown.keys) and not any("waiting" in k for k in grown.keys)
+    assert json.loads((data / "items" / "rec-ep0-r001.json").read_text())["labels_from"].startswith("served records")

@@ -206,6 +206,9 @@ def add_parser(subparsers) -> None:
     en.add_argument("--eval-episodes", type=int, default=20, help="held-out closed-loop seeds for the gate")
     en.add_argument("--eval-seconds", type=float, default=20.0)
     en.add_argument("--seed", type=int, default=0)
+    en.add_argument("--records", help="take clips from requests recorded by `serve --drive-record-dir DIR` "
+                    "(labelled by telemetry that has arrived) instead of driving the simulator")
+    en.add_argument("--telemetry", help="with --records: folder of DRIVE_ID.csv (default RECORDS/telemetry)")
     en.add_argument("--quiet", action="store_true")
     en.set_defaults(func=_cmd_engine)
     pr = sub.add_parser("promote", help="name the checkpoint `exaflop serve RUN` serves (RUN/promoted.json)")
@@ -289,7 +292,9 @@ def _cmd_engine(args) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     lines = run_engine(Path(args.run), args.rounds, args.episodes, args.seconds, args.steps, args.eval_episodes,
-                       args.eval_seconds, args.seed, args.quiet)
+                       args.eval_seconds, args.seed, args.quiet,
+                       records=Path(args.records) if args.records else None,
+                       telemetry=Path(args.telemetry) if args.telemetry else None)
     for line in lines:
         print(json.dumps({k: line.get(k) for k in ("round", "triggers", "clips_added", "promoted", "reasons",
                                                    "seconds_first_trigger_to_served")}))

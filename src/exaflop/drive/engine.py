@@ -241,12 +241,12 @@ def grow_dataset(data: str, round_: int, clips: list[tuple[dict, dict, np.ndarra
     """Write the clips as new train shards + a result marker, then the manifest with them in
     its train split; the val split's entry is left exactly as it was."""
     from exaflop.drive import shards
-    from exaflop.drive.importers.run import _finish_stats, _stats_init
+    from exaflop.drive.importers.run import _stats_init
     from exaflop.drive.store import Store
     from exaflop.drive.video import encode_clip
 
     store = Store(data)
-    manifest = store.read_json(shards.MANIFEST, what="dataset manifest")
+    store.read_json(shards.MANIFEST, what="dataset manifest")  # a dataset is there
     item = f"engine-r{round_:03d}-{int(time.time())}"
     written, writer = [], None
     stats = _stats_init(clip.waypoints)
@@ -274,20 +274,75 @@ def grow_dataset(data: str, round_: int, clips: list[tuple[dict, dict, np.ndarra
               "labels_from": "expert relabel (DAgger)", "sources": {"engine_round": round_}, "stats": stats,
               "view": view}
     store.write_json(result, "items", f"{item}.json")
-    train = manifest["splits"]["train"]
-    train["items"] = sorted([*train["items"], item])
-    train["clips"] += len(clips)
-    train["shards"] += [{**s, "file": f"train/{s['file']}", "index": f"train/{s['index']}"} for s in written]
-    markers = [store.read_json("items", f"{i}.json", what="item result") for i in train["items"]]
-    manifest["stats"] = _finish_stats(markers, clip.waypoints) or manifest["stats"]
-    manifest["labels_from"] = {**manifest.get("labels_from", {}),
-                               "expert relabel (DAgger)": manifest.get("labels_from", {}).get(
-                                   "expert relabel (DAgger)", 0) + 1}
-    c = manifest["counts"]
-    c.update(items_found=c["items_found"] + 1, items_ok=c["items_ok"] + 1, clips=c["clips"] + len(clips),
-             clips_train=c["clips_train"] + len(clips))
-    store.write_json(manifest, shards.MANIFEST)
+    add_train_items(store, [result], clip.waypoints)
     return result
+
+
+def add_train_items(store, results: list[dict], waypoints: int) -> None:
+    """List finished items (shards + result markers already in the store) in the manifest's
+    train split; its val entry is left exactly as it was."""
+    from exaflop.drive import shards
+    from exaflop.drive.importers.run import _finish_stats
+
+    manifest = store.read_json(shards.MANIFEST, what="dataset manifest")
+    train = manifest["splits"]["train"]
+    train["items"] = sorted({*train["items"], *(r["item"] for r in results)})
+    for r in results:
+        train["clips"] += r["clips"]
+        train["shards"] += [{**s, "file": f"train/{s['file']}", "index": f"train/{s['index']}"} for s in r["shards"]]
+        manifest["labels_from"][r["labels_from"]] = manifest["labels_from"].get(r["labels_from"], 0) + 1
+    markers = [store.read_json("items", f"{i}.json", what="item result") for i in train["items"]]
+    manifest["stats"] = _finish_stats(markers, waypoints) or manifest["stats"]
+    added = sum(r["clips"] for r in results)
+    c = manifest["counts"]
+    c.update(items_found=c["items_found"] + len(results), items_ok=c["items_ok"] + len(results),
+             clips=c["clips"] + added, clips_train=c["clips_train"] + added)
+    store.write_json(manifest, shards.MANIFEST)
+
+
+def clips_from_records(data: str, records: Path, telemetry: Path | None, round_: int) -> tuple[int, float | None]:
+    """Import served requests (serve --drive-record-dir) whose telemetry has arrived, with the
+    dataset's own clip geometry, and add them to its train split. Returns (clips added, the
+    oldest record's arrival time). Drives already taken in an earlier round are skipped."""
+    import shutil
+    import tempfile
+
+    from exaflop.drive import shards
+    from exaflop.drive.importers.clips import ImportOptions
+    from exaflop.drive.importers.records import read_records
+    from exaflop.drive.importers.run import run_import
+    from exaflop.drive.store import Store
+
+    store = Store(data)
+    manifest = store.read_json(shards.MANIFEST, what="dataset manifest")
+    c = manifest["clip"]
+    opts = ImportOptions(frames=c["frames"], fps=c["fps"], width=c["width"], height=c["height"], stride=c["stride"],
+                         waypoints=c["waypoints"], dt=c["dt"], val_fraction=0.0, workers=0, max_bad_fraction=1.0,
+                         wheelbase=manifest["vehicle"]["wheelbase"], steer_ratio=manifest["vehicle"]["steer_ratio"])
+    opts.extra["telemetry_dir"] = str(telemetry) if telemetry else None
+    taken = set(manifest["splits"]["train"]["items"]) | set(manifest["splits"]["val"]["items"])
+    with tempfile.TemporaryDirectory(prefix="exaflop-engine-records-") as tmp:
+        m = run_import("records", records, tmp, opts, provenance={"engine_round": round_}, quiet=True)
+        new = [i for i in m["splits"]["train"]["items"] if not any(t.startswith(f"{i}-r") for t in taken)]
+        results = []
+        for item in new:
+            r = json.loads((Path(tmp) / "items" / f"{item}.json").read_text())
+            name = f"{item}-r{round_:03d}"  # a drive is taken once, with the records there are then
+            shards_out = []
+            for sh in r["shards"]:
+                dst = sh["file"].replace(item, name, 1)
+                shutil.copyfile(Path(tmp) / "train" / sh["file"], Path(data) / "train" / dst)
+                idx = json.loads((Path(tmp) / "train" / sh["index"]).read_text())
+                store.write_json({**idx, "shard": dst}, "train", dst.removesuffix(".tar") + ".idx.json")
+                shards_out.append({**sh, "file": dst, "index": dst.removesuffix(".tar") + ".idx.json"})
+            r.update(item=name, group=name, split="train", shards=shards_out,
+                     labels_from=f"served records ({r['labels_from']})")
+            store.write_json(r, "items", f"{name}.json")
+            results.append(r)
+    if results:
+        add_train_items(store, results, c["waypoints"])
+    received = [x.get("received") for recs in read_records(records).values() for x in recs if x.get("received")]
+    return sum(r["clips"] for r in results), (min(received) if received else None)
 
 
 def val_fingerprint(data: str) -> str:
@@ -335,7 +390,9 @@ def gate(run_dir: Path, candidate: Path, incumbent: Path, data: str, episodes: i
 
 def run_engine(run_dir: Path, rounds: int, episodes: int = 8, seconds: float = 20.0, steps: int = 200,
                eval_episodes: int = 20, eval_seconds: float = 20.0, seed: int = 0, quiet: bool = False,
-               val_limit: int = 0) -> list[dict]:
+               val_limit: int = 0, records: Path | None = None, telemetry: Path | None = None) -> list[dict]:
+    """`records`: take the round's clips from served requests (serve --drive-record-dir)
+    whose telemetry has arrived, instead of driving the simulator."""
     from exaflop.config import load_config, load_config_file
     from exaflop.drive.promote import promote, promoted
     from exaflop.engine.checkpoint import read_latest
@@ -358,8 +415,12 @@ def run_engine(run_dir: Path, rounds: int, episodes: int = 8, seconds: float = 2
         t_first = None
         fired: dict[str, int] = {}
         clips: list = []
-        console.rule(f"[bold]engine round {r + 1}/{rounds}: {episodes} episodes with the expert as shadow")
-        for i in range(episodes):
+        added_from_records = 0
+        if records is not None:
+            console.rule(f"[bold]engine round {r + 1}/{rounds}: clips from served records in {records}")
+            added_from_records, t_first = clips_from_records(data, records, telemetry, r + 1)
+            fired = {"served_records": added_from_records} if added_from_records else {}
+        for i in range(episodes if records is None else 0):
             ep = ShadowEpisode(engine_seed(seed, r, i), so, clip, "model", predict=predict)
             trace, _, _ = ep.run()
             sel = triggers(ep, trace, so.fps)
@@ -372,29 +433,32 @@ def run_engine(run_dir: Path, rounds: int, episodes: int = 8, seconds: float = 2
             if picked:
                 clips += relabel(ep, picked, clip)
         line = {"round": r + 1, "incumbent": str(incumbent.relative_to(run_dir)), "triggers": fired,
-                "clips_added": len(clips), "promoted": False, "seconds_first_trigger_to_served": None}
-        if not clips:
-            line["reasons"] = ["no trigger fired: nothing to learn from"]
+                "clips_added": len(clips) + added_from_records, "promoted": False,
+                "seconds_first_trigger_to_served": None}
+        if not line["clips_added"]:
+            line["reasons"] = ["no trigger fired and no new records: nothing to learn from"]
         else:
-            view = json.loads((run_dir / "dataset.json").read_text()).get("view", {})
-            grow_dataset(data, r + 1, clips, clip, view)
-            assert val_fingerprint(data) == fingerprint, "the val split changed"  # the pin, checked every round
+            if clips:
+                view = json.loads((run_dir / "dataset.json").read_text()).get("view", {})
+                grow_dataset(data, r + 1, clips, clip, view)
+            if val_fingerprint(data) != fingerprint:  # the pin, checked every round
+                raise RuntimeError(f"{data}: the val split changed during engine round {r + 1}; it must never")
             step = json.loads((incumbent / "meta.json").read_text())["step"]
             latest = read_latest(run_dir / "checkpoints")[0]
             last = json.loads((latest / "meta.json").read_text())["step"]
             overrides = [f"train.steps={last + steps}", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}",
                          f"checkpoint.every={steps}", "eval.every=0"]
-            console.print(f"{len(clips)} clips added (triggers {fired}); training {steps} steps from step {last}")
+            console.print(f"{line['clips_added']} clips added ({fired}); training {steps} steps from step {last}")
             train(load_config(str(run_dir / "config.toml"), overrides), resume=True, quiet=quiet)
             candidate = read_latest(run_dir / "checkpoints")[0]
             decision = gate(run_dir, candidate, incumbent, data, eval_episodes, eval_seconds, seed, quiet=quiet,
                             val_limit=val_limit)
-            line.update(candidate=str(candidate.relative_to(run_dir)), incumbent_step=step, **decision)
             line["promoted"] = decision.pop("promote")
-            line.pop("promote", None)
+            line.update(candidate=str(candidate.relative_to(run_dir)), incumbent_step=step, **decision)
             if line["promoted"]:
                 promote(run_dir, candidate, by="data engine", round=r + 1)
-                line["seconds_first_trigger_to_served"] = round(time.time() - t_first, 1)
+                if t_first is not None:
+                    line["seconds_first_trigger_to_served"] = round(time.time() - t_first, 1)
         line["val_fingerprint"] = fingerprint
         with open(run_dir / "engine.jsonl", "a") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
