@@ -40,6 +40,7 @@ CHEAP = [
     ("exaflop train drive-tiny", ["--set", "train.steps=2", "--set", "eval.batches=1",
                                   "--set", "run.tensorboard=false", "--set", "data.num_workers=0"]),
     ("exaflop drive render", ["--clips", "2"]),
+    ("exaflop drive closed-loop", ["--episodes", "1", "--seconds", "4", "--policies", "model,constant-velocity"]),
     ("exaflop sample", ["--max-new-tokens", "8"]),
     ("exaflop plot", []),
     ("exaflop serve runs/lm-tiny", []),
@@ -60,6 +61,7 @@ SKIP = {
     "exaflop data drive comma2k19 /data": "downloaded dataset (tests/drive/test_importers.py uses its layout)",
     "exaflop data drive udacity /data": "downloaded dataset (tests/drive/test_importers.py uses its layout)",
     "exaflop data drive generic /data": "downloaded dataset (tests/drive/test_importers.py uses its layout)",
+    "exaflop drive engine": "minutes per round: tests/drive/test_train_e2e.py runs a round end to end",
     "s3://fleet/": "object storage and a Ray cluster: tests/drive/test_fleet.py runs these commands against a "
                    "moto S3 server and a two-node ray.cluster_utils.Cluster on 127.0.0.1",
     "EXAFLOP_API_KEYS=": "binds 0.0.0.0: tests/serve/ covers keys on 127.0.0.1",
