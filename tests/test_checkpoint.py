@@ -159,3 +159,18 @@ def test_optimizer_state_loads_into_another_grouping_and_old_checkpoints_still_l
     Checkpointer(tmp_path / "old").load(fresh, fresh_opt)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], want[0]["exp_avg"])
+
+
+def test_pruning_never_removes_a_pinned_checkpoint(tmp_path):
+    """A driving run's promoted checkpoint is pinned: training on (and pruning to `keep`)
+    must not delete what a server is serving."""
+    from exaflop.engine.checkpoint import Checkpointer, list_checkpoints, pin_checkpoint
+
+    for step in (100, 200, 300, 400):
+        (tmp_path / f"step_{step:09d}").mkdir()
+    pin_checkpoint(tmp_path, "step_000000100")
+    Checkpointer(tmp_path, keep=2)._prune()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000400", "step_000000300", "step_000000100"]
+    pin_checkpoint(tmp_path, "step_000000300")  # a new promotion replaces the pin
+    Checkpointer(tmp_path, keep=1)._prune()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000400", "step_000000300"]

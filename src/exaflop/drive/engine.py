@@ -408,8 +408,10 @@ def run_engine(run_dir: Path, rounds: int, episodes: int = 8, seconds: float = 2
     lines = []
     for r in range(rounds):
         incumbent = promoted(run_dir) or read_latest(run_dir / "checkpoints")[0]
-        if incumbent is None:
+        if incumbent is None or not incumbent.is_dir():
             raise UserError(f"{run_dir}: no complete checkpoint; train the run first")
+        if promoted(run_dir) is None:  # round 0's model is what is served until a candidate wins;
+            promote(run_dir, incumbent, by="data engine (the starting model)")  # and pinned against pruning
         predict, clip, so = model_predictor(incumbent)
         so.seconds = seconds
         t_first = None

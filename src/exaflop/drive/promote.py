@@ -33,7 +33,7 @@ def promoted(run_dir: Path) -> Path | None:
 
 def promote(run_dir: Path, checkpoint: Path, **why) -> dict:
     """Point RUN/promoted.json at `checkpoint` (a step_* directory under RUN/checkpoints)."""
-    from exaflop.engine.checkpoint import verify
+    from exaflop.engine.checkpoint import pin_checkpoint, verify
 
     run_dir, checkpoint = Path(run_dir), Path(checkpoint)
     if not checkpoint.is_absolute():
@@ -45,6 +45,8 @@ def promote(run_dir: Path, checkpoint: Path, **why) -> dict:
         rel = checkpoint.resolve().relative_to(run_dir.resolve())
     except ValueError:
         raise UserError(f"{checkpoint}: not a checkpoint of {run_dir}") from None
+    # Pinned first: training that goes on in this run must never prune what is served.
+    pin_checkpoint(checkpoint.parent, checkpoint.name)
     record = {"checkpoint": str(rel), "promoted_at": time.time(), **why}
     tmp = run_dir / f".{PROMOTED}.tmp"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))

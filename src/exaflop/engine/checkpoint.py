@@ -76,6 +76,26 @@ def verify(ckpt: Path) -> str | None:
     return None
 
 
+PINNED = "pinned.json"  # checkpoints/pinned.json: names pruning never removes
+
+
+def pinned_checkpoints(root: Path) -> set[str]:
+    """Checkpoint names listed in ROOT/pinned.json (e.g. the one a driving run serves: its
+    promotion pins it, so training on never prunes what is being served)."""
+    try:
+        return set(json.loads((Path(root) / PINNED).read_text()))
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def pin_checkpoint(root: Path, name: str, only: bool = True) -> None:
+    """Pin `name` (atomically); with `only`, it replaces the earlier pins."""
+    names = sorted({name} if only else pinned_checkpoints(root) | {name})
+    tmp = Path(root) / f".{PINNED}.tmp"
+    tmp.write_text(json.dumps(names))
+    os.replace(tmp, Path(root) / PINNED)
+
+
 def read_latest(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that verifies, and the problems with any newer ones skipped."""
     problems: list[str] = []
@@ -187,8 +207,10 @@ class Checkpointer:
         _barrier()
 
     def _prune(self) -> None:
+        pinned = pinned_checkpoints(self.root)
         for old in list_checkpoints(self.root)[self.keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in pinned:
+                shutil.rmtree(old, ignore_errors=True)
 
     # -- load ---------------------------------------------------------------
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
