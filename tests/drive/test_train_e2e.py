@@ -125,7 +125,9 @@ def test_data_engine_round_and_the_gate(trained, tmp_path):
     step = int(read_latest(run / "checkpoints")[0].name.split("_")[1])
     assert step == 400 + 20  # training resumed from the checkpoint and went on
     assert set(line) >= {"before", "after", "composite_diff", "reasons", "promoted"}
-    assert (run / PROMOTED).is_file() == line["promoted"]
+    served = json.loads((run / PROMOTED).read_text())["checkpoint"]  # the starting model, unless the gate passed
+    assert served == (line["candidate"] if line["promoted"] else line["incumbent"]), (served, line)
+    assert json.loads((run / "checkpoints" / "pinned.json").read_text()) == [served.split("/")[-1]]
     assert json.loads((run / "engine.jsonl").read_text().splitlines()[-1])["round"] == 1
 
     # A candidate trained on shuffled labels (every clip's labels moved to another clip).
