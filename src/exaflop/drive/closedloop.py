@@ -90,7 +90,7 @@ def speed_command(waypoints: np.ndarray, speed: float, dt: float) -> float:
     return max(ACCEL[0], min(ACCEL[1], SPEED_GAIN * (target - speed)))
 
 
-def _ego_frame(points: np.ndarray, pos: np.ndarray, heading: float) -> np.ndarray:
+def ego_frame(points: np.ndarray, pos: np.ndarray, heading: float) -> np.ndarray:
     """World points (highway-env frame, y down) -> ego frame (x forward, y left)."""
     d = np.asarray(points, float) - pos
     c, s = math.cos(heading), math.sin(heading)
@@ -117,25 +117,48 @@ def _state(sim, ego) -> dict:
             "x": float(ego.position[0]), "y": float(ego.position[1])}
 
 
+# Continuous control with reversing forbidden; the expert ignores it while it drives.
+CONTROL = {"type": "ContinuousAction", "acceleration_range": [-5.0, 5.0],
+           "steering_range": [-STEER_MAX, STEER_MAX], "speed_range": [0.0, 40.0]}
+
+
+def hand_over(sim):
+    """Replace the expert ego by a kinematic bicycle driven by our commands, in place."""
+    from highway_env.vehicle.kinematics import Vehicle
+
+    ego = Vehicle.create_from(sim.vehicle)
+    # Drawn as the recordings drew the expert: the model has only ever seen a green ego.
+    ego.MIN_SPEED, ego.color = 0.0, sim.vehicle.color
+    sim.road.vehicles[sim.road.vehicles.index(sim.vehicle)] = ego
+    sim.controlled_vehicles[0] = ego
+    return ego
+
+
 class Episode:
-    """One seeded scene driven by one policy; `run()` -> (trace dict of arrays, frames)."""
+    """One seeded scene driven by one policy; `run()` -> (trace dict of arrays, frames, plans).
+    Every command applied is kept in `actions` (the episode replays exactly from them);
+    `observe()` is called at every scored step with what the policy saw and did."""
 
     def __init__(self, seed: int, so, clip: Clip, policy: str, predict=None,
                  expert_path: np.ndarray | None = None, keep_frames: bool = False):
         self.seed, self.so, self.clip, self.policy = seed, so, clip, policy
         self.predict, self.expert_path, self.keep_frames = predict, expert_path, keep_frames
+        self.actions: list[np.ndarray] = []
+        self.expert_speed = 0.0
+
+    def observe(self, step: int, sim, ego, frames, speeds, steers, command: tuple[float, float]) -> None:
+        """Hook for subclasses (the data engine's shadow): command = (acceleration m/s^2,
+        steering rad in highway-env's sign)."""
 
     def run(self) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[np.ndarray]]:
         import av
-        from highway_env.vehicle.kinematics import Vehicle
 
         from exaflop.drive.importers.sim import make_env
         from exaflop.drive.video import decode_clip, encode_clip, fit_frame
 
         so, clip = self.so, self.clip
-        env, sim = make_env(so, self.seed, action={
-            "type": "ContinuousAction", "acceleration_range": [-5.0, 5.0],
-            "steering_range": [-STEER_MAX, STEER_MAX], "speed_range": [0.0, 40.0]})
+        env, sim = make_env(so, self.seed, action=CONTROL)
+        self.expert_speed = float(sim.vehicle.target_speed)
         T = clip.frames
         if self.policy == "expert-no-lane-change":
             sim.vehicle.enable_lane_change = False
@@ -148,6 +171,7 @@ class Episode:
         try:
             for step in range(steps + 1):
                 if step:
+                    self.actions.append(action.copy())
                     _, _, terminated, truncated, _ = env.step(action)
                     if terminated or truncated:
                         if step >= T:  # the last (possibly crashed) state is scored too
@@ -163,11 +187,7 @@ class Episode:
                 if step < T - 1:
                     continue  # the expert fills the policy's input buffer; not scored
                 if step == T - 1 and self.policy not in EXPERTS:
-                    ego = Vehicle.create_from(ego)  # kinematic bicycle, driven by our commands
-                    # Drawn as the recordings drew the expert: the model has only ever seen a green ego.
-                    ego.MIN_SPEED, ego.color = 0.0, sim.vehicle.color
-                    sim.road.vehicles[sim.road.vehicles.index(sim.vehicle)] = ego
-                    sim.controlled_vehicles[0] = ego
+                    ego = hand_over(sim)
                 trace.append(_state(sim, ego))
                 if self.keep_frames:
                     shown.append(rgb)
@@ -180,6 +200,7 @@ class Episode:
                 else:
                     delta = pure_pursuit(wp, ego.speed, ego.LENGTH)
                     accel = speed_command(wp, ego.speed, clip.dt)
+                self.observe(step, sim, ego, frames, speeds, steers, (accel, -delta))
                 # ContinuousAction maps [-1, 1] onto its ranges; highway-env steers positive right.
                 action = np.array([accel / 5.0, -delta / STEER_MAX], np.float32)
         finally:
@@ -198,7 +219,7 @@ class Episode:
         if self.policy == "expert-tracked":
             path = self.expert_path  # (steps, 2) world positions of the expert on this seed
             idx = np.minimum(step + np.round(t * self.so.fps).astype(int), len(path) - 1)
-            return _ego_frame(path[idx], ego.position, ego.heading)
+            return ego_frame(path[idx], ego.position, ego.heading)
         video = decode_clip(encode_clip(np.stack(frames), clip.fps), channels_first=True)
         if self.policy == "model-no-video":
             video = np.zeros_like(video)

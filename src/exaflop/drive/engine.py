@@ -43,14 +43,13 @@ import numpy as np
 
 from exaflop.drive import scores as S
 from exaflop.drive.closedloop import (
-    STEER_MAX,
+    CONTROL,
     Clip,
     Episode,
-    _ego_frame,
+    ego_frame,
     evaluate,
+    hand_over,
     model_predictor,
-    pure_pursuit,
-    speed_command,
 )
 from exaflop.errors import UserError
 
@@ -83,77 +82,17 @@ def _shadow_action(sim, ego, expert_speed: float) -> tuple[float, float]:
 
 
 class ShadowEpisode(Episode):
-    """A model episode that also records, per scored step: the model's commands, the shadow
-    expert's, the input buffer, and everything needed to replay it."""
+    """A model episode that also records, per scored step, the input buffer, the model's
+    command and the shadow expert's (`steps`); `actions` replays it."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, keep_frames=False, **kw)
         self.steps: list[dict] = []
-        self.expert_speed = 0.0
 
-    def run(self):
-        import av
-        from highway_env.vehicle.kinematics import Vehicle
-
-        from exaflop.drive.importers.sim import make_env
-        from exaflop.drive.video import decode_clip, encode_clip, fit_frame
-
-        so, clip, T = self.so, self.clip, self.clip.frames
-        env, sim = make_env(so, self.seed, action=_ACTION)
-        self.expert_speed = float(sim.vehicle.target_speed)
-        frames, speeds, steers, trace, actions = [], [], [], [], []
-        action = np.zeros(2, np.float32)
-        try:
-            for step in range(int(round(so.seconds * so.fps)) + 1):
-                if step:
-                    actions.append(action.copy())
-                    _, _, terminated, truncated, _ = env.step(action)
-                    if terminated or truncated:
-                        if step >= T:
-                            trace.append(_state_of(sim))
-                        break
-                ego = sim.vehicle
-                rgb = env.render()
-                frames.append(fit_frame(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"),
-                                        clip.width, clip.height))
-                speeds.append(float(ego.speed))
-                steers.append(-math.degrees(ego.action.get("steering", 0.0)) if isinstance(ego.action, dict) else 0.0)
-                if step < T - 1:
-                    continue
-                if step == T - 1:
-                    ego = _hand_over(sim, Vehicle)
-                trace.append(_state_of(sim))
-                shadow = _shadow_action(sim, ego, self.expert_speed)
-                video = decode_clip(encode_clip(np.stack(frames[-T:]), clip.fps), channels_first=True)
-                wp = self.predict(video, np.asarray(speeds[-T:], np.float32), np.asarray(steers[-T:], np.float32))
-                delta = pure_pursuit(wp, ego.speed, ego.LENGTH)
-                accel = speed_command(wp, ego.speed, clip.dt)
-                action = np.array([accel / 5.0, -delta / STEER_MAX], np.float32)
-                self.steps.append({"step": step, "frames": np.stack(frames[-T:]), "speed": list(speeds[-T:]),
-                                   "steering": list(steers[-T:]), "model": (accel, -delta), "shadow": shadow})
-        finally:
-            env.close()
-        self.actions = actions
-        arrays = {k: np.asarray([t[k] for t in trace]) for k in trace[0]} if trace else {}
-        return arrays, [], []
-
-
-_ACTION = {"type": "ContinuousAction", "acceleration_range": [-5.0, 5.0],
-           "steering_range": [-STEER_MAX, STEER_MAX], "speed_range": [0.0, 40.0]}
-
-
-def _state_of(sim) -> dict:
-    from exaflop.drive.closedloop import _state
-
-    return _state(sim, sim.vehicle)
-
-
-def _hand_over(sim, vehicle_class):
-    ego = vehicle_class.create_from(sim.vehicle)
-    ego.MIN_SPEED, ego.color = 0.0, sim.vehicle.color
-    sim.road.vehicles[sim.road.vehicles.index(sim.vehicle)] = ego
-    sim.controlled_vehicles[0] = ego
-    return ego
+    def observe(self, step, sim, ego, frames, speeds, steers, command) -> None:
+        self.steps.append({"step": step, "frames": np.stack(frames), "speed": list(speeds),
+                           "steering": list(steers), "model": command,
+                           "shadow": _shadow_action(sim, ego, self.expert_speed)})
 
 
 def triggers(ep: ShadowEpisode, trace: dict, fps: float) -> dict[int, set[str]]:
@@ -193,20 +132,19 @@ def relabel(ep: ShadowEpisode, picked: list[int], clip: Clip) -> list[tuple[dict
     model's recorded commands up to the step, then the expert drives from that state for
     the label horizon in a copy of the road."""
     from highway_env.vehicle.behavior import IDMVehicle
-    from highway_env.vehicle.kinematics import Vehicle
 
     from exaflop.drive.importers.sim import make_env
 
     so, T = ep.so, clip.frames
     want = {ep.steps[i]["step"]: i for i in picked}
     out: list[tuple[dict, dict, np.ndarray]] = []
-    env, sim = make_env(so, ep.seed, action=_ACTION)
+    env, sim = make_env(so, ep.seed, action=CONTROL)
     try:
         for step in range(max(want) + 1):
             if step:
                 env.step(ep.actions[step - 1])
             if step == T - 1:
-                _hand_over(sim, Vehicle)
+                hand_over(sim)
             if step not in want:
                 continue
             ego = sim.vehicle
@@ -225,7 +163,7 @@ def relabel(ep: ShadowEpisode, picked: list[int], clip: Clip) -> list[tuple[dict
                 if (n + 1) % every == 0:
                     pts.append(expert.position.copy())
                     steer.append(-math.degrees(expert.action.get("steering", 0.0)))
-            wp = _ego_frame(np.asarray(pts), ego.position, ego.heading)
+            wp = ego_frame(np.asarray(pts), ego.position, ego.heading)
             s = ep.steps[want[step]]
             tel = {"speed": [round(v, 4) for v in s["speed"]], "steering": [round(v, 4) for v in s["steering"]]}
             lab = {"waypoints": np.round(wp, 4).tolist(), "steering": [round(v, 4) for v in steer],
