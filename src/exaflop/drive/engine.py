@@ -179,35 +179,14 @@ def grow_dataset(data: str, round_: int, clips: list[tuple[dict, dict, np.ndarra
     """Write the clips as new train shards + a result marker, then the manifest with them in
     its train split; the val split's entry is left exactly as it was."""
     from exaflop.drive import shards
-    from exaflop.drive.importers.run import _stats_init
+    from exaflop.drive.importers.run import write_clips
     from exaflop.drive.store import Store
-    from exaflop.drive.video import encode_clip
 
     store = Store(data)
     store.read_json(shards.MANIFEST, what="dataset manifest")  # a dataset is there
     item = f"engine-r{round_:03d}-{int(time.time())}"
-    written, writer = [], None
-    stats = _stats_init(clip.waypoints)
-    resid = np.zeros((2, clip.waypoints, 2))
-    t_k = clip.dt * np.arange(1, clip.waypoints + 1)
-    for j, (tel, lab, frames) in enumerate(clips):
-        if writer is None:
-            writer = shards.ShardWriter(f"train/{item}-{len(written):03d}.tar", store)
-        writer.add(f"{item}_{j:06d}", encode_clip(frames, clip.fps), tel, lab)
-        v = tel["speed"][-1]
-        r = np.asarray(lab["waypoints"]) - np.stack([v * t_k, np.zeros_like(t_k)], -1)
-        resid += np.stack([r, r * r])
-        stats["n"] += 1
-        stats["speed"][0] += v
-        stats["speed"][1] += v * v
-        stats["steering"][0] += sum(tel["steering"]) / len(tel["steering"])
-        stats["steering"][1] += sum(x * x for x in tel["steering"]) / len(tel["steering"])
-        if len(writer.clips) >= 256:
-            written.append(writer.close())
-            writer = None
-    if writer is not None:
-        written.append(writer.close())
-    stats["resid"] = resid.tolist()
+    written, _, stats = write_clips(store, "train", item, ((j, f, tel, lab) for j, (tel, lab, f) in enumerate(clips)),
+                                    clip.fps, clip.waypoints, clip.dt, per_shard=256)
     result = {"item": item, "group": item, "split": "train", "clips": len(clips), "shards": written,
               "labels_from": "expert relabel (DAgger)", "sources": {"engine_round": round_}, "stats": stats,
               "view": view}

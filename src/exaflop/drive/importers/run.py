@@ -73,8 +73,42 @@ def pinned_splits(store: Store, items: list[Item]) -> dict[str, str]:
     return {it.group: split_of[it.item_id] for it in items if it.item_id in split_of}
 
 
-def _stats_init(k: int) -> dict:
-    return {"n": 0, "speed": [0.0, 0.0], "steering": [0.0, 0.0], "resid": np.zeros((2, k, 2)).tolist()}
+def write_clips(store: Store, split: str, item_id: str, clips, fps: float, waypoints: int, dt: float,
+                per_shard: int) -> tuple[list[dict], int, dict]:
+    """Encode (start, frames, telemetry, labels) clips into `split/ITEM-NNN.tar` shards of
+    `per_shard` clips: (shard records, clip count, the item's normalisation sums — pooled
+    over items by `_finish_stats`; the model predicts the residual over constant velocity).
+    An error mid-shard drops the local temporary: nothing half-written reaches the store."""
+    written, writer, n = [], None, 0
+    stats = {"n": 0, "speed": [0.0, 0.0], "steering": [0.0, 0.0]}
+    resid = np.zeros((2, waypoints, 2))
+    t_k = dt * np.arange(1, waypoints + 1)
+    try:
+        for start, frames, telemetry, labels in clips:
+            if writer is None:
+                writer = shards.ShardWriter(f"{split}/{item_id}-{len(written):03d}.tar", store)
+            writer.add(f"{item_id}_{start:06d}", encode_clip(frames, fps), telemetry, labels)
+            n += 1
+            v = telemetry["speed"][-1]
+            r = np.asarray(labels["waypoints"]) - np.stack([v * t_k, np.zeros_like(t_k)], -1)
+            resid += np.stack([r, r * r])
+            steer = telemetry["steering"]
+            stats["n"] += 1
+            stats["speed"][0] += v
+            stats["speed"][1] += v * v
+            stats["steering"][0] += sum(steer) / len(steer)
+            stats["steering"][1] += sum(s * s for s in steer) / len(steer)
+            if len(writer.clips) >= per_shard:
+                written.append(writer.close())
+                writer = None
+        if writer is not None:
+            written.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    stats["resid"] = resid.tolist()
+    return written, n, stats
 
 
 def convert_item(importer: str, item: Item, opts: ImportOptions, out: str,
@@ -90,35 +124,9 @@ def convert_item(importer: str, item: Item, opts: ImportOptions, out: str,
         first = next(clips)  # raises BadInput before any shard is opened
     except BadInput as e:
         return {"item": item.item_id, "skipped": str(e)}
-    written, writer, n, source = [], None, 0, first[3]["source"]
-    stats = _stats_init(opts.waypoints)
-    resid = np.zeros((2, opts.waypoints, 2))
-    t_k = opts.dt * np.arange(1, opts.waypoints + 1)
-    try:
-        for start, frames, telemetry, labels in _chain(first, clips):
-            if writer is None:
-                writer = shards.ShardWriter(f"{item.split}/{item.item_id}-{len(written):03d}.tar", store)
-            writer.add(f"{item.item_id}_{start:06d}", encode_clip(frames, opts.fps), telemetry, labels)
-            n += 1
-            # Normalisation statistics: the model predicts the residual over constant velocity.
-            v = telemetry["speed"][-1]
-            r = np.asarray(labels["waypoints"]) - np.stack([v * t_k, np.zeros_like(t_k)], -1)
-            resid += np.stack([r, r * r])
-            stats["n"] += 1
-            stats["speed"][0] += v
-            stats["speed"][1] += v * v
-            stats["steering"][0] += sum(telemetry["steering"]) / len(telemetry["steering"])
-            stats["steering"][1] += sum(s * s for s in telemetry["steering"]) / len(telemetry["steering"])
-            if len(writer.clips) >= opts.clips_per_shard:
-                written.append(writer.close())
-                writer = None
-        if writer is not None:
-            written.append(writer.close())
-            writer = None
-    finally:
-        if writer is not None:  # failed mid-shard: drop the local temporary, store nothing
-            writer.abort()
-    stats["resid"] = resid.tolist()
+    written, n, stats = write_clips(store, item.split, item.item_id, _chain(first, clips), opts.fps,
+                                    opts.waypoints, opts.dt, opts.clips_per_shard)
+    source = first[3]["source"]
     result = {"item": item.item_id, "group": item.group, "split": item.split, "clips": n,
               "shards": written, "labels_from": source, "sources": item.paths, "stats": stats,
               "view": (rec.view or opts.extra.get("view") or DASHCAM_VIEW)}
