@@ -52,8 +52,9 @@ class LM(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         else:
             rope = (self.rope_cos, self.rope_sin)
+        step = None if cache is None else cache.step(rows, idx.shape[1], rope)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache.view(i, rows))
+            x = block(x, rope, None if step is None else step.view(i))
         return x
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,

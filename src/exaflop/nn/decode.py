@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from exaflop.nn.layers import apply_rope, attend
@@ -67,8 +68,13 @@ class KVCache:
         self.lengths[rows] = 0
 
     def view(self, layer: int, rows: Tensor | None = None) -> CacheView:
-        """What attention layer `layer` reads and writes: rows `rows` (default 0..B-1)."""
+        """What attention layer `layer` reads and writes: rows `rows` (default 0..B-1). A forward
+        over every layer should share one `step` instead (its indices are computed once)."""
         return CacheView(self, layer, rows)
+
+    def step(self, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None) -> DecodeStep:
+        """The positions, rotary angles and mask a chunk of T tokens per row shares across layers."""
+        return DecodeStep(self, rows, T, rope)
 
     def read_block(self, row: int, start: int, n: int) -> tuple[list[Tensor], list[Tensor]]:
         """Copies of row `row`'s keys and values at positions [start, start+n), per layer (K, n, D)."""
@@ -91,6 +97,49 @@ class KVCache:
         self.lengths[dst] = n
 
 
+class DecodeStep:
+    """One forward's cache indexing, computed once and shared by every layer: each row's start
+    and absolute positions, its rotary angles, how far attention reads and the mask. Per layer
+    that was a dozen small tensor ops, which at decode's tiny shapes cost more than the math."""
+
+    def __init__(self, cache: KVCache, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None):
+        self.cache = cache
+        device = cache.lengths.device
+        self.contiguous = rows is None  # rows 0..B-1: the serving engine keeps them packed so
+        self.rows, self.T, self.device = rows, T, device
+        self._rope = rope
+        self._ready = False  # filled by the first layer, which knows the batch size
+
+    def _prepare(self, B: int) -> None:
+        cache, T, device = self.cache, self.T, self.device
+        rows = torch.arange(B, device=device) if self.rows is None else self.rows
+        self.B, self.index_rows = B, rows[:, None]
+        start = cache.lengths[:B] if self.rows is None else cache.lengths[rows]  # (B,)
+        self.pos = start[:, None] + torch.arange(T, device=device)  # (B, T) absolute positions
+        if self._rope is not None:
+            self.cos = self._rope[0][self.pos][:, None]  # (B, 1, T, D/2)
+            self.sin = self._rope[1][self.pos][:, None]
+        if torch.compiler.is_compiling():
+            # Compiled, every row is read whole (masked): the filled length is data, and
+            # slicing by it would make each new length a new graph. The generated kernel
+            # reads the cache once, so the masked tail costs only its memory traffic.
+            self.end, self.fresh = cache.max_len, False
+        else:
+            self.end = int((start + T).max())
+            # Every row starts at 0 (a fresh prompt): the chunk is all there is to attend to,
+            # so plain causal attention over it, without reading the cache back. Right padding
+            # is exact: a real query never sees the padding after it.
+            self.fresh = T > 1 and self.end == T
+        # Query at absolute position p sees keys 0..p of its own row.
+        if not self.fresh:
+            key_pos = torch.arange(self.end, device=device)
+            self.mask = (key_pos[None, None, :] <= self.pos[:, :, None])[:, None]  # (B, 1, T, end)
+        self._ready = True
+
+    def view(self, layer: int) -> CacheView:
+        return CacheView(self.cache, layer, self.rows, self)
+
+
 @dataclass
 class CacheView:
     """One attention layer's access to a KVCache: the decode state a block is handed."""
@@ -98,60 +147,45 @@ class CacheView:
     cache: KVCache
     layer: int
     rows: Tensor | None = None  # cache rows of the batch's rows; None: rows 0..B-1 (packed)
+    step: DecodeStep | None = None  # shared with the other layers of this forward
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         """Append this chunk's k/v at each row's own offset, then attend over the filled prefix."""
-        cache, layer, rows = self.cache, self.layer, self.rows
+        cache, layer = self.cache, self.layer
         B, _, T, _ = q.shape
-        contiguous = rows is None
-        rows = torch.arange(B, device=q.device) if rows is None else rows
-        start = cache.lengths[rows]  # (B,)
-        pos = start[:, None] + torch.arange(T, device=q.device)  # (B, T) absolute positions
+        st = self.step or DecodeStep(cache, self.rows, T, rope)
+        if not st._ready:
+            st._prepare(B)
         if rope is not None:
-            cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]  # (B, 1, T, D/2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(layer, rows, pos, k, v)
-        if torch.compiler.is_compiling():
-            # Compiled, every row is read whole (masked): the filled length is data, and
-            # slicing by it would make each new length a new graph. The generated kernel
-            # reads the cache once, so the masked tail costs only its memory traffic.
-            end = cache.max_len
-        else:
-            end = int((start + T).max())
-            if T > 1 and end == T:
-                # Every row starts at 0 (a fresh prompt): the chunk is all there is to attend
-                # to, so plain causal attention over it, without reading the cache back.
-                # Right padding is exact: a real query never sees the padding after it.
-                return attend(q, k, v, None, causal=True)
-            if T == 1 and contiguous and q.device.type == "cpu" and 3 * end > cache.max_len:
-                # Decode on CPU reads whole rows (masked) once the cache is a third full: they
-                # are contiguous, while PyTorch's bf16 batched matmul copies a prefix view
-                # before using it, which costs more than reading the unused tail (measured).
-                end = cache.max_len
-        # Rows 0..B-1 (the serving engine keeps them packed so) are read as a view, no gather.
-        keys, vals = cache.read(layer, B if contiguous else rows, end)
-        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
-        # Query at absolute position p sees keys 0..p of its own row.
-        key_pos = torch.arange(end, device=q.device)
-        mask = key_pos[None, None, :] <= pos[:, :, None]  # (B, T, end)
+            q, k = apply_rope(q, st.cos, st.sin), apply_rope(k, st.cos, st.sin)
+        cache.write(layer, st.index_rows[:, 0], st.pos, k, v)
+        if st.fresh:
+            return attend(q, k, v, None, causal=True)
+        # Rows 0..B-1 are read as a view, no gather.
+        keys, vals = cache.read(layer, B if st.contiguous else st.index_rows[:, 0], st.end)
+        if keys.dtype != q.dtype:
+            keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         if T == 1:
-            return _decode_attention(q, keys, vals, mask[:, None])
-        return attend(q, keys, vals, mask[:, None], causal=False)
+            return _decode_attention(q, keys, vals, st.mask)
+        return attend(q, keys, vals, st.mask, causal=False)
 
 
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention of one new query per row over its cached keys.
 
-    q (B, H, 1, D), k/v (B, K, L, D), mask (B, 1, 1, L).
-    For a single query PyTorch's CPU SDPA kernels are slow (their blocking is built for
-    long queries; in bf16 measured ~7x slower than two plain matmuls), so decode does
-    the two matmuls itself, with the softmax in fp32.
+    q (B, H, 1, D), k/v (B, K, L, D) (views of the cache), mask (B, 1, 1, L).
+    bf16 on CPU: PyTorch's SDPA (grouped heads without repeating k/v), 3-5x faster than two
+    batched bf16 matmuls on these shapes (`lm-124m`, 2 threads, AMX CPU: 26 vs 142 us at one
+    row, 0.82 vs 2.8 ms at 32). fp32: the two matmuls with the softmax in fp32, as fast or
+    faster than SDPA there at 8-32 rows (measured on AMX and AVX2-only paths).
     """
     B, H, _, D = q.shape
     K = k.shape[1]
-    qg = q.reshape(B, K, H // K, D)  # query heads grouped under their KV head: no repeat of k/v
     if torch.compiler.is_compiling():
-        return _decode_attention_fused(qg, k, v, mask).reshape(B, H, 1, D)
+        return _decode_attention_fused(q.reshape(B, K, H // K, D), k, v, mask).reshape(B, H, 1, D)
+    if q.dtype == torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K < H)
+    qg = q.reshape(B, K, H // K, D)  # query heads grouped under their KV head: no repeat of k/v
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D ** -0.5  # (B, K, H/K, L)
     scores = scores.masked_fill(~mask, float("-inf"))
     y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, K, H/K, D)

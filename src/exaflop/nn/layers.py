@@ -67,15 +67,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(n_head * self.head_dim, dim, bias=False)
+        self.fused = None  # wq/wk/wv as one packed matmul, for inference only (nn/packed.py)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, kv: CacheView | None = None) -> Tensor:
         """x (B, T, C). `kv`: this layer's view of a KV cache when decoding (nn/decode.py):
         the chunk's keys and values are appended there and attention covers the prefix."""
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallelism each rank holds a slice of the heads.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.fused(x) if self.fused is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if kv is None:
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -102,9 +104,11 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.fused = None  # w1/w3 as one packed matmul, for inference only (nn/packed.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.fused(x) if self.fused is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
