@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exaflop.nn.layers import apply_rope, attend
+from exaflop.nn.layers import attend
 
 
 class KVCache:
@@ -117,8 +117,9 @@ class DecodeStep:
         start = cache.lengths[:B] if self.rows is None else cache.lengths[rows]  # (B,)
         self.pos = start[:, None] + torch.arange(T, device=device)  # (B, T) absolute positions
         if self._rope is not None:
-            self.cos = self._rope[0][self.pos][:, None]  # (B, 1, T, D/2)
-            self.sin = self._rope[1][self.pos][:, None]
+            # Whole-width tables (each angle twice) so q and k rotate together in a few ops.
+            cos, sin = self._rope[0][self.pos][:, None], self._rope[1][self.pos][:, None]  # (B, 1, T, D/2)
+            self.cos2, self.sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
         if torch.compiler.is_compiling():
             # Compiled, every row is read whole (masked): the filled length is data, and
             # slicing by it would make each new length a new graph. The generated kernel
@@ -157,7 +158,7 @@ class CacheView:
         if not st._ready:
             st._prepare(B)
         if rope is not None:
-            q, k = apply_rope(q, st.cos, st.sin), apply_rope(k, st.cos, st.sin)
+            q, k = _rope_qk(q, k, st.cos2, st.sin2)
         cache.write(layer, st.index_rows[:, 0], st.pos, k, v)
         if st.fresh:
             return attend(q, k, v, None, causal=True)
@@ -168,6 +169,18 @@ class CacheView:
         if T == 1:
             return _decode_attention(q, keys, vals, st.mask)
         return attend(q, keys, vals, st.mask, causal=False)
+
+
+def _rope_qk(q: Tensor, k: Tensor, cos2: Tensor, sin2: Tensor) -> tuple[Tensor, Tensor]:
+    """`apply_rope` (nn/layers.py) on q (B, H, T, D) and k (B, K, T, D) at once, bit for bit: with
+    rotate-half, x1*cos + (-x2)*sin is x1*cos - x2*sin exactly. One set of ops for both heads
+    instead of two: at decode's shapes each op costs more than its arithmetic."""
+    H = q.shape[1]
+    x = torch.cat((q, k), 1).float()
+    d2 = x.shape[-1] // 2
+    rot = torch.cat((-x[..., d2:], x[..., :d2]), -1)
+    out = (x * cos2 + rot * sin2).to(q.dtype)
+    return out[:, :H], out[:, H:]
 
 
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

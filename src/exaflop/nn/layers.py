@@ -126,5 +126,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, kv: CacheView | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, kv))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        if self.training and self.drop.p > 0:
+            x = x + self.drop(self.attn(self.attn_norm(x), rope, kv))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        # Without dropout, no module call for it: decoding runs this per layer per token.
+        x = x + self.attn(self.attn_norm(x), rope, kv)
+        return x + self.mlp(self.mlp_norm(x))
