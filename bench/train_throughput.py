@@ -1,11 +1,21 @@
-"""Training throughput: exaflop vs a plain PyTorch loop over HF transformers' Llama, same shape.
+"""Training throughput: exaflop's trainer vs the models a user would train instead, same shape, one run.
 
-Measures in one run, on this machine:
-  1. the bf16 matmul peak (GFLOP/s) — the MFU denominator;
-  2. exaflop's trainer on the `lm-small` shape (seq 256, micro-batch 8, vocab 8192, bf16 autocast);
-  3. a plain loop (AdamW, bf16 autocast) over `LlamaForCausalLM` of the same shape.
-Prints tokens/s, MFU and the ratio. Usage:
-    python bench/train_throughput.py [--steps 40] [--threads 2] [--no-compile]
+Measures in one run, on this machine, for the `lm-small` shape (6 layers, width 384, 6 heads,
+seq 256, batch 8, vocab 8192):
+  1. the matmul peak of the dtype used (GFLOP/s, best of a sweep of shapes) - the MFU denominator;
+  2. exaflop's real trainer (data from shards, metrics from metrics.jsonl), eager and compiled;
+  3. peers as installed packages (never copied code), each in a plain loop (AdamW, grad clip 1.0,
+     autocast in the same dtype), eager and `torch.compile`d:
+       * hf-gpt2   - transformers' GPT2LMHeadModel (nanoGPT's architecture) in nanoGPT's loop
+                     (decay groups, betas 0.9/0.95, AdamW fused only on CUDA, as nanoGPT does);
+       * hf-llama  - transformers' LlamaForCausalLM;
+       * litgpt    - litgpt's GPT with a Llama config (`pip install litgpt`);
+       * torchtitan - torchtitan's Llama3Model (`pip install torchtitan`), if it imports.
+Every model has the same matmul FLOPs per token (GPT-2's 4x GeLU MLP = SwiGLU with d_ff 1024),
+so one FLOP count serves all MFUs. Prints tokens/s, MFU, the CPU's capability and the ratios.
+Usage:
+    python bench/train_throughput.py [--steps 30] [--dtype auto] [--peers hf-gpt2,hf-llama,litgpt,torchtitan]
+        [--no-compile] [--threads 2]
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 warnings.filterwarnings("ignore")
 
@@ -26,18 +38,29 @@ warnings.filterwarnings("ignore")
 PEAK_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (2048, 384, 1024),
                (2048, 1024, 384), (2048, 384, 1152), (2048, 384, 8192), (2048, 8192, 384))
 
-
 # --tiny: a seconds-long rehearsal of the whole script (the smoke test); its numbers mean nothing.
 TINY_SETS = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.n_kv_head=2", "model.d_ff=128",
              "model.seq_len=32", "train.log_every=1"]
+PEERS = ("hf-gpt2", "hf-llama", "litgpt", "torchtitan")
+BATCH, VOCAB = 8, 8192
 
 
-def matmul_peak(seconds: float = 1.0, shapes: tuple = PEAK_SHAPES) -> tuple[float, dict]:
-    """The machine's bf16 matmul peak: the best of a sweep of shapes (GFLOP/s per shape too)."""
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    caps = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{model} ({', '.join(caps) or 'no AVX2'})"
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 1.0, shapes: tuple = PEAK_SHAPES) -> tuple[float, dict]:
+    """The machine's matmul peak in `dtype`: the best of a sweep of shapes (GFLOP/s per shape too)."""
     rates = {}
     for m, k, n in shapes:
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         iters, t0 = 0, time.perf_counter()
@@ -48,7 +71,7 @@ def matmul_peak(seconds: float = 1.0, shapes: tuple = PEAK_SHAPES) -> tuple[floa
     return max(rates.values()), rates
 
 
-def exaflop_tokens_per_s(steps: int, tmp: Path, compile: bool = False, sets: tuple = ()) -> float:
+def exaflop_tokens_per_s(steps: int, tmp: Path, dtype: str, compile: bool = False, sets: tuple = ()) -> float:
     from exaflop.config import load_config
     from exaflop.engine.telemetry import read_metrics
     from exaflop.engine.trainer import train
@@ -56,80 +79,178 @@ def exaflop_tokens_per_s(steps: int, tmp: Path, compile: bool = False, sets: tup
 
     data = tmp / "data"
     if not (data / "manifest.json").exists():
-        build_text_dataset("stdlib", data, vocab_size=8192, max_bytes=3_000_000, quiet=True)
+        build_text_dataset("stdlib", data, vocab_size=VOCAB, max_bytes=3_000_000, quiet=True)
     cfg = load_config("lm-small", [f"data.path={data}", f"run.out_dir={tmp}", f"run.name=bench-{compile}",
-                                   f"run.compile={str(compile).lower()}",
-                                   "train.global_batch=8", "train.micro_batch=8", "train.global_batch_tokens=0",
-                                   f"train.steps={steps}", "train.log_every=5", "eval.every=0", "eval.batches=1",
-                                   "checkpoint.every=0", "run.tensorboard=false", *sets])
+                                   f"run.compile={str(compile).lower()}", f"run.dtype={dtype}",
+                                   f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}",
+                                   "train.global_batch_tokens=0", f"train.steps={steps}", "train.log_every=5",
+                                   "eval.every=0", "eval.batches=1", "checkpoint.every=0", "run.tensorboard=false",
+                                   *sets])
     train(cfg, quiet=True)
     # The first window holds warm-up (and, compiled, the compilation): skip it.
     rates = [r["tokens_per_s"] for r in read_metrics(cfg.run_dir) if r["kind"] == "train"][1:]
     return statistics.median(rates)
 
 
-def hf_tokens_per_s(steps: int, sets: tuple = ()) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+# -- peers: each returns (model, loss_fn(model, x) -> loss, optimizer) --------------------------------
+def _shape(sets: tuple):
     from exaflop.config import load_config
 
-    m = load_config("lm-small", list(sets)).model
-    hf = LlamaConfig(vocab_size=8192, hidden_size=m.d_model, intermediate_size=m.d_ff,
-                     num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
-                     num_key_value_heads=m.n_kv_head, max_position_embeddings=m.seq_len,
-                     tie_word_embeddings=True, rms_norm_eps=m.norm_eps, attn_implementation="sdpa")
-    model = LlamaForCausalLM(hf)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    x = torch.randint(0, 8192, (8, m.seq_len))
+    return load_config("lm-small", [f"model.vocab_size={VOCAB}", *sets]).model
+
+
+def hf_gpt2(m):
+    """nanoGPT's architecture (GPT-2: learned positions, LayerNorm, 4x GeLU MLP, tied head) in nanoGPT's
+    loop: AdamW over decay / no-decay groups, betas (0.9, 0.95), fused only on CUDA."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=m.seq_len, n_embd=m.d_model, n_layer=m.n_layer,
+                     n_head=m.n_head, n_inner=4 * m.d_model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=False)
+    return model, lambda mod, x: mod(input_ids=x, labels=x).loss, opt
+
+
+def hf_llama(m):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=m.d_model, intermediate_size=m.d_ff,
+                      num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head,
+                      max_position_embeddings=m.seq_len, tie_word_embeddings=True, rms_norm_eps=m.norm_eps,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    return model, lambda mod, x: mod(input_ids=x, labels=x).loss, torch.optim.AdamW(model.parameters(), fused=True)
+
+
+def litgpt_llama(m):
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    cfg = Config(name="bench", block_size=m.seq_len, vocab_size=VOCAB, padded_vocab_size=VOCAB, n_layer=m.n_layer,
+                 n_head=m.n_head, n_embd=m.d_model, n_query_groups=m.n_kv_head, rotary_percentage=1.0,
+                 parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=m.norm_eps,
+                 mlp_class_name="LLaMAMLP", intermediate_size=m.d_ff)
+    model = GPT(cfg)
+
+    def loss(mod, x):
+        logits = mod(x)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), x[:, 1:].reshape(-1))
+    return model, loss, torch.optim.AdamW(model.parameters(), fused=True)
+
+
+def torchtitan_llama(m):
+    from torchtitan.models import llama3 as tt
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+
+    dim = m.d_model
+    norm = {"weight": torch.nn.init.ones_}
+    cfg = tt.Llama3Model.Config(
+        dim=dim, vocab_size=VOCAB,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=dim, param_init=tt._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=norm),
+        lm_head=Linear.Config(in_features=dim, out_features=VOCAB, param_init=tt._output_linear_init(dim)),
+        layers=tt._build_llama3_layers(
+            fuse_qkv=True, n_layers=m.n_layer, dim=dim, n_heads=m.n_head, n_kv_heads=m.n_kv_head, hidden_dim=m.d_ff,
+            rope=ComplexRoPE.Config(dim=dim // m.n_head, max_seq_len=m.seq_len, theta=m.rope_theta),
+            attn_backend="sdpa"))
+    model = cfg.build()
+    if hasattr(model, "init_weights"):
+        model.init_weights()
+
+    def loss(mod, x):
+        logits = mod(x)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), x[:, 1:].reshape(-1))
+    return model, loss, torch.optim.AdamW(model.parameters(), fused=True)
+
+
+BUILDERS: dict[str, tuple[Callable, str]] = {
+    "hf-gpt2": (hf_gpt2, "pip install transformers"), "hf-llama": (hf_llama, "pip install transformers"),
+    "litgpt": (litgpt_llama, "pip install litgpt"), "torchtitan": (torchtitan_llama, "pip install torchtitan")}
+
+
+def peer_tokens_per_s(name: str, m, steps: int, dtype: torch.dtype, compile: bool) -> float:
+    """Median step rate of a plain training loop over the peer's model (after warm-up steps)."""
+    torch.manual_seed(0)
+    model, loss_fn, opt = BUILDERS[name][0](m)
+    model.train()
+    step_model = torch.compile(model) if compile else model
+    x = torch.randint(0, VOCAB, (BATCH, m.seq_len))
+    warm = 5 if compile else 3
     times = []
-    for i in range(steps):
+    for i in range(steps + warm):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = loss_fn(step_model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 3:
+        if i >= warm:
             times.append(time.perf_counter() - t0)
-    return 8 * m.seq_len / statistics.median(times)
+    return BATCH * m.seq_len / statistics.median(times)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="compute dtype for every model (auto: what exaflop picks on this CPU)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="skip the torch.compile run (it costs ~30 s of compilation)")
+                    help="skip the torch.compile runs (each costs ~30 s of compilation)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
     sets = tuple(TINY_SETS) if args.tiny else ()
-    name = "tiny" if args.tiny else "lm-small"
     if args.tiny:
-        args.steps, args.compile = 5, False
+        args.steps, args.compile, args.peers = 5, False, "hf-gpt2"
     if args.threads:
         torch.set_num_threads(args.threads)
-    from exaflop.config import load_config
+    from exaflop.engine.precision import resolve
     from exaflop.lm.model import flops_per_token
 
-    small = load_config("lm-small", ["model.vocab_size=8192", *sets]).model
-    fpt = flops_per_token(small)
-    peak, rates = matmul_peak(0.01, ((128, 128, 128),)) if args.tiny else matmul_peak()
+    precision = resolve(args.dtype, "cpu", flag="--dtype")
+    dtype = torch.bfloat16 if precision.name == "bf16" else torch.float32
+    m = _shape(sets)
+    fpt = flops_per_token(m)
+    peak, rates = matmul_peak(dtype, 0.01, ((128, 128, 128),)) if args.tiny else matmul_peak(dtype)
+    results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ours = exaflop_tokens_per_s(args.steps, Path(tmp), sets=sets)
-        ours_c = exaflop_tokens_per_s(args.steps, Path(tmp), compile=True) if args.compile else 0.0
-    theirs = hf_tokens_per_s(args.steps, sets)
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, {fpt / 1e6:.1f} MFLOP/token")
-    print("bf16 matmul GFLOP/s by shape (M,K,N): "
+        results["exaflop eager"] = exaflop_tokens_per_s(args.steps, Path(tmp), precision.name, sets=sets)
+        if args.compile:
+            results["exaflop compiled"] = exaflop_tokens_per_s(args.steps, Path(tmp), precision.name, True, sets)
+    missing = {}
+    for name in [p for p in args.peers.split(",") if p]:
+        if name not in BUILDERS:
+            raise SystemExit(f"--peers: unknown peer {name!r}; choose from {', '.join(PEERS)}")
+        for compiled in (False, True) if args.compile else (False,):
+            label = f"{name} {'compiled' if compiled else 'eager'}"
+            try:
+                results[label] = peer_tokens_per_s(name, m, args.steps, dtype, compiled)
+            except ImportError as e:
+                missing[name] = f"not installed ({e.name}): {BUILDERS[name][1]}"
+                break
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+                missing[label] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    print(f"CPU: {cpu_name()}; threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"dtype {precision.name} ({precision.requested}), {fpt / 1e6:.1f} MFLOP/token, batch {BATCH} x {m.seq_len}")
+    print(f"{precision.name} matmul GFLOP/s by shape (M,K,N): "
           + ", ".join(f"{s}: {r / 1e9:.0f}" for s, r in rates.items()))
-    print(f"bf16 matmul peak (best shape)     {peak / 1e9:8.1f} GFLOP/s")
-    print(f"exaflop {name:8} (eager)          {ours:8.0f} tokens/s   MFU {100 * ours * fpt / peak:5.1f}%")
-    if ours_c:
-        print(f"exaflop {name:8} (torch.compile)  {ours_c:8.0f} tokens/s   MFU {100 * ours_c * fpt / peak:5.1f}%")
-    print(f"transformers Llama loop (eager)   {theirs:8.0f} tokens/s   MFU {100 * theirs * fpt / peak:5.1f}%")
-    print(f"ratio exaflop eager / transformers: {ours / theirs:.2f}x")
-    if ours_c:
-        print(f"ratio exaflop compiled / transformers: {ours_c / theirs:.2f}x")
+    print(f"{precision.name} matmul peak (best shape): {peak / 1e9:.1f} GFLOP/s")
+    for label, tps in results.items():
+        print(f"{label:<24} {tps:9.0f} tokens/s   MFU {100 * tps * fpt / peak:5.1f}%")
+    for label, why in missing.items():
+        print(f"{label:<24} {why}")
+    for mode in ("eager", "compiled"):
+        ours = results.get(f"exaflop {mode}")
+        if not ours:
+            continue
+        ratios = [f"{name} {ours / results[f'{name} {mode}']:.2f}x" for name in PEERS if f"{name} {mode}" in results]
+        print(f"ratio exaflop {mode} / peer {mode}: {', '.join(ratios) or 'no peer ran'}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,53 @@ def test_chunked_head_loss_matches_plain_cross_entropy(masked):
         torch.testing.assert_close(m(x, y, loss_mask=mask)[1], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_over_many_chunks_both_weight_gradient_paths(whole, dtype, monkeypatch):
+    """Several chunks (and a ragged last one); the head's weight gradient either as one matmul
+    over the kept chunk gradients or as a running fp32 sum (above _WHOLE_GRAD_ELEMENTS)."""
+    import exaflop.nn.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "_WHOLE_GRAD_ELEMENTS", 1 << 25 if whole else 0)
+    torch.manual_seed(0)
+    h = (torch.randn(70, 32) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(300, 32) * 0.2).requires_grad_()
+    y = torch.randint(0, 300, (70,))
+    mask = torch.rand(70) > 0.3
+    got = loss_mod.linear_cross_entropy(h, w, y, mask, chunk=16)
+    got.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    nll = torch.nn.functional.cross_entropy((h @ w.to(dtype).t()).float(), y, reduction="none")
+    ref = (nll * mask).sum() / mask.sum()
+    ref.backward()
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-2}
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(gh, h.grad, **tol)
+    torch.testing.assert_close(gw, w.grad, **tol)
+    assert gw.dtype == torch.float32  # the master weight's own dtype, no round trip
+
+
+@pytest.mark.compile
+def test_chunked_loss_compiled_matches_eager():
+    """Compiled, the loss takes its functional form (nn/loss.py): same loss and gradients."""
+    from exaflop.nn.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(70, 32, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.2).requires_grad_()
+    y = torch.randint(0, 300, (70,))
+    got = torch.compile(lambda a, b: linear_cross_entropy(a, b, y, chunk=16))(h, w)
+    got.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = linear_cross_entropy(h, w, y, chunk=16)
+    ref.backward()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
+
+
 def _hidden(m, x):
     h = m.tok_emb(x)
     rope = (m.rope_cos[:x.shape[1]], m.rope_sin[:x.shape[1]])

@@ -32,7 +32,7 @@ LAST_WORDS = {
     "serve_prefix": "cached / cold TTFT:",
     "serve_structured": "constrained / free:",
     "serve_vs_llama_server": "(tok/s ratio: higher is better",
-    "train_throughput": "ratio exaflop eager / transformers:",
+    "train_throughput": "ratio exaflop eager / peer eager:",
     "video_loader": "fed by the loader",
 }
 

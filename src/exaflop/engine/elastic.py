@@ -209,6 +209,50 @@ def _await_join_at() -> int | None:
     return int(m.group(1)) if m else None
 
 
+def admit(rt, heartbeat) -> dict[str, Any] | None:
+    """A replacement's side of growing back (`rt`: the trainer's engine.runtime.Runtime): wait to be
+    admitted into the running group, then take its ranks and rank 0's precision. None if the run
+    finished before a step boundary let it in. Its collectives pair with `rewrap` on the members."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    from exaflop.engine.precision import agree
+
+    info = rt.elastic.join()
+    if info is None:
+        return None
+    rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
+    rt.precision = agree(rt.precision, rt.device)
+    rt.dtype = rt.precision.dtype
+    heartbeat.store = _get_default_store()
+    return info
+
+
+def rewrap(rec: dict[str, Any], parallel_cfg, rt, model: torch.nn.Module, optimizer, meta: dict[str, Any]):
+    """The model wrapped for the re-formed group (`rec` from Elastic.reform or .grow; `meta`: step,
+    skipped-step count and RNG state to hand a replacement). When the group grew, the replacements
+    get the state here, in the same collective order as their side (`admit`, the trainer's
+    parallelize, `share_state`): rank 0's precision choice, its weights (DDP's construction-time
+    broadcast), its optimizer state, step and RNG."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from exaflop.engine.mesh import resolve_layout
+    from exaflop.engine.precision import agree
+
+    t0 = time.time()
+    rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
+    rt.layout = resolve_layout(parallel_cfg, rt.world)
+    if rec["joined"]:
+        rt.precision = agree(rt.precision, rt.device)
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper; elastic runs plain DDP replicas
+    inner = inner.module if isinstance(inner, DDP) else inner
+    model = DDP(inner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else inner
+    if rec["joined"]:
+        _, rec["state_bytes"] = share_state(optimizer, meta)
+        rec["state_from"] = rt.elastic.members[0]
+    rec["stall_s"] += time.time() - t0
+    return model
+
+
 def share_state(optimizer: torch.optim.Optimizer, meta: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
     """Rank 0's optimizer state and `meta` (step, counters, RNG) to every rank, by broadcast.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -208,3 +208,15 @@ def autocast_for(requested: str, device: torch.device | str = "cpu", flag: str =
     device = torch.device(device)
     p = resolve(requested, device, flag=flag)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.name == "bf16")
+
+
+def agree(precision: Precision, device: torch.device) -> Precision:
+    """Every rank must compute in the same dtype (FSDP's mixed-precision policy, the
+    checksums of bit-exact resume): take rank 0's decision, which the probe made on its
+    own core, so noisy measurements on two ranks cannot split the group."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if precision.name == "bf16" else 0], device=device)
+    dist.broadcast(flag, src=0)
+    name = "bf16" if int(flag.item()) else "fp32"
+    return precision if name == precision.name else replace(precision, name=name, reason="rank 0's choice")

@@ -76,24 +76,12 @@ def setup(cfg) -> Runtime:
                                 rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     seed_everything(cfg.run.seed)
-    from exaflop.engine.precision import resolve
+    from exaflop.engine.precision import agree, resolve
 
     precision = resolve(cfg.run.dtype, device)
     if world > 1:
         precision = agree(precision, device)
     return Runtime(rank, world, local_rank, device, precision.dtype, precision=precision, elastic=elastic)
-
-
-def agree(precision, device: torch.device):
-    """Every rank must compute in the same dtype (FSDP's mixed-precision policy, the
-    checksums of bit-exact resume): take rank 0's decision, which the probe made on its
-    own core, so noisy measurements on two ranks cannot split the group."""
-    from dataclasses import replace
-
-    flag = torch.tensor([1 if precision.name == "bf16" else 0], device=device)
-    dist.broadcast(flag, src=0)
-    name = "bf16" if int(flag.item()) else "fp32"
-    return precision if name == precision.name else replace(precision, name=name, reason="rank 0's choice")
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta):

@@ -25,10 +25,9 @@ from exaflop.data.stream import StreamLayout, eval_batches, make_loader
 from exaflop.engine import runtime as rtm
 from exaflop.engine.checkpoint import Checkpointer, latest_complete
 from exaflop.engine.faults import Drills
-from exaflop.engine.mesh import resolve_layout
 from exaflop.engine.optim import build_optimizer, lr_at
 from exaflop.engine.parallel import data_parallel_size, local_tensor, parallelize, unwrap
-from exaflop.engine.precision import peak_dtype
+from exaflop.engine.precision import agree, peak_dtype
 from exaflop.engine.step import to_device, train_step
 from exaflop.engine.task import build_task
 from exaflop.engine.telemetry import MetricsLog, peak_mem_mb, per_rank
@@ -108,7 +107,9 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     joined = None
     if rt.elastic is not None and rt.elastic.joining:
         # A replacement for a lost replica: ready to train, it now waits for the group to admit it.
-        joined = _admit(rt, heartbeat)
+        from exaflop.engine.elastic import admit
+
+        joined = admit(rt, heartbeat)
         if joined is None:
             return {"step": 0, "joined": False, "run_dir": str(run_dir)}
     if rt.elastic is not None and cfg.parallel.mode == "auto":
@@ -313,44 +314,17 @@ class _Meter:
         return {"loss": f"{out.loss:.3f}", "rate": rate, "mfu": f"{100 * mfu:.1f}%"}
 
 
-def _admit(rt: rtm.Runtime, heartbeat) -> dict[str, Any] | None:
-    """A replacement (engine/elastic.py): wait to be admitted into the running group, then take
-    its ranks and rank 0's precision. None if the run finished before a step boundary let it in."""
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    info = rt.elastic.join()
-    if info is None:
-        return None
-    rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
-    rt.precision = rtm.agree(rt.precision, rt.device)
-    rt.dtype = rt.precision.dtype
-    heartbeat.store = _get_default_store()
-    return info
-
-
 def _reformed(rec: dict[str, Any], cfg: Config, rt: rtm.Runtime, task, model, train_src, B: int, step: int,
               log: MetricsLog, heartbeat, evaluator, val_src, workers: int, optimizer=None, skipped: int = 0):
     """After the elastic group re-formed (`rec` from Elastic.reform or .grow): the new group's
-    DDP wrapper, and the same global batch re-split over its members from step `step` on (the
-    global cursor). When it grew, the replacements get the state here, in the same collective
-    order as their side (trainer._admit, parallelize, share_state): rank 0's precision choice,
-    its weights (DDP's construction-time broadcast), its optimizer state, step and RNG."""
+    DDP wrapper, with any replacements given rank 0's state (engine/elastic.py `rewrap`), and the
+    same global batch re-split over its members from step `step` on (the global cursor)."""
     from torch.distributed.distributed_c10d import _get_default_store
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    t0 = time.time()
-    rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
-    rt.layout = resolve_layout(cfg.parallel, rt.world)
-    if rec["joined"]:
-        rt.precision = rtm.agree(rt.precision, rt.device)
-    inner = unwrap(model)
-    model = DDP(inner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else inner
-    if rec["joined"]:
-        from exaflop.engine.elastic import share_state
+    from exaflop.engine.elastic import rewrap
 
-        _, rec["state_bytes"] = share_state(optimizer, {"step": step, "skipped": skipped, "rng": rtm.rng_state()})
-        rec["state_from"] = rt.elastic.members[0]
-    rec["stall_s"] += time.time() - t0
+    meta = {"step": step, "skipped": skipped, "rng": rtm.rng_state()}
+    model = rewrap(rec, cfg.parallel, rt, model, optimizer, meta)
     layout, loader, evaluator.val = _split_data(cfg, rt, task, train_src, val_src, B, step, workers)
     heartbeat.store = _get_default_store()
     if rt.is_main:
@@ -479,7 +453,7 @@ def _confirm_precision(model, task, source, micro: int, rt: rtm.Runtime) -> None
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     if rt.distributed:
-        p = rtm.agree(p, rt.device)
+        p = agree(p, rt.device)
     rt.precision, rt.dtype = p, p.dtype
 
 

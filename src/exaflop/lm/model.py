@@ -43,7 +43,8 @@ class LM(nn.Module):
             scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("wo.weight", "w2.weight", "mlp.w2")) else 1
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
-    def hidden(self, idx: Tensor, cache: KVCache | None = None, rows: Tensor | None = None) -> Tensor:
+    def hidden(self, idx: Tensor, cache: KVCache | None = None, rows: Tensor | None = None,
+               key_pos: Tensor | None = None) -> Tensor:
         """Final hidden states (B, T, C), before the last norm. With `cache`, positions continue
         from each row's cache length and this chunk's keys/values are written into it."""
         x = self.tok_emb(idx)
@@ -52,7 +53,7 @@ class LM(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         else:
             rope = (self.rope_cos, self.rope_sin)
-        step = None if cache is None else cache.step(rows, idx.shape[1], rope)
+        step = None if cache is None else cache.step(rows, idx.shape[1], rope, key_pos)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if step is None else step.view(i))
         return x
@@ -102,12 +103,14 @@ class LM(nn.Module):
             return None
         return self.cfg.moe_aux_coef * sum(terms) / len(terms)
 
-    def logits_at(self, idx: Tensor, cache: KVCache, rows: Tensor | None, last: Tensor) -> Tensor:
+    def logits_at(self, idx: Tensor, cache: KVCache, rows: Tensor | None, last: Tensor,
+                  key_pos: Tensor | None = None) -> Tensor:
         """fp32 logits (B, V) at position `last[b]` of each row of this chunk, filling the cache
         for all of it but not moving its lengths: the pure step `decode` runs (and the one the
         server compiles). The LM head runs on one position per row instead of all T: for a
-        long prompt and a large vocabulary that is most of the prefill's memory."""
-        x = self.hidden(idx, cache, rows)
+        long prompt and a large vocabulary that is most of the prefill's memory. `key_pos`:
+        arange(read length), given to a compiled step (nn/decode.py DecodeStep)."""
+        x = self.hidden(idx, cache, rows, key_pos)
         x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
         return self.lm_head(self.norm(x)).float()
 
@@ -123,7 +126,15 @@ class LM(nn.Module):
         compiled copy of it (same arguments, the model first)."""
         B, T = idx.shape
         n = lengths if lengths is not None else torch.full((B,), T, dtype=torch.long, device=idx.device)
-        logits = (step or LM.logits_at)(self, idx, cache, rows, n - 1)
+        if step is None:
+            logits = LM.logits_at(self, idx, cache, rows, n - 1)
+        else:
+            # The read length as a tensor's size: a dynamic dimension of the compiled graph, so the
+            # step reads only the filled prefix without a graph per length. At least 2 (the extra
+            # position is masked): the compiler specializes sizes 0 and 1 into graphs of their own.
+            start = cache.lengths[:B] if rows is None else cache.lengths[rows]
+            key_pos = torch.arange(max(int(start.max()) + T, 2), device=idx.device)
+            logits = step(self, idx, cache, rows, n - 1, key_pos)
         cache.advance(rows, n)
         return logits
 

@@ -72,9 +72,12 @@ class KVCache:
         over every layer should share one `step` instead (its indices are computed once)."""
         return CacheView(self, layer, rows)
 
-    def step(self, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None) -> DecodeStep:
-        """The positions, rotary angles and mask a chunk of T tokens per row shares across layers."""
-        return DecodeStep(self, rows, T, rope)
+    def step(self, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None,
+             key_pos: Tensor | None = None) -> DecodeStep:
+        """The positions, rotary angles and mask a chunk of T tokens per row shares across layers.
+        `key_pos`: arange(end) for the positions attention reads, when the caller knows them (a
+        compiled step takes the read length from its size: one graph for every length)."""
+        return DecodeStep(self, rows, T, rope, key_pos)
 
     def read_block(self, row: int, start: int, n: int) -> tuple[list[Tensor], list[Tensor]]:
         """Copies of row `row`'s keys and values at positions [start, start+n), per layer (K, n, D)."""
@@ -102,8 +105,9 @@ class DecodeStep:
     and absolute positions, its rotary angles, how far attention reads and the mask. Per layer
     that was a dozen small tensor ops, which at decode's tiny shapes cost more than the math."""
 
-    def __init__(self, cache: KVCache, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None):
-        self.cache = cache
+    def __init__(self, cache: KVCache, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None,
+                 key_pos: Tensor | None = None):
+        self.cache, self.key_pos = cache, key_pos
         device = cache.lengths.device
         self.contiguous = rows is None  # rows 0..B-1: the serving engine keeps them packed so
         self.rows, self.T, self.device = rows, T, device
@@ -120,10 +124,12 @@ class DecodeStep:
             # Whole-width tables (each angle twice) so q and k rotate together in a few ops.
             cos, sin = self._rope[0][self.pos][:, None], self._rope[1][self.pos][:, None]  # (B, 1, T, D/2)
             self.cos2, self.sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-        if torch.compiler.is_compiling():
-            # Compiled, every row is read whole (masked): the filled length is data, and
-            # slicing by it would make each new length a new graph. The generated kernel
-            # reads the cache once, so the masked tail costs only its memory traffic.
+        if self.key_pos is not None:
+            # Given (a compiled step): its length is a dynamic size, so one graph serves every length.
+            self.end, self.fresh = self.key_pos.shape[0], False
+        elif torch.compiler.is_compiling():
+            # Compiled without it, every row is read whole (masked): the filled length is data,
+            # and slicing by it would make each new length a new graph.
             self.end, self.fresh = cache.max_len, False
         else:
             self.end = int((start + T).max())
@@ -133,7 +139,7 @@ class DecodeStep:
             self.fresh = T > 1 and self.end == T
         # Query at absolute position p sees keys 0..p of its own row.
         if not self.fresh:
-            key_pos = torch.arange(self.end, device=device)
+            key_pos = self.key_pos if self.key_pos is not None else torch.arange(self.end, device=device)
             self.mask = (key_pos[None, None, :] <= self.pos[:, :, None])[:, None]  # (B, 1, T, end)
         self._ready = True
 

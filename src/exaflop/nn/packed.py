@@ -28,6 +28,19 @@ def _pack(weight: Tensor) -> Tensor | None:
         return None
 
 
+@torch.library.custom_op("exaflop::packed_linear", mutates_args=())
+def _packed_linear(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """The packed product as an opaque op for the compiler: inductor's own oneDNN lowering accepts
+    only weights it packed itself (at freezing, which would bake one checkpoint's weights into the
+    graph); this way a compiled step calls the same kernel on the weights it is given."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@_packed_linear.register_fake
+def _(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class PackedLinear(nn.Module):
     """A bias-free linear layer for inference over one or more stacked weights (out, in).
 
@@ -39,13 +52,16 @@ class PackedLinear(nn.Module):
         super().__init__()
         w = torch.cat([x.detach() for x in weights]) if len(weights) > 1 else weights[0].detach()
         self.sizes = [x.shape[0] for x in weights]
-        self.packed = _pack(w) if pack else None
-        # Plain attributes, not parameters or buffers: `.to()` must not touch a blocked layout,
-        # and these are derived copies that no checkpoint should contain.
-        self.weight = None if self.packed is not None else w
+        # Non-persistent buffers: derived copies no checkpoint should contain, which a compiled
+        # step takes as inputs (so a hot-reloaded checkpoint of the same shape reuses its graph).
+        # Packed once the model has its final dtype and device; not to be moved after.
+        self.register_buffer("packed", _pack(w) if pack else None, persistent=False)
+        self.register_buffer("weight", None if self.packed is not None else w, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        if self.packed is not None:
+        if self.packed is not None and torch.compiler.is_compiling():
+            y = _packed_linear(x, self.packed, sum(self.sizes))
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             y = torch.nn.functional.linear(x, self.weight)

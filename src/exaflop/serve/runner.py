@@ -42,10 +42,11 @@ class Runner:
         If compiling fails (no C++ compiler, say), decode stays eager and serving goes on.
 
         First the weights are fused and packed for inference (nn/packed.py: bit-identical,
-        ~2x faster bf16 matmuls at decode's batch sizes). A compiled step keeps plain weights:
-        inductor's oneDNN lowering accepts only weights it packed itself.
+        ~2x faster bf16 matmuls at decode's batch sizes), compiled or not. The compiled step
+        reads only each row's filled prefix: the read length is a dynamic size of its inputs
+        (LM.decode), warmed here at lengths >= 2 so that no request compiles.
         """
-        pack_for_inference(weights.model, pack=not self.compile)
+        pack_for_inference(weights.model)
         if not self.compile or self.compiled:
             return
         t0 = time.perf_counter()
@@ -56,9 +57,9 @@ class Runner:
                 # every later one (take_slot): graphs are guarded on that tensor kind.
                 cache = weights.ensure_cache(max_running)
                 for batch in sorted({1, min(2, cache.slots)}):
-                    cache.lengths[:batch] = 0
+                    cache.lengths[:batch] = 2  # a read length of 3: sizes 0 and 1 would specialize
                     x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
-                    compiled(weights.model, x, cache, None, torch.zeros_like(x[:, 0]))
+                    weights.model.decode(x, cache, None, step=compiled)
                 cache.lengths.zero_()
         except Exception as e:  # noqa: BLE001 — any compiler failure: serve eager instead
             log.warning("engine %s: torch.compile failed (%s: %s); decoding eagerly", self.name,
