@@ -156,13 +156,16 @@ def torchtitan_llama(m):
         layers=tt._build_llama3_layers(
             fuse_qkv=True, n_layers=m.n_layer, dim=dim, n_heads=m.n_head, n_kv_heads=m.n_kv_head, hidden_dim=m.d_ff,
             rope=ComplexRoPE.Config(dim=dim // m.n_head, max_seq_len=m.seq_len, theta=m.rope_theta),
-            attn_backend="sdpa"))
+            attn_backend="flex"))  # its language models take flex or varlen attention, not SDPA
     model = cfg.build()
     if hasattr(model, "init_weights"):
         model.init_weights()
+    # One causal document per row; the block mask is built once here (torchtitan builds it per batch).
+    positions = torch.arange(m.seq_len).repeat(BATCH, 1)
+    masks = model.get_attention_masks(positions)
 
     def loss(mod, x):
-        logits = mod(x)
+        logits = mod(x, positions, masks)
         return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), x[:, 1:].reshape(-1))
     return model, loss, torch.optim.AdamW(model.parameters(), fused=True)
 
