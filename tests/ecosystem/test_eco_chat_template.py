@@ -117,3 +117,51 @@ def test_server_encodes_the_imported_template(imported, tmp_path):
     finally:
         server.stop()
     shutil.rmtree(tmp_path / "unused", ignore_errors=True)
+
+
+SFT_CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "capital of France?"},
+            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "and of Italy?"},
+            {"role": "assistant", "content": "Rome, since 1871."}]
+
+
+def test_sft_renders_and_masks_with_the_imported_template(imported, tmp_path):
+    """Fine-tuning an imported run trains on the tokens its own template makes (the ones serving and
+    transformers make), with the loss on exactly each assistant turn as the template writes it."""
+    from exaflop.lm.chat import ChatTemplate
+    from exaflop.lm.sft import build_splits, encode_conversation
+    from exaflop.lm.tokenizer import load_tokenizer
+
+    src, run = imported
+    data = run.parent.parent / "data"  # the imported run's data.path (import_hf data_dir)
+    tok, template = load_tokenizer(data / "tokenizer.json"), ChatTemplate.from_dir(data)
+    assert not template.native
+    ids, mask = encode_conversation(tok, SFT_CONV, template)
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    want = hf.apply_chat_template(SFT_CONV, tokenize=True, add_generation_prompt=False)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert ids.tolist() == list(want)
+    learned = tok.decode(ids[mask].tolist(), skip_special_tokens=False)
+    assert learned == "Paris.<|end|>\nRome, since 1871.<|end|>\n"
+    assert "<|assistant|>" not in learned and "capital" not in learned  # headers and prompts are masked
+    # Through build_splits, what `exaflop train` with data.sft_path reads.
+    path = tmp_path / "chats.jsonl"
+    good = [{"messages": SFT_CONV}, {"messages": SFT_CONV[1:3]}, {"messages": SFT_CONV[:3]}]
+    path.write_text("\n".join(json.dumps(x) for x in good) + "\n")
+    splits, stats = build_splits(str(path), data / "tokenizer.json", 64)
+    assert stats.used == 3 and sum(len(v) for v in splits.values()) == 3
+    row = next(r for v in splits.values() for r in v if r[1].sum() > 0)
+    assert tok.decode(row[0][row[1].astype(bool)].tolist(), skip_special_tokens=False).startswith("Paris.<|end|>")
+
+
+def test_sft_skips_conversations_a_template_cannot_mask():
+    """A template that rewrites earlier turns (here: only the last assistant reply keeps its text, as
+    templates that strip earlier reasoning do) cannot be masked by rendering prefixes: the
+    conversation is refused with that reason, never trained on with a wrong mask."""
+    from exaflop.lm.chat import ChatTemplate
+    from exaflop.lm.sft import NotMaskable, encode_conversation
+
+    strips = ChatTemplate("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<A>{% else %}"
+                          "<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(NotMaskable, match="prefix"):
+        encode_conversation(None, SFT_CONV, strips)  # refused before any tokenizing

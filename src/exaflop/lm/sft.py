@@ -4,12 +4,19 @@
 line, or `builtin:stdlib-docs`, a demo set generated here from the docstrings of the
 Python standard library ("What is the module `json` for?" -> its docstring's summary).
 
-A conversation is rendered with THE chat template (exaflop.lm.chat, the one the server
-and the HF export use) and tokenized whole, so training sees exactly the tokens
-inference will. The loss covers only what the assistant writes: its content and the
-<|end|> that closes its turn. Role headers, system and user turns and padding are
-masked out, decided per token from the character spans of the rendered text.
-A sample is one conversation, cut to seq_len+1 tokens and padded with <|pad|>.
+A conversation is rendered with the run's chat template (exaflop.lm.chat.ChatTemplate, the
+one the server uses: exaflop's own, or an imported model's Jinja template) and tokenized
+whole, so training sees exactly the tokens inference will. The loss covers only what the
+assistant writes: its content and the marker that closes its turn. Role headers, system and
+user turns and padding are masked out, decided per token from the character spans of the
+rendered text. With an imported template the spans come from rendering the conversation up
+to each assistant turn (with the generation prompt) and through it: the difference is that
+turn as the template writes it. A template that does not render a conversation as a prefix
+of its continuation (some drop earlier turns' reasoning) cannot be masked this way: such
+conversations are skipped and counted, never trained on with a wrong mask.
+A sample is one conversation, cut to seq_len+1 tokens and padded (<|pad|>, or the
+tokenizer's own pad / end-of-text token for an imported one: padding is never attended to
+by a real token and never in the loss).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from exaflop.errors import UserError
-from exaflop.lm.chat import END, ROLES, render_turn, role_header
+from exaflop.lm.chat import END, ROLES, ChatTemplate, render_turn, role_header
 from exaflop.lm.shards import is_val
 from exaflop.lm.tokenizer import load_tokenizer
 
@@ -146,8 +153,15 @@ def load_conversations(spec: str) -> tuple[list[list[dict[str, str]]], SFTStats]
 
 # -- tokens and mask ---------------------------------------------------------------------------
 
-def encode_conversation(tok, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+class NotMaskable(ValueError):
+    """The run's template cannot render this conversation so that its assistant turns are found."""
+
+
+def encode_conversation(tok, messages: list[dict[str, str]],
+                        template: ChatTemplate | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, 1 where the token is assistant output) for the rendered conversation."""
+    if template is not None and not template.native:
+        return _encode_with_template(tok, messages, template)
     text, spans, pos = [], [], 0
     for m in messages:
         turn = render_turn(m["role"], m["content"])
@@ -162,6 +176,44 @@ def encode_conversation(tok, messages: list[dict[str, str]]) -> tuple[np.ndarray
     for a, b in spans:
         mask |= (starts >= a) & (starts < b)
     return np.asarray(enc.ids, dtype=np.int64), mask
+
+
+def _encode_with_template(tok, messages: list[dict[str, str]], template: ChatTemplate) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        text = template.render(messages, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = template.render(messages[:i], add_generation_prompt=True)
+            through = template.render(messages[:i + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise NotMaskable("the model's chat template does not render it as a prefix of its continuation")
+            spans.append((len(before), len(through)))
+    except NotMaskable:
+        raise
+    except Exception as e:  # the template's own checks (raise_exception) and Jinja errors
+        raise NotMaskable(f"the model's chat template refused it ({type(e).__name__})") from None
+    # Special-token strings in the rendered text are those tokens, as when serving (serve/api.py).
+    previous = tok.encode_special_tokens
+    tok.encode_special_tokens = False
+    try:
+        enc = tok.encode(text, add_special_tokens=False)
+    finally:
+        tok.encode_special_tokens = previous
+    starts = np.array([a for a, _ in enc.offsets], dtype=np.int64)
+    mask = np.zeros(len(starts), dtype=bool)
+    for a, b in spans:
+        mask |= (starts >= a) & (starts < b)
+    return np.asarray(enc.ids, dtype=np.int64), mask
+
+
+def _pad_id(tok, template: ChatTemplate) -> int | None:
+    """exaflop's <|pad|>, else (an imported tokenizer) its own pad or end-of-text token."""
+    for name in (PAD, template.tokens.get("pad_token"), template.tokens.get("eos_token"), "<|endoftext|>"):
+        if name and tok.token_to_id(name) is not None:
+            return tok.token_to_id(name)
+    return None
 
 
 class SFTSamples:
@@ -185,14 +237,20 @@ def build_splits(spec: str, tokenizer_path: Path, seq_len: int) -> tuple[dict[st
     if key in _cache:
         return _cache[key]
     tok = load_tokenizer(tokenizer_path)
-    pad = tok.token_to_id(PAD)
+    template = ChatTemplate.from_dir(Path(tokenizer_path).parent)  # the run's own, as serving renders
+    pad = _pad_id(tok, template)
     if pad is None:
-        raise UserError(f"data.sft_path: the tokenizer {tokenizer_path} has no {PAD} token for padding")
+        raise UserError(f"data.sft_path: the tokenizer {tokenizer_path} has no {PAD}, pad or end-of-text "
+                        "token for padding")
     convs, stats = load_conversations(spec)
     rows: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     width = seq_len + 1
     for msgs in convs:
-        ids, mask = encode_conversation(tok, msgs)
+        try:
+            ids, mask = encode_conversation(tok, msgs, template)
+        except NotMaskable as e:
+            stats.skipped[str(e)] += 1
+            continue
         ids, mask = ids[:width], mask[:width]
         if not mask[1:].any():  # nothing of the assistant's left to learn after the cut
             stats.skipped["whose assistant turn starts after model.seq_len tokens"] += 1
