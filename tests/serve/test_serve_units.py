@@ -105,3 +105,29 @@ def test_metrics_text_format():
     for le, n in (("0.1", 1), ("1", 4), ("10", 4), ("+Inf", 5)):
         assert f'h_bucket{{model="m",le="{le}"}} {n}' in lines
     assert 'h_count{model="m"} 5' in lines and 'h_sum{model="m"} 100' in lines
+
+
+def test_in_fresh_thread_returns_raises_and_keeps_the_callers_threads():
+    """serve/threads.py: heavy jobs run in a thread that ends with them, with their own torch threads."""
+    import threading
+
+    import torch
+
+    from exaflop.serve.threads import in_fresh_thread
+
+    before = torch.get_num_threads()
+    try:
+        seen = in_fresh_thread(lambda: (threading.current_thread() is not threading.main_thread(),
+                                        torch.get_num_threads()), threads=1)
+        assert seen == (True, 1)
+        assert torch.get_num_threads() == before  # OpenMP's count is per thread: the caller's is unchanged
+    finally:
+        torch.set_num_threads(before)  # MKL's count is process-wide: give it back to the other tests
+
+    def fails() -> None:
+        raise ValueError("checkpoint is broken")
+
+    import pytest
+
+    with pytest.raises(ValueError, match="broken"):
+        in_fresh_thread(fails)

@@ -103,12 +103,14 @@ def build_server(args):
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     from exaflop.engine.precision import resolve
+    from exaflop.serve.threads import in_fresh_thread
 
-    precision = resolve(args.dtype, device, flag="--dtype")
+    threads = args.threads or torch.get_num_threads()
+    # The probe's matmuls run in a thread of their own (serve/threads.py: only the engine thread
+    # keeps an OpenMP team).
+    precision = in_fresh_thread(resolve, args.dtype, device, flag="--dtype", threads=threads)
     dtype = precision.torch_dtype
     logging.getLogger("exaflop.serve").info("precision: %s", precision.describe())
-    if args.threads:
-        torch.set_num_threads(args.threads)
     metrics = Metrics()
     models: dict[str, ServedModel] = {}
     drives: dict[str, DrivePredictor] = {}
@@ -124,10 +126,10 @@ def build_server(args):
             drives[name] = DrivePredictor(name, path, watch, device, precision.dtype, recorder)
             continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile,
-                        prefix_cache_mb=args.prefix_cache_mb)
+                        prefix_cache_mb=args.prefix_cache_mb, threads=threads)
         models[name] = ServedModel(name, path, engine, watch)
     reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
-                        drives=list(drives.values()))
+                        drives=list(drives.values()), threads=threads)
     limits = HTTPLimits(int(args.max_header_kb * 1024), args.max_headers, args.header_timeout, args.body_timeout)
     return Server(models, metrics, KeyChecker(keys), RateLimiter(args.rate_limit_rpm, args.rate_limit_tpm),
                   reloader, int(args.max_body_mb * (1 << 20)), drives, limits,

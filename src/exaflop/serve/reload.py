@@ -26,6 +26,7 @@ from exaflop.nn.decode import KVCache
 from exaflop.serve.engine import Engine
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.sequence import token_byte_table
+from exaflop.serve.threads import in_fresh_thread
 
 log = logging.getLogger("exaflop.serve")
 
@@ -123,8 +124,10 @@ class Reloader:
     """Background thread: initial load of every model, then polling for newer checkpoints."""
 
     def __init__(self, models: list[ServedModel], metrics: Metrics, device: torch.device,
-                 dtype: torch.dtype | None = None, interval: float = 2.0, drives: list | None = None):
+                 dtype: torch.dtype | None = None, interval: float = 2.0, drives: list | None = None,
+                 threads: int = 0):
         self.models, self.metrics, self.device, self.dtype = models, metrics, device, dtype
+        self.threads = threads  # torch threads for loading and compiling (serve/threads.py)
         self.drives = drives or []  # serve.drive.DrivePredictor: poll() loads newer checkpoints
         self.interval = interval
         self._stop = threading.Event()
@@ -146,12 +149,17 @@ class Reloader:
                     log.exception("%s: checking for a new checkpoint failed", m.name)
             for d in self.drives:
                 try:
-                    d.poll()
+                    in_fresh_thread(d.poll, threads=self.threads)
                 except Exception:
                     log.exception("%s: checking for a new checkpoint failed", d.name)
             if not self.interval:
                 return
             self._stop.wait(self.interval)
+
+    def _load(self, ckpt: Path, m: ServedModel) -> Weights:
+        w = load_weights(ckpt, m.run_dir, self.device, self.dtype)
+        m.engine.prepare(w)
+        return w
 
     def check(self, m: ServedModel) -> None:
         if m.watch:
@@ -167,7 +175,10 @@ class Reloader:
         if key in m.failed:
             return
         try:
-            w = load_weights(ckpt, m.run_dir, self.device, self.dtype)
+            # Loading, packing and compiling run in a thread that ends with them: no OpenMP team
+            # outlives them beside the engine's (serve/threads.py). A compiled step's kernels get
+            # the thread count they are compiled with, so the same as the engine's.
+            w = in_fresh_thread(self._load, ckpt, m, threads=self.threads)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: B036 — DCP's CheckpointException is a BaseException
@@ -176,7 +187,6 @@ class Reloader:
             log.warning("%s: could not load %s (%s: %s); still serving %s", m.name, ckpt,
                         type(e).__name__, e, f"step {m.weights.step}" if m.weights else "nothing yet")
             return
-        m.engine.prepare(w)
         old = m.weights
         m.weights = w
         m.engine.swap(w)
