@@ -222,7 +222,10 @@ def test_ray_import_survives_a_killed_driver_and_a_lost_node(s3, fleet):
         cmd = [sys.executable, "-m", "exaflop", *import_args(root / "raw", f"s3://{BUCKET}/{prefix}",
                "--storage-option", f"endpoint_url={endpoint}", "--ray", cluster.address)]
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_items(fs, prefix, 2, first)
+        # Killed after its first item: most of the work is left for the rerun, so both nodes are
+        # busy when the second node goes (killed later, the rerun could have had too little left
+        # to place a task there, and nothing would be retried).
+        _wait_items(fs, prefix, 1, first)
         first.send_signal(signal.SIGKILL)
         first.wait()
         kept = _items(fs, prefix)
@@ -234,7 +237,7 @@ def test_ray_import_survives_a_killed_driver_and_a_lost_node(s3, fleet):
         assert second.returncode == 0, err
         m = json.loads(fs.cat_file(f"{BUCKET}/{prefix}/manifest.json"))
         same_data(m, ref)  # same clips, splits, shard checksums and counts as the local import
-        assert m["run"]["resumed_items"] >= 2
+        assert m["run"]["resumed_items"] >= 1
         retried = m["run"]["retries"]
         assert retried and all("NodeDied" in r["reason"] or "Worker" in r["reason"] for r in retried), retried
         # Nothing twice: exactly the reference's shard objects, no leftovers.
