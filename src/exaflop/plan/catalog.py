@@ -33,11 +33,22 @@ class Accelerator:
     power_w: float = 0.0
     unit_of: str = ""  # aggregates (Dojo tile, ExaPOD) are planned as `units` of this chip
     units: int = 1
+    # Large-GEMM throughput achieved on this chip relative to the A100 the efficiency
+    # constants were fitted on (cuBLAS-class kernels reach a smaller share of the datasheet
+    # on chips whose peak assumes boost clocks they cannot hold under load).
+    gemm_scale: float = 1.0
+    fp8_gemm_scale: float = 0.0  # the same for fp8 GEMMs; 0: as gemm_scale
+    year: int = 0  # first shipped: picks the software stack a row of that era ran
     source: str = ""
 
     def peak_flops(self, precision: str) -> float:
         tflops = self.fp8_tflops if precision == "fp8" and self.fp8_tflops else self.bf16_tflops
         return tflops * 1e12
+
+    def gemm_factor(self, precision: str) -> float:
+        if precision == "fp8" and self.fp8_tflops and self.fp8_gemm_scale:
+            return self.fp8_gemm_scale
+        return self.gemm_scale
 
 
 @dataclass(frozen=True)
@@ -62,13 +73,14 @@ class ModelSpec:
     vocab: int
     seq_len: int
     kv_heads: int = 0  # 0: same as heads (multi-head attention)
-    mlp: str = "gelu"  # gelu: two matmuls; swiglu: three (gate, up, down)
+    mlp: str = "gelu"  # gelu: two matmuls; swiglu / geglu: three (gate, up, down)
     tie_embeddings: bool = False
     experts: int = 1
     top_k: int = 1
     expert_ffn: int = 0  # 0: same as ffn
     shared_experts: int = 0  # always-active experts (DeepSeek style)
     dense_layers: int = 0  # leading layers with a dense MLP in an MoE model
+    attn_head_dim: int = 0  # 0: hidden / heads; set when attention is wider or narrower (PaLM, MLA)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -81,7 +93,12 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attn_head_dim or self.hidden // self.heads
+
+    @property
+    def attn_width(self) -> int:
+        """Width of the concatenated query heads (= hidden unless attn_head_dim says otherwise)."""
+        return self.heads * self.head_dim
 
     @property
     def moe_layers(self) -> int:
@@ -140,9 +157,12 @@ def _bool(text: str) -> bool:
     raise ValueError("expected yes or no")
 
 
+MLP_TYPES = ("gelu", "swiglu", "geglu")
+
+
 def _mlp(text: str) -> str:
-    if text not in ("gelu", "swiglu"):
-        raise ValueError("expected gelu or swiglu")
+    if text not in MLP_TYPES:
+        raise ValueError(f"expected one of {', '.join(MLP_TYPES)}")
     return text
 
 
@@ -232,7 +252,7 @@ def load_catalog(extra: Iterable[Path] = ()) -> Catalog:
 
 def check_model(m: ModelSpec, origin: str) -> None:
     problems = []
-    if m.hidden % m.heads:
+    if m.hidden % m.heads and not m.attn_head_dim:
         problems.append(f"hidden={m.hidden} is not divisible by heads={m.heads}")
     if m.kv_heads and m.heads % m.kv_heads:
         problems.append(f"heads={m.heads} is not divisible by kv_heads={m.kv_heads}")

@@ -80,10 +80,16 @@ def add_parser(subparsers, extra: tuple = ()) -> None:
                            ("calibrate", "re-fit the efficiency constants on a calibration CSV")):
         v = sub.add_parser(name, help=helptext)
         v.add_argument("file", type=Path, nargs="?", default=DEFAULT_CALIBRATION)
-        v.add_argument("--software", choices=sorted(SOFTWARE), default="megatron-2021",
-                       help="for rows without a software column (the published rows ran 2021-22 Megatron)")
+        v.add_argument("--software", choices=["auto", *sorted(SOFTWARE)], default="auto",
+                       help="for rows without a software column (auto: the stack of the row's year, "
+                            "else of its accelerator's)")
         v.add_argument("--json", action="store_true")
         _catalog_option(v)
+        if name == "validate":
+            v.add_argument("--cross", action="store_true",
+                           help="leave one source out: fit on the other sources, predict the held-out one")
+            v.add_argument("--write", type=Path, help="with --cross: write the held-out errors (CSV) that "
+                                                        "plans draw their uncertainty interval from")
     for add in extra:
         add(sub)
     ls = sub.add_parser("list", help="list catalog entries")
@@ -213,22 +219,48 @@ def _print_scaling(points: list[dict[str, Any]], skipped: list[dict[str, Any]]) 
 
 def _validate(args: argparse.Namespace, catalog: Catalog, fit_constants: bool) -> int:
     from exaflop.plan.efficiency import CALIBRATED
-    from exaflop.plan.validate import fit, predict, read_calibration, summarize
+    from exaflop.plan.validate import (
+        cross_csv,
+        cross_validate,
+        fit,
+        predict,
+        read_calibration,
+        summarize,
+    )
 
     rows = read_calibration(args.file, catalog, args.software)
+    cross = getattr(args, "cross", False)
+    if getattr(args, "write", None) and not cross:
+        raise UserError("--write: only with --cross (it writes the held-out errors)")
     eff = CALIBRATED
     if fit_constants:
         eff, _ = fit(rows)
-    results = [predict(r, eff) for r in rows]
+    results = cross_validate(rows) if cross else [predict(r, eff) for r in rows]
+    key = "cross_error_pct" if cross else "error_pct"
+    if cross and args.write:
+        write_atomic(args.write, cross_csv(results))
     if args.json:
-        print(json.dumps(results, indent=2))
+        if cross:
+            print(json.dumps({"rows": results, "summary": summarize(results, key),
+                              "in_sample": summarize(results)}, indent=2))
+        else:
+            print(json.dumps(results, indent=2))
     else:
         console = Console()
-        console.width = max(console.width, 110)
-        print_validation(console, results, summarize(results))
+        console.width = max(console.width, 120)
+        print_validation(console, results, summarize(results, key), cross=cross)
         if fit_constants:
             print(f"fitted on {args.file}: {eff!r}  (paste into exaflop/plan/efficiency.py)")
     return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        raise UserError(f"--write {path}: cannot write ({e.strerror})") from None
 
 
 def _list(catalog: Catalog) -> int:

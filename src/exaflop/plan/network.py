@@ -70,6 +70,20 @@ class Fabric:
         t_out = outside / self.out_bps(size * stride) if outside else 0.0
         return self.latency(size) + max(inside / self.up_bps, t_out)
 
+    def node_limited_all_to_all(self, nbytes: float, size: int, stride: int, top_k: int, node_limit: int) -> float:
+        """An expert dispatch that sends each token once per destination node (at most
+        `node_limit` of them) and fans it out to its experts inside the node: of `nbytes`
+        (top_k copies of every token) only min(top_k, nodes, limit) / top_k crosses the network."""
+        if size <= 1 or nbytes <= 0:
+            return 0.0
+        k, domains = self.split(size, stride)
+        if domains <= 1:
+            return self.all_to_all(nbytes, size, stride)
+        remote = min(top_k, node_limit, domains - 1)
+        outside = nbytes * remote / top_k
+        inside = nbytes * (k - 1) / size
+        return self.latency(size) + max(inside / self.up_bps, outside / self.out_bps(size * stride))
+
     def p2p(self, nbytes: float, stride: int) -> float:
         """Send to the rank `stride` away (pipeline neighbours)."""
         if nbytes <= 0:

@@ -33,6 +33,12 @@ def plan_dict(job: Job, n: int, chips: str, res: SearchResult, best: StepCost, r
     }
 
 
+def _recompute(p: dict[str, Any]) -> str:
+    if p["recompute"] == "full" and p.get("recompute_share", 1.0) < 1:
+        return f"full on {p['recompute_share']:.0%} of layers"
+    return p["recompute"]
+
+
 def _fmt_time(days: float) -> str:
     if days == float("inf"):
         return "never (goodput 0)"
@@ -47,7 +53,7 @@ def print_plan(console: Console, d: dict[str, Any]) -> None:
     head.add_column()
     rows = [
         ("plan", f"TP {p['tp']} x PP {p['pp']} x DP {p['dp']} x CP {p['cp']} (EP {p['ep']} inside DP), "
-                 f"interleave {p['vp']}, micro-batch {p['micro_batch']}, recompute {p['recompute']}, "
+                 f"interleave {p['vp']}, micro-batch {p['micro_batch']}, recompute {_recompute(p)}, "
                  f"ZeRO {p['zero_stage']}, {p['precision']}"),
         ("global batch", f"{d['global_batch']} x {d['seq_len']} tokens, {d['micro_batches']} micro-batches"),
         ("step time", f"{d['step_s']:.3f} s  ({run['tokens_per_s'] / 1e6:.2f} M tokens/s)"),
@@ -90,15 +96,26 @@ def print_plan(console: Console, d: dict[str, Any]) -> None:
     console.print(f"searched {d['search']['evaluated']} plans in {d['search']['seconds']:.3f} s")
 
 
-def print_validation(console: Console, results: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> None:
-    t = Table(title="predicted vs published step time")
-    for col in ("row", "plan", "predicted s", "published s", "error"):
+def print_validation(console: Console, results: list[dict[str, Any]], summary: dict[str, dict[str, float]],
+                     cross: bool = False) -> None:
+    title = ("held out: each source predicted by constants fitted on the others" if cross
+             else "predicted vs published step time")
+    t = Table(title=title)
+    cols = ["row", "plan", "predicted s", "published s", "error"] + (["held-out s", "held-out error"] if cross else [])
+    for col in cols:
         t.add_column(col, justify="left" if col in ("row", "plan") else "right")
     for r in results:
-        t.add_row(r["name"], r["plan"], f"{r['predicted_step_s']:.2f}", f"{r['measured_step_s']:.2f}",
-                  f"{r['error_pct']:+.1f}%")
+        if r.get("predicted_step_s") is None:  # reported, not refused: the other rows still print
+            t.add_row(r["name"], f"not representable: {r['unrepresentable']}", "-", f"{r['measured_step_s']:.2f}", "-",
+                      *(["-", "-"] if cross else []))
+            continue
+        cells = [r["name"], r["plan"], f"{r['predicted_step_s']:.2f}", f"{r['measured_step_s']:.2f}",
+                 f"{r['error_pct']:+.1f}%"]
+        if cross:
+            cells += [f"{r['cross_predicted_step_s']:.2f}", f"{r['cross_error_pct']:+.1f}%"]
+        t.add_row(*cells)
     console.print(t)
-    s = Table(title="absolute error by source")
+    s = Table(title="absolute error by source" + (" (held out)" if cross else ""))
     for col in ("source", "rows", "mean", "median", "max"):
         s.add_column(col, justify="left" if col == "source" else "right")
     for g, v in summary.items():

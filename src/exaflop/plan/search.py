@@ -16,7 +16,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from exaflop.errors import UserError
-from exaflop.plan.cost import RECOMPUTE, USABLE_MEMORY, Job, Plan, StepCost, memory, step_cost
+from exaflop.plan.cost import (
+    RECOMPUTE,
+    USABLE_MEMORY,
+    Job,
+    Plan,
+    StepCost,
+    memory,
+    stage_layers,
+    step_cost,
+)
 
 MICRO_BATCHES = (1, 2, 4, 8)
 INTERLEAVE = (1, 2, 3, 4, 6, 8)
@@ -42,13 +51,15 @@ def factorizations(job: Job, n: int, fixed: dict[str, Any]):
     """Yield (tp, cp, pp, dp) with tp*cp*pp*dp == n that the model's shape allows."""
     m = job.model
     domain = max(job.network.scaleup_domain, 8)
+    # The size limits below steer the search away from plans nobody would run; a pinned
+    # value (a published run) only has to be well formed.
     for tp in divisors(n):
-        if tp > 2 * domain or m.heads % tp or fixed.get("tp", tp) != tp:
+        if m.heads % tp or fixed.get("tp", tp) != tp or ("tp" not in fixed and tp > 2 * domain):
             continue
         for cp in divisors(n // tp):
-            if cp > MAX_CP or fixed.get("cp", cp) != cp:
+            if fixed.get("cp", cp) != cp or (cp > 1 and job.seq_len % cp):
                 continue
-            if cp > 1 and (job.seq_len % cp or job.seq_len // cp < MIN_TOKENS_PER_CP_RANK):
+            if "cp" not in fixed and cp > 1 and (cp > MAX_CP or job.seq_len // cp < MIN_TOKENS_PER_CP_RANK):
                 continue
             for pp in divisors(n // (tp * cp)):
                 if pp > m.layers or fixed.get("pp", pp) != pp:
@@ -72,28 +83,28 @@ def search(job: Job, n: int, fixed: dict[str, Any] | None = None, exact_batch: b
     n_factorizations = 0
     for tp, cp, pp, dp in factorizations(job, n, fixed):
         n_factorizations += 1
-        eps = [e for e in (divisors(math.gcd(dp, m.experts)) if m.moe else [1]) if fixed.get("ep", e) == e]
+        # Megatron draws the expert-parallel group from the data x context ranks.
+        eps = [e for e in (divisors(math.gcd(dp * cp, m.experts)) if m.moe else [1]) if fixed.get("ep", e) == e]
         for mb in MICRO_BATCHES:
             if fixed.get("micro_batch", mb) != mb or dp * mb > job.global_batch:
                 continue
-            if exact_batch and job.global_batch % (dp * mb):
-                continue
-            micro = job.global_batch // (dp * mb)
-            for vp in INTERLEAVE:
-                if fixed.get("vp", vp) != vp or (vp > 1 and (pp == 1 or pp * vp > m.layers or micro % pp)):
-                    continue
+            ragged = job.global_batch % (dp * mb) != 0
+            if ragged and not exact_batch:
+                micro, batch = job.global_batch // (dp * mb), None
+            else:  # a published batch that dp does not divide: the busiest rank sets the pace
+                micro, batch = math.ceil(math.ceil(job.global_batch / dp) / mb), job.global_batch
+            for vp in _interleave(fixed, pp, m.layers, micro):
                 for ep in eps:
                     base = Plan(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vp=vp, micro_batch=mb,
                                 sequence_parallel=fixed.get("sequence_parallel", tp > 1),
                                 precision=fixed.get("precision", "bf16"))
-                    for plan in _fitting_variants(job, base, micro, usable, fixed):
+                    for plan, fits in _fitting_variants(job, base, micro, usable, fixed):
                         evaluated += 1
-                        if not plan[1]:
-                            cost = step_cost(job, plan[0], micro)
+                        cost = step_cost(job, plan, micro, batch)
+                        if not fits:
                             if smallest is None or cost.memory_gb < smallest.memory_gb:
                                 smallest = cost
                             continue
-                        cost = step_cost(job, plan[0], micro)
                         best.append(cost)
         if len(best) > 4 * keep:  # keep the list short; sorting 40 items is free
             best = sorted(best, key=_rank)[:keep]
@@ -103,15 +114,29 @@ def search(job: Job, n: int, fixed: dict[str, Any] | None = None, exact_batch: b
     return result
 
 
+def _interleave(fixed: dict[str, Any], pp: int, layers: int, micro: int) -> list[int]:
+    """Interleaving depths to try. A pinned vp is taken as published (any depth with at
+    least one layer per chunk, any micro-batch count); the search's own choices keep
+    Megatron's rule that the micro-batches divide evenly into the stages."""
+    if "vp" in fixed:
+        vp = fixed["vp"]
+        return [vp] if vp == 1 or (pp > 1 and pp * vp <= layers) else []
+    return [v for v in INTERLEAVE if v == 1 or (pp > 1 and pp * v <= layers and micro % pp == 0)]
+
+
 def _rank(c: StepCost) -> float:
     return c.step_s / c.global_batch  # seconds per sequence: lower trains faster
 
 
 def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: dict[str, Any]):
-    """For each recompute mode, the least ZeRO sharding that fits (plan, True); else the most sharded (plan, False)."""
-    if "recompute" in fixed:
+    """For each recompute mode, the least ZeRO sharding that fits (plan, True); else the
+    most sharded (plan, False). Unless recompute is pinned, "full" recomputes only the share
+    of layers needed to fit (all of them if nothing less fits); with flash attention a
+    pinned "selective" is that same least recompute (flash keeps no scores to drop)."""
+    flash = job.software.flash_attention
+    if "recompute" in fixed and not (flash and fixed["recompute"] == "selective"):
         modes = [fixed["recompute"]]
-    elif job.software.flash_attention:  # flash stores no scores: selective == none
+    elif flash:  # flash stores no scores: selective == none
         modes = ["none", "full"]
     else:
         modes = list(RECOMPUTE)
@@ -121,16 +146,34 @@ def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: di
         stages = [1, 3]  # ZeRO-1 costs what plain DP costs (reduce-scatter + all-gather); 2 == 1 in time
     else:
         stages = [0]
+    # Selective recompute under flash attention means "recompute what must be recomputed to
+    # fit" (torchtitan's op-level policy, Megatron's block recompute): a partial "full".
+    partial = "recompute" not in fixed or (flash and fixed["recompute"] == "selective")
     for mode in modes:
         plan = None
         for z in stages:
             plan = replace(base, recompute=mode, zero_stage=z)
-            if sum(memory(job, plan, micro).values()) <= usable:
-                yield plan, True
-                break
+            need = sum(memory(job, plan, micro).values())
+            if need > usable:
+                continue
+            if mode == "full" and partial:
+                plan = replace(plan, recompute_share=_recompute_share(job, plan, micro, usable, need))
+            yield plan, True
+            break
         else:
             if plan is not None and mode == modes[-1]:
                 yield plan, False
+
+
+def _recompute_share(job: Job, plan: Plan, micro: int, usable: float, need_full: float) -> float:
+    """Fewest recomputed layers (as a share of the stage's) that fit: activation memory is
+    linear in the share, so interpolate between none and all, rounded up to whole layers."""
+    need_none = sum(memory(job, replace(plan, recompute_share=0.0), micro).values())
+    if need_none <= need_full:
+        return 1.0
+    share = (need_none - usable) / (need_none - need_full)
+    layers = stage_layers(job.model, plan.pp, plan.vp)
+    return min(1.0, max(1, math.ceil(share * layers)) / layers)
 
 
 def no_factorization_reason(job: Job, n: int, fixed: dict[str, Any]) -> str:

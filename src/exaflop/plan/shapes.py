@@ -28,9 +28,14 @@ class Matmul:
         return 2.0 * self.m * self.n * self.k * self.batch
 
 
+def gated(model: ModelSpec) -> bool:
+    """SwiGLU / GeGLU: a gate and an up projection where GeLU has one matmul."""
+    return model.mlp in ("swiglu", "geglu")
+
+
 def mlp_width(model: ModelSpec, ffn: int) -> int:
-    """Output width of the MLP's first matmul: SwiGLU fuses gate and up projections."""
-    return 2 * ffn if model.mlp == "swiglu" else ffn
+    """Output width of the MLP's first matmul: a gated MLP fuses gate and up projections."""
+    return 2 * ffn if gated(model) else ffn
 
 
 def attention_matmuls(model: ModelSpec, mb: int, seq: int, tp: int, cp: int) -> list[Matmul]:
@@ -39,10 +44,10 @@ def attention_matmuls(model: ModelSpec, mb: int, seq: int, tp: int, cp: int) -> 
     kv_width = 2 * model.kv_heads * hd
     s_q = seq // cp  # each context-parallel rank owns seq/cp queries and sees all keys
     return [
-        Matmul("qkv", tokens, (model.hidden + kv_width) // tp, model.hidden),
+        Matmul("qkv", tokens, (model.attn_width + kv_width) // tp, model.hidden),
         Matmul("scores", s_q, seq, hd, mb * heads),
         Matmul("context", s_q, hd, seq, mb * heads),
-        Matmul("proj", tokens, model.hidden, model.hidden // tp),
+        Matmul("proj", tokens, model.hidden, model.attn_width // tp),
     ]
 
 
@@ -88,7 +93,8 @@ def mlp_params(model: ModelSpec, ffn: int) -> int:
 def layer_params(model: ModelSpec, moe: bool) -> tuple[int, int]:
     """(dense parameters, expert parameters) of one layer, unsharded."""
     h = model.hidden
-    attn = h * (h + 2 * model.kv_heads * model.head_dim) + h * h + 2 * h  # + two norms
+    aw = model.attn_width
+    attn = h * (aw + 2 * model.kv_heads * model.head_dim) + aw * h + 2 * h  # + two norms
     if not moe:
         return attn + mlp_params(model, model.ffn), 0
     fe = model.expert_ffn or model.ffn
@@ -125,13 +131,14 @@ def activation_bytes(model: ModelSpec, mb: int, seq: int, tp: int, cp: int, sp: 
     sbh = s * mb * model.hidden
     kv = model.kv_heads / model.heads
     replicated = 10 * sbh
-    sharded = BYTES * sbh * (1 + 2 * kv) + BYTES * sbh  # Q, K, V; output-projection input
+    attn = s * mb * model.attn_width
+    sharded = BYTES * attn * (1 + 2 * kv) + BYTES * attn  # Q, K, V; output-projection input
     if moe:
         ffn = (model.expert_ffn or model.ffn) * (model.top_k + model.shared_experts)
     else:
         ffn = model.ffn
     # GeLU saves its input and output; SwiGLU saves gate, up and their product.
-    sharded += BYTES * s * mb * ffn * (3 if model.mlp == "swiglu" else 2)
+    sharded += BYTES * s * mb * ffn * (3 if gated(model) else 2)
     core = 5 * model.heads * s * seq * mb if keep_scores else 0
     total = replicated / (tp if sp else 1) + sharded / tp + core / tp
     return total, core / tp
