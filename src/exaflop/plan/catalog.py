@@ -38,7 +38,7 @@ class Accelerator:
     # on chips whose peak assumes boost clocks they cannot hold under load).
     gemm_scale: float = 1.0
     fp8_gemm_scale: float = 0.0  # the same for fp8 GEMMs; 0: as gemm_scale
-    year: int = 0  # first shipped: picks the software stack a row of that era ran
+    year: int = 0  # when runs on it became common: picks the software stack a row without a date ran
     source: str = ""
 
     def peak_flops(self, precision: str) -> float:

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from exaflop.plan.cost import RECOMPUTE, SOFTWARE, Job
 from exaflop.plan.outcome import FAILURES_PER_ACCEL_HOUR, RunInputs, outcome
 from exaflop.plan.report import plan_dict, print_plan, print_validation
 from exaflop.plan.search import not_fit_message, search
+from exaflop.plan.validate import CROSS_FILE, interval, read_cross
 
 PINS = ("tp", "pp", "dp", "cp", "ep", "vp", "micro_batch", "recompute", "zero_stage")
 DEFAULT_CALIBRATION = CATALOG_DIR / "calibration.csv"
@@ -140,7 +142,15 @@ def _best(job: Job, n: int, chips: str, inputs: RunInputs, args: argparse.Namesp
         raise UserError(not_fit_message(job, n, res))
     best = res.plans[0]
     run = outcome(best, job.model, n, job.seq_len, job.accel.power_w, inputs)
-    return plan_dict(job, n, chips, res, best, run, inputs)
+    d = plan_dict(job, n, chips, res, best, run, inputs)
+    kind = ("moe" if job.model.moe else "dense", best.plan.precision, job.accel.name)
+    d["step_interval_s"] = interval(best.step_s, kind, _cross_errors())
+    return d
+
+
+@lru_cache(maxsize=1)
+def _cross_errors() -> tuple[tuple[str, float], ...]:
+    return tuple(read_cross(CATALOG_DIR / CROSS_FILE))
 
 
 def _plan(args: argparse.Namespace, catalog: Catalog) -> int:

@@ -33,6 +33,13 @@ def plan_dict(job: Job, n: int, chips: str, res: SearchResult, best: StepCost, r
     }
 
 
+def _interval(d: dict[str, Any]) -> str:
+    iv = d.get("step_interval_s") or {}
+    if iv.get("low_s") is None:
+        return "unknown (no cross-validation data)"
+    return f"{iv['low_s']:.3f} - {iv['high_s']:.3f} s (from {iv['basis']})"
+
+
 def _recompute(p: dict[str, Any]) -> str:
     if p["recompute"] == "full" and p.get("recompute_share", 1.0) < 1:
         return f"full on {p['recompute_share']:.0%} of layers"
@@ -57,6 +64,7 @@ def print_plan(console: Console, d: dict[str, Any]) -> None:
                  f"ZeRO {p['zero_stage']}, {p['precision']}"),
         ("global batch", f"{d['global_batch']} x {d['seq_len']} tokens, {d['micro_batches']} micro-batches"),
         ("step time", f"{d['step_s']:.3f} s  ({run['tokens_per_s'] / 1e6:.2f} M tokens/s)"),
+        ("likely range", _interval(d)),
         ("MFU", f"{run['mfu'] * 100:.1f}%"),
         ("memory / accel", f"{sum(d['memory_gb'].values()):.1f} GB of {d['memory_limit_gb']:.1f} GB usable"),
         ("time to train", f"{_fmt_time(run['days'])} for {d['inputs']['tokens']:.3g} tokens "

@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,7 @@ def read_cross(path: Path) -> list[tuple[str, float]]:
 MIN_SIMILAR = 3
 
 
-def interval(step_s: float, kind: tuple[str, str, str], errors: list[tuple[str, float]]) -> dict[str, Any]:
+def interval(step_s: float, kind: tuple[str, str, str], errors: Iterable[tuple[str, float]]) -> dict[str, Any]:
     """Where the real step time probably lies, from held-out errors of similar runs.
 
     A held-out error e means predicted = real x (1 + e/100), so real = predicted / (1 + e/100).
