@@ -108,7 +108,7 @@ def test_the_shared_format_still_reads_and_matches_the_shipped_rows(catalog, cal
     if SHARED_CALIBRATION.is_file():
         shared = list(csv.DictReader(SHARED_CALIBRATION.open()))
         assert len(shared) == 18
-        for a, b in zip(shared, shipped):
+        for a, b in zip(shared, shipped[:18], strict=True):
             assert all(a[k] == b[k] for k in a), a["name"]
         # Read in its own format (no optional columns), it predicts the same times.
         same = {r.name: predict(r)["predicted_step_s"] for r in read_calibration(SHARED_CALIBRATION, catalog)}

@@ -138,14 +138,17 @@ def unrepresentable(row: Row) -> str:
 
 def predict(row: Row, eff: Efficiency = CALIBRATED) -> dict[str, Any]:
     job = replace(row.job, eff=eff)
-    res = search(job, row.n, row.fixed, exact_batch=True, keep=1)
-    fits = bool(res.plans)
-    if not fits:  # the run happened, so predict its time even if our memory model disagrees
-        roomy = replace(job, accel=replace(job.accel, mem_gb=1e9))
-        res = search(roomy, row.n, row.fixed, exact_batch=True, keep=1)
     base = {"name": row.name, "source": row.source, "measured_step_s": row.measured_step_s,
             "kind": "/".join(row.kind), "software": job.software.name}
-    if not res.plans:
+    try:
+        res = search(job, row.n, row.fixed, exact_batch=True, keep=1)
+        fits = bool(res.plans)
+        if not fits:  # the run happened, so predict its time even if our memory model disagrees
+            roomy = replace(job, accel=replace(job.accel, mem_gb=1e9))
+            res = search(roomy, row.n, row.fixed, exact_batch=True, keep=1)
+    except UserError:  # no factorization at all: reported in the row, the others still print
+        res, fits = None, False
+    if res is None or not res.plans:
         return {**base, "predicted_step_s": None, "error_pct": None, "plan": None, "mfu": None,
                 "fits_in_memory": None, "unrepresentable": unrepresentable(row)}
     best = res.plans[0]
