@@ -74,18 +74,6 @@ def build_llama_server(src: Path) -> Path:
     return binary
 
 
-def cpu_name() -> str:
-    """The CPU's model and the matmul features that decide bf16 speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    caps = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    return f"{model} ({', '.join(caps) or 'no AVX2'})"
-
-
 def bench_run(preset: str, vocab: int, tmp: Path) -> Path:
     """A random model of the preset's shape whose special tokens never win greedy decoding, so every
     request generates exactly max_tokens on both servers."""
@@ -210,7 +198,7 @@ def main() -> int:
                  "--build the llama-cpp-python sdist (see this script's docstring)")
     streams = [int(s) for s in args.streams.split(",")]
 
-    from exaflop.engine.precision import resolve
+    from exaflop.engine.precision import cpu_capability, resolve
     from exaflop.lm.gguf_export import export
 
     precision = resolve(args.dtype, "cpu", flag="--dtype").name
@@ -241,7 +229,7 @@ def main() -> int:
                           f"TTFT {r['ttft_ms']:7.1f} ms", flush=True)
     med = {who: {n: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "ttft_ms")}
                  for n, runs in per.items()} for who, per in results.items()}
-    print(f"CPU: {cpu_name()}, {args.threads} threads per server; model {run.name} "
+    print(f"CPU: {cpu_capability()}, {args.threads} threads per server; model {run.name} "
           f"({args.preset if not args.run else 'given run'}), weights {precision} (GGUF {gguf_type}), "
           f"{args.max_tokens} greedy tokens per stream, median of {args.repeat}"
           f"{', exaflop --compile' if args.compile else ''}")
@@ -255,7 +243,7 @@ def main() -> int:
     print(f"(tok/s ratio: higher is better; TTFT ratio: lower is better; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"median": med, "runs": results, "cpu": cpu_name(),
+        Path(args.json).write_text(json.dumps({"median": med, "runs": results, "cpu": cpu_capability(),
                                                "precision": precision, "args": vars(args)}, indent=1))
     return 0
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from exaflop.engine.precision import cpu_capability
+
 warnings.filterwarnings("ignore")
 
 
@@ -43,17 +45,6 @@ TINY_SETS = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.n_k
              "model.seq_len=32", "train.log_every=1"]
 PEERS = ("hf-gpt2", "hf-llama", "litgpt", "torchtitan")
 BATCH, VOCAB = 8, 8192
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    caps = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    return f"{model} ({', '.join(caps) or 'no AVX2'})"
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 1.0, shapes: tuple = PEAK_SHAPES) -> tuple[float, dict]:
@@ -239,7 +230,7 @@ def main() -> None:
                 break
             except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
                 missing[label] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    print(f"CPU: {cpu_name()}; threads {torch.get_num_threads()}, torch {torch.__version__}, "
+    print(f"CPU: {cpu_capability()}; threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"dtype {precision.name} ({precision.requested}), {fpt / 1e6:.1f} MFLOP/token, batch {BATCH} x {m.seq_len}")
     print(f"{precision.name} matmul GFLOP/s by shape (M,K,N): "
           + ", ".join(f"{s}: {r / 1e9:.0f}" for s, r in rates.items()))

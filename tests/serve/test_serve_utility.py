@@ -73,3 +73,29 @@ def test_embedding_mistakes_are_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=MODEL, input="x" * 10**6)
     assert e.value.body["param"] == "input"
+
+
+def test_embeddings_leave_no_openmp_team_behind(start_server, run_dir):
+    """serve/threads.py: only the engine thread keeps an OpenMP team. An embedding forward
+    with 2 torch threads used to leave its executor thread holding a team (an idle OpenMP
+    worker) for good, making the engine's decode waits throttle; now it runs in a thread
+    that ends with it. Counted from the server's own /proc entry."""
+    import os
+    import time
+
+    s = start_server([run_dir], "--threads", "2")
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def threads() -> int:  # the least over a second: a reload poll's short-lived thread may be up
+        counts = []
+        for _ in range(10):
+            counts.append(len(os.listdir(f"/proc/{s.proc.pid}/task")))
+            time.sleep(0.1)
+        return min(counts)
+
+    c.completions.create(model=MODEL, prompt="def", max_tokens=4)  # the engine's own team exists
+    before = threads()
+    for text in ("import json", "def f(x):\n    return x\n", "class A:\n    pass\n"):
+        c.embeddings.create(model=MODEL, input=[text] * 4)
+    # + the idle executor thread that queues embedding requests; a team would add its worker too.
+    assert threads() == before + 1

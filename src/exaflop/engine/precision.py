@@ -176,19 +176,27 @@ def peak_dtype(p: Precision) -> torch.dtype:
     return p.torch_dtype
 
 
-def _bf16_flags() -> str:
-    """The CPU's bf16 matmul units from /proc/cpuinfo ('' where unknown: not Linux/x86)."""
+def _cpuinfo(key: str) -> str:
+    """The first `key : value` line of /proc/cpuinfo ('' where there is none: not Linux/x86)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), "")
     except OSError:
+        return ""
+
+
+def _bf16_flags() -> str:
+    """The CPU's bf16 matmul units ('' where unknown)."""
+    flags = _cpuinfo("flags").split()
+    if not flags:
         return ""
     names = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
     return " + ".join(names) if names else "no bf16 units"
 
 
 def cpu_capability() -> str:
-    """What the CPU offers torch, for benchmark reports: e.g. 'AVX512 (AMX-BF16 + AVX512-BF16), 2 cores'.
+    """What the CPU is and offers torch, for benchmark reports: e.g. 'Intel(R) Xeon(R)
+    Processor: AVX512 (AMX-BF16 + AVX512-BF16), 2 cores, 2 threads'.
 
     torch's capability level alone does not say whether bf16 runs in hardware (a Zen 4
     and a Sapphire Rapids both report AVX512), so the bf16 units are named too.
@@ -200,7 +208,8 @@ def cpu_capability() -> str:
         what = f"{cap}, ONEDNN_MAX_CPU_ISA={isa}" + (f" (the CPU has {units})" if units else "")
     else:
         what = f"{cap} ({units})" if units else cap
-    return f"{what}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    model = _cpuinfo("model name")
+    return f"{model + ': ' if model else ''}{what}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def autocast_for(requested: str, device: torch.device | str = "cpu", flag: str = "run.dtype"):

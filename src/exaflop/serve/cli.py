@@ -123,7 +123,7 @@ def build_server(args):
         if load_config_file(run_dir / "config.toml").task == "drive":
             if recorder is None and args.drive_record_dir is not None:
                 recorder = DriveRecorder(args.drive_record_dir, int(args.drive_record_mb * (1 << 20)))
-            drives[name] = DrivePredictor(name, path, watch, device, precision.dtype, recorder)
+            drives[name] = DrivePredictor(name, path, watch, device, precision.dtype, recorder, threads)
             continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile,
                         prefix_cache_mb=args.prefix_cache_mb, threads=threads)

@@ -19,6 +19,8 @@ import json
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from exaflop.drive.promote import promoted
 from exaflop.engine.checkpoint import load_for_inference, read_latest
 from exaflop.serve.protocol import APIError, validation_message
+from exaflop.serve.threads import in_fresh_thread
 
 log = logging.getLogger("exaflop.serve")
 
@@ -93,12 +96,16 @@ class DriveRecorder:
             self._close_locked()
 
 
+_PREDICT = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exaflop-drive")
+
+
 class DrivePredictor:
     """One driving run: its newest checkpoint, reloaded like the language models."""
 
     def __init__(self, name: str, path: Path, watch: bool, device: torch.device,
-                 autocast: torch.dtype | None = None, recorder: DriveRecorder | None = None):
+                 autocast: torch.dtype | None = None, recorder: DriveRecorder | None = None, threads: int = 0):
         self.name, self.path, self.watch, self.device = name, path, watch, device
+        self.threads = threads  # torch threads of each prediction's thread (0: the default)
         self.recorder = recorder
         self.autocast = autocast  # bf16 where the device runs it fast (serve --dtype), else fp32
         self.model = None
@@ -239,7 +246,10 @@ async def predict(server, request: Request) -> dict:
         frames = _frames(body.frames, cfg)
         speed, steering = _past(body.speed, "speed", cfg.frames), _past(body.steering, "steering", cfg.frames)
     drive_id, t = _where(form, body if form is None else None)
-    answer = await asyncio.to_thread(drive.predict, frames, speed, steering)
+    # One prediction at a time (two cores gain nothing from two), each in a thread that ends
+    # with it, so only the engine thread keeps an OpenMP team (serve/threads.py).
+    job = partial(in_fresh_thread, drive.predict, frames, speed, steering, threads=drive.threads)
+    answer = await asyncio.get_running_loop().run_in_executor(_PREDICT, job)
     if drive.recorder is not None and drive_id is not None and t is not None:
         await asyncio.to_thread(drive.record, drive_id, t, frames, speed, steering, answer)
     return answer

@@ -1,8 +1,8 @@
 """/tokenize, /detokenize and /v1/embeddings: what app builders call beside generation.
 
-Tokenization runs on the API's tokenizer thread (serve/api.py), embeddings on a thread of
-their own: a forward pass over a batch of inputs must not stall the event loop, and the
-engine's decode loop keeps its own thread. Embeddings are the served checkpoint's final
+Tokenization runs on the API's tokenizer thread (serve/api.py), embeddings one request at a
+time in a short-lived thread of their own (serve/threads.py): a forward pass over a batch of
+inputs must not stall the event loop, and no thread but the engine's may keep an OpenMP team. Embeddings are the served checkpoint's final
 hidden states, normed and mean-pooled over each input's tokens (LM.embed): a decoder LM's
 pooled states, documented as such (docs/serving.md), not a retrieval-trained embedder.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from exaflop.serve.protocol import (
     TokenizeRequest,
 )
 from exaflop.serve.reload import ServedModel, Weights
+from exaflop.serve.threads import in_fresh_thread
 
+# One embedding request at a time; its forward runs in a thread that ends with it.
 _EMBED = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exaflop-embed")
 EMBED_BATCH = 16  # inputs per forward pass
 
@@ -95,7 +98,8 @@ async def embeddings(served: ServedModel | None, body: EmbeddingRequest) -> dict
 
     loop = asyncio.get_running_loop()
     ids = await loop.run_in_executor(_TOKENIZE, ids_of)
-    vectors = await loop.run_in_executor(_EMBED, _embed, w, ids)
+    job = partial(in_fresh_thread, _embed, w, ids, threads=served.engine.threads)
+    vectors = await loop.run_in_executor(_EMBED, job)
     data = []
     for i, v in enumerate(vectors):
         emb = base64.b64encode(v.astype(np.float32).tobytes()).decode() if body.encoding_format == "base64" \
