@@ -96,7 +96,8 @@ def main_raising(argv: list[str]) -> int:
     (["--network", "nope"], "unknown network"),
     (["--model", "llama3-405b", "--n", "64"], "smallest need is"),
     (["--model", "llama3-8b", "--n", "1000003"], "no factorization"),
-    (["--model", "llama3-8b", "--n", "64", "--tp", "3"], "no factorization"),
+    (["--model", "llama3-8b", "--n", "64", "--tp", "3"], "tp=3 must divide heads=32"),
+    (["--model", "llama3-8b", "--n", "64", "--tp", "8", "--pp", "16"], "multiply to 128, which does not divide n=64"),
 ])
 def test_bad_input_is_one_line(argv, needle, capsys):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")) as e:

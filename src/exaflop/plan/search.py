@@ -176,11 +176,37 @@ def _recompute_share(job: Job, plan: Plan, micro: int, usable: float, need_full:
     return min(1.0, max(1, math.ceil(share * layers)) / layers)
 
 
+def pin_problem(job: Job, n: int, fixed: dict[str, Any]) -> str | None:
+    """The first pinned value that breaks a rule on its own, as 'field=value rule' (None if each
+    pin is fine alone and only their combination fails)."""
+    m = job.model
+    rules = [
+        ("tp", lambda v: m.heads % v == 0, f"must divide heads={m.heads}"),
+        ("cp", lambda v: job.seq_len % v == 0, f"must divide seq_len={job.seq_len}"),
+        ("pp", lambda v: v <= m.layers, f"must be <= layers={m.layers}"),
+        ("dp", lambda v: v <= job.global_batch, f"must be <= the global batch of {job.global_batch} sequences"),
+        ("vp", lambda v: v == 1 or fixed.get("pp", 2) * v <= m.layers, "pp*vp must be <= layers (one layer per chunk)"),
+        ("ep", lambda v: m.experts % v == 0 and (fixed.get("dp", 1) * fixed.get("cp", 1)) % v == 0
+                         if "dp" in fixed else m.experts % v == 0,
+         f"must divide experts={m.experts} and dp*cp (experts are drawn from the data x context ranks)"),
+    ]
+    for name, ok, rule in rules:
+        if name in fixed and not ok(fixed[name]):
+            return f"{name}={fixed[name]} {rule}"
+    dims = [fixed[k] for k in ("tp", "pp", "dp", "cp") if k in fixed]
+    if dims and n % math.prod(dims):
+        return f"the pinned tp/pp/dp/cp multiply to {math.prod(dims)}, which does not divide n={n}"
+    return None
+
+
 def no_factorization_reason(job: Job, n: int, fixed: dict[str, Any]) -> str:
     m = job.model
     pins = {k: v for k, v in fixed.items() if k not in ("precision", "sequence_parallel")}
     if pins:
         pinned = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pins.items())
+        why = pin_problem(job, n, fixed)
+        if why:
+            return f"--n {n} with {pinned}: {why}; drop or change that pin"
         return (f"--n {n}: no factorization tp*pp*dp*cp = {n} is consistent with {pinned} and the model "
                 f"({m.layers} layers, {m.heads} heads, global batch {job.global_batch}); drop or change a pin")
     return (f"--n {n}: no factorization tp*pp*dp*cp = {n} fits the model: tp must divide {m.heads} heads, "

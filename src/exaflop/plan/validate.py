@@ -26,7 +26,7 @@ from exaflop.errors import UserError
 from exaflop.plan.catalog import MLP_TYPES, Catalog, ModelSpec, check_model, parse_field, read_rows
 from exaflop.plan.cost import RECOMPUTE, SOFTWARE, Job, software_for
 from exaflop.plan.efficiency import CALIBRATED, NEUTRAL, Efficiency
-from exaflop.plan.search import MAX_CP, search
+from exaflop.plan.search import MAX_CP, pin_problem, search
 
 REQUIRED = ["name", "accelerator", "n_accel", "layers", "hidden", "heads", "ffn", "vocab",
             "seq_len", "global_batch", "measured_step_s"]
@@ -118,19 +118,10 @@ def read_calibration(path: Path, catalog: Catalog, software: str = "auto") -> li
 
 def unrepresentable(row: Row) -> str:
     """Which field breaks which rule when no plan matches a row (for the report, not an error)."""
-    m, f, job = row.job.model, row.fixed, row.job
-    checks = [
-        ("tp", lambda v: m.heads % v == 0, f"must divide heads={m.heads}"),
-        ("cp", lambda v: job.seq_len % v == 0, f"must divide seq_len={job.seq_len}"),
-        ("pp", lambda v: v <= m.layers, f"must be <= layers={m.layers}"),
-        ("dp", lambda v: v <= job.global_batch, f"must be <= global_batch={job.global_batch}"),
-        ("vp", lambda v: v == 1 or f.get("pp", 1) * v <= m.layers, "pp*vp must be <= layers (one layer per chunk)"),
-        ("ep", lambda v: m.experts % v == 0 and (f.get("dp", 1) * f.get("cp", 1)) % v == 0,
-         f"must divide experts={m.experts} and dp*cp (Megatron draws experts from the data x context ranks)"),
-    ]
-    for field_name, ok, rule in checks:
-        if field_name in f and not ok(f[field_name]):
-            return f"{field_name}={f[field_name]} {rule}"
+    f, job = row.fixed, row.job
+    why = pin_problem(job, row.n, f)
+    if why:
+        return why
     if "micro_batch" in f and f["micro_batch"] * f.get("dp", 1) > job.global_batch:
         return f"micro_batch={f['micro_batch']} x dp exceeds global_batch={job.global_batch}"
     return f"no tp*pp*dp*cp factorization of n_accel={row.n} is consistent with the row's pins (cp <= {MAX_CP} when unpinned)"
