@@ -98,6 +98,8 @@ def main_raising(argv: list[str]) -> int:
     (["--model", "llama3-8b", "--n", "1000003"], "no factorization"),
     (["--model", "llama3-8b", "--n", "64", "--tp", "3"], "tp=3 must divide heads=32"),
     (["--model", "llama3-8b", "--n", "64", "--tp", "8", "--pp", "16"], "multiply to 128, which does not divide n=64"),
+    (["--model", "grok-1", "--n", "64", "--tp", "8", "--pp", "2", "--dp", "4", "--ep", "16"],
+     "ep=16 must divide experts=8"),
 ])
 def test_bad_input_is_one_line(argv, needle, capsys):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")) as e:

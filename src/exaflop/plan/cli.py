@@ -139,7 +139,7 @@ def _best(job: Job, n: int, chips: str, inputs: RunInputs, args: argparse.Namesp
     fixed["precision"] = args.precision
     res = search(job, n, fixed, keep=keep)
     if not res.plans:
-        raise UserError(not_fit_message(job, n, res))
+        raise UserError(not_fit_message(job, n, res, fixed))
     best = res.plans[0]
     run = outcome(best, job.model, n, job.seq_len, job.accel.power_w, inputs)
     d = plan_dict(job, n, chips, res, best, run, inputs)

@@ -214,11 +214,13 @@ def no_factorization_reason(job: Job, n: int, fixed: dict[str, Any]) -> str:
             f"cp <= {MAX_CP}; pick an --n with more factors of 2 or raise --global-batch-tokens")
 
 
-def not_fit_message(job: Job, n: int, res: SearchResult) -> str:
+def not_fit_message(job: Job, n: int, res: SearchResult, fixed: dict[str, Any] | None = None) -> str:
     usable = job.accel.mem_gb * USABLE_MEMORY
     s = res.smallest
     if s is None:
-        return f"{job.model.name} on {n} x {job.accel.name}: no plan could be evaluated"
+        why = pin_problem(job, n, fixed or {})
+        return (f"{job.model.name} on {n} x {job.accel.name}: no plan matches the pins"
+                + (f": {why}; drop or change that pin" if why else "; drop or change a pin"))
     state = s.memory["weights"] + s.memory["grads"] + s.memory["optimizer"]
     knob = ("more accelerators (--n) or one with more memory: weights, gradients and optimizer "
             "state alone exceed it" if state > usable * 1e9 else
