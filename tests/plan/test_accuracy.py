@@ -39,14 +39,16 @@ def errors(results, prefix: str, key: str = "error_pct") -> list[float]:
 def test_korthikanti_rows(results):
     e = errors(results, "korthikanti2022")
     assert len(e) == 8
-    # In-sample regression guard ~10% above today's 3.49% mean / 7.64% max.
-    assert statistics.fmean(e) <= 3.9 and max(e) <= 8.4
+    # In-sample regression guard ~10% above today's 5.17% mean / 9.80% max (3.49% / 7.64%
+    # before the constants were fitted on all seven sources: they generalize better and fit
+    # these eight less tightly; docs/benchmarks.md).
+    assert statistics.fmean(e) <= 5.7 and max(e) <= 10.8
 
 
 def test_narayanan_rows(results):
     e = errors(results, "narayanan2021")
     assert len(e) == 10
-    assert statistics.median(e) <= 2.0 and max(e) <= 6.6  # in-sample guard: today 1.75% / 5.97%
+    assert statistics.median(e) <= 3.0 and max(e) <= 5.0  # in-sample guard: today 2.71% / 4.52%
 
 
 def test_leave_one_source_out_is_the_number_to_quote(capsys):
@@ -56,7 +58,7 @@ def test_leave_one_source_out_is_the_number_to_quote(capsys):
     held = out["summary"]
     assert held["all"]["rows"] == 28 and len(held) >= 8  # 'all' + seven sources
     assert held["all"]["median"] <= 10.0
-    assert held["all"]["max"] <= 35.0  # the bound for unseen runs; today 28.6%
+    assert held["all"]["max"] <= 35.0  # the bound for unseen runs; today 26.4%
     for r in out["rows"]:
         assert r["cross_error_pct"] == pytest.approx(
             (r["cross_predicted_step_s"] / r["measured_step_s"] - 1) * 100, abs=0.05)

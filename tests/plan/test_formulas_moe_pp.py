@@ -86,7 +86,10 @@ ACT, LOGITS = 43_008, 2 * 4 * 16 * 100  # logits fp32 + their gradient: 12,800
 
 @pytest.mark.parametrize("software, recompute, expected", [
     ("modern", "none", 4 * ACT + LOGITS),
-    ("modern", "selective", 4 * ACT + LOGITS),  # flash stores no scores: nothing to drop
+    # Flash stores no scores; selective drops what elementwise ops re-create: the two norm
+    # outputs (2 * 2 * s * h = 4,096) and the expert MLP's activation output (2 * 16 * 384 =
+    # 12,288).
+    ("modern", "selective", 4 * (ACT - 16_384) + LOGITS),
     # Megatron-2021 keeps the 5 a s^2 b = 5,120-byte score matrices; selective drops them.
     ("megatron-2021", "none", 4 * (ACT + 5_120) + LOGITS),
     ("megatron-2021", "selective", 4 * ACT + LOGITS),
@@ -231,9 +234,13 @@ def test_context_parallel_and_two_sequence_micro_batches():
     # Dense weights shard over dp*cp = 4 ranks, like the experts (ep=1): 2 layers + half the
     # embeddings over tp: 40,384 dense + 49,152 expert parameters per rank before ZeRO.
     assert cost.memory["grads"] == pytest.approx(2 * (40_384 + 49_152) / 4, rel=1e-12)
-    # Activations: s = 8, sbh = 8 * 2 * 64; (10,240/2 + 32,768/2) per layer, 2 layers,
-    # 2 micro-batches in flight, logits 8 * 2 * 8 * 100 / 2.
-    assert cost.memory["activations"] == pytest.approx(2 * 21_504 * 2 + 6_400, rel=1e-12)
+    # Activations: s = 8, sbh = 8 * 2 * 64; (10,240/2 + 32,768/2) per layer less what
+    # selective re-creates (norm outputs 2 * 2 * sbh / 2 = 2,048; activation output
+    # 2 * 8 * 2 * 384 / 2 = 6,144), 2 layers, 2 micro-batches in flight, logits 8 * 2 * 8 * 100 / 2.
+    assert cost.memory["activations"] == pytest.approx(2 * (21_504 - 8_192) * 2 + 6_400, rel=1e-12)
+    # Re-creating them reads the inputs and writes them again: 2 x 8,192 bytes per layer, 2
+    # layers, 2 micro-batches.
+    assert cost.breakdown["recompute"] == pytest.approx(2 * 2 * 2 * 8_192 / HBM, rel=1e-12)
     act = 2 * 8 * 64 * 2
     # CP: each rank receives the other's K and V per layer forward: 2 sequences x 8 positions
     # x (K, V) x 2 of the 4 heads (tp 2) x 16 x 2 bytes = 2,048; x3 with backward; 2 layers,

@@ -228,7 +228,7 @@ def _print_scaling(points: list[dict[str, Any]], skipped: list[dict[str, Any]]) 
 
 
 def _validate(args: argparse.Namespace, catalog: Catalog, fit_constants: bool) -> int:
-    from exaflop.plan.efficiency import CALIBRATED
+    from exaflop.plan.efficiency import CALIBRATED, NEUTRAL
     from exaflop.plan.validate import (
         cross_csv,
         cross_validate,
@@ -244,7 +244,7 @@ def _validate(args: argparse.Namespace, catalog: Catalog, fit_constants: bool) -
         raise UserError("--write: only with --cross (it writes the held-out errors)")
     eff = CALIBRATED
     if fit_constants:
-        eff, _ = fit(rows)
+        eff, _ = fit(rows, NEUTRAL)  # from the fixed start --cross uses: reproducible
     results = cross_validate(rows) if cross else [predict(r, eff) for r in rows]
     key = "cross_error_pct" if cross else "error_pct"
     if cross and args.write:

@@ -20,6 +20,7 @@ from exaflop.plan.shapes import (
     BYTES,
     activation_bytes,
     attention_matmuls,
+    elementwise_bytes,
     embedding_params,
     forward_flops,
     layer_params,
@@ -246,11 +247,17 @@ def layer_time(job: Job, tp: int, cp: int, ep: int, dp: int, mb: int, recompute:
     out["ep_comm"] = max(0.0, 2 * ep_one - out["compute"]) if sw.ep_overlap else 2 * ep_one
     if recompute == "full":
         out["recompute"] = t_fwd + e_fwd + tp_one + cp_one + ep_one
-    elif recompute == "selective" and not sw.flash_attention:
-        out["recompute"] = t_core + e_core
+    elif recompute == "selective":
+        out["recompute"] = selective_time(job, tp, cp, mb, sp, moe) if sw.flash_attention else t_core + e_core
     else:
         out["recompute"] = 0.0
     return out
+
+
+def selective_time(job: Job, tp: int, cp: int, mb: int, sp: bool, moe: bool) -> float:
+    """Selective recompute under flash attention: re-create the norm and activation outputs
+    (read their inputs, write them again), memory-bound."""
+    return mem_time(job, 2 * elementwise_bytes(job.model, mb, job.seq_len, tp, cp, sp, moe))
 
 
 def stage_layers(model: ModelSpec, pp: int, vp: int = 1) -> int:
@@ -287,13 +294,19 @@ def memory(job: Job, plan: Plan, micro_batches: int, with_gathered: bool = False
     keep_scores = not sw.flash_attention
     act, core = activation_bytes(m, plan.micro_batch, job.seq_len, plan.tp, plan.cp,
                                  plan.sequence_parallel, m.moe, keep_scores)
+    # Selective: the 2021 kernels drop the attention core (the s^2 scores); with flash there
+    # are none, and selective drops what elementwise ops can re-create.
+    cheap = core if keep_scores else elementwise_bytes(m, plan.micro_batch, job.seq_len, plan.tp, plan.cp,
+                                                       plan.sequence_parallel, m.moe)
     if plan.recompute == "full":
         saved = BYTES * plan.micro_batch * job.seq_len // plan.cp * m.hidden
         saved /= plan.tp if plan.sequence_parallel else 1
-        saved = plan.recompute_share * saved + (1 - plan.recompute_share) * act
+        # Layers outside the recomputed share keep selective's set (modern stacks) or all of it.
+        rest = act - cheap if sw.flash_attention else act
+        saved = plan.recompute_share * saved + (1 - plan.recompute_share) * rest
         working = act  # one layer's activations exist while it is recomputed
     else:
-        saved, working = (act - core if plan.recompute == "selective" else act), 0.0
+        saved, working = (act - cheap if plan.recompute == "selective" else act), 0.0
     # 1F1B: the first stage holds up to pp micro-batches in flight; interleaving adds more.
     in_flight = min(plan.pp, micro_batches)
     if plan.vp > 1:
@@ -328,8 +341,12 @@ def step_cost(job: Job, plan: Plan, micro_batches: int | None = None, global_bat
         if count:
             for k, v in layer_time(job, *args, moe).items():
                 per_mb[k] = per_mb.get(k, 0.0) + v * count
-    if plan.recompute == "full":
-        per_mb["recompute"] *= plan.recompute_share
+    if plan.recompute == "full" and plan.recompute_share < 1:
+        rest = 0.0  # the other layers' selective recompute (modern stacks)
+        if sw.flash_attention:
+            for moe, count in ((False, layers - n_moe), (True, n_moe)):
+                rest += count * selective_time(job, plan.tp, plan.cp, plan.micro_batch, plan.sequence_parallel, moe)
+        per_mb["recompute"] = plan.recompute_share * per_mb["recompute"] + (1 - plan.recompute_share) * rest
     # The last stage also runs the LM head and the loss.
     head = logits_matmul(m, plan.micro_batch, job.seq_len, plan.tp, plan.cp)
     per_mb["compute"] += 3 * matmul_time(job, [head], "bf16")

@@ -131,13 +131,15 @@ def _rank(c: StepCost) -> float:
 def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: dict[str, Any]):
     """For each recompute mode, the least ZeRO sharding that fits (plan, True); else the
     most sharded (plan, False). Unless recompute is pinned, "full" recomputes only the share
-    of layers needed to fit (all of them if nothing less fits); with flash attention a
-    pinned "selective" is that same least recompute (flash keeps no scores to drop)."""
+    of layers needed to fit (all of them if nothing less fits), the others keeping
+    selective's set; with flash attention a pinned "selective" may add that share too
+    (what modern stacks do when fine-grained recompute alone does not fit)."""
     flash = job.software.flash_attention
-    if "recompute" in fixed and not (flash and fixed["recompute"] == "selective"):
-        modes = [fixed["recompute"]]
-    elif flash:  # flash stores no scores: selective == none
-        modes = ["none", "full"]
+    pinned = fixed.get("recompute")
+    if pinned == "selective" and flash:
+        modes = ["selective", "full"]  # selective, plus whole layers only if that is not enough
+    elif pinned:
+        modes = [pinned]
     else:
         modes = list(RECOMPUTE)
     if "zero_stage" in fixed:
@@ -146,9 +148,7 @@ def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: di
         stages = [1, 3]  # ZeRO-1 costs what plain DP costs (reduce-scatter + all-gather); 2 == 1 in time
     else:
         stages = [0]
-    # Selective recompute under flash attention means "recompute what must be recomputed to
-    # fit" (torchtitan's op-level policy, Megatron's block recompute): a partial "full".
-    partial = "recompute" not in fixed or (flash and fixed["recompute"] == "selective")
+    partial = pinned is None or (flash and pinned == "selective")
     for mode in modes:
         plan = None
         for z in stages:
@@ -163,6 +163,9 @@ def _fitting_variants(job: Job, base: Plan, micro: int, usable: float, fixed: di
         else:
             if plan is not None and mode == modes[-1]:
                 yield plan, False
+            continue
+        if z == stages[0]:
+            return  # fits with the least sharding: more recompute can only be slower
 
 
 def _recompute_share(job: Job, plan: Plan, micro: int, usable: float, need_full: float) -> float:

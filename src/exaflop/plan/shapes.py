@@ -142,3 +142,20 @@ def activation_bytes(model: ModelSpec, mb: int, seq: int, tp: int, cp: int, sp: 
     core = 5 * model.heads * s * seq * mb if keep_scores else 0
     total = replicated / (tp if sp else 1) + sharded / tp + core / tp
     return total, core / tp
+
+
+def elementwise_bytes(model: ModelSpec, mb: int, seq: int, tp: int, cp: int, sp: bool, moe: bool) -> float:
+    """Bytes of one layer's saved activations that elementwise ops can recompute cheaply from
+    what stays saved: the two norms' outputs (the QKV and first-MLP inputs, 2 sbh bytes each,
+    recomputed from the norms' inputs) and the MLP's activation output (GeLU(x), or SwiGLU's
+    product, recomputed from the first matmul's output). What modern selective recompute
+    (Megatron's fine-grained recompute of norms and activations, torchtitan's op-level policy
+    that keeps matmul outputs) drops."""
+    s = seq // cp
+    norms = 2 * BYTES * s * mb * model.hidden / (tp if sp else 1)
+    if moe:
+        ffn = (model.expert_ffn or model.ffn) * (model.top_k + model.shared_experts)
+    else:
+        ffn = model.ffn
+    return norms + BYTES * s * mb * ffn / tp
+
