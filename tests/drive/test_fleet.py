@@ -221,17 +221,21 @@ def test_ray_import_survives_a_killed_driver_and_a_lost_node(s3, fleet):
         fs, prefix = _fs(endpoint), "ray"
         cmd = [sys.executable, "-m", "exaflop", *import_args(root / "raw", f"s3://{BUCKET}/{prefix}",
                "--storage-option", f"endpoint_url={endpoint}", "--ray", cluster.address)]
-        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Every item held 1.5 s (a drill, engine/faults.py): a node removed while the rerun runs
+        # is surely executing one. Without it a CI run lost the race: the second node was still
+        # starting its worker, Ray quietly moved the pending task, and nothing was retried.
+        env = {**os.environ, "EXAFLOP_IMPORT_FAULT": "slow:1.5"}
+        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         # Killed after its first item: most of the work is left for the rerun, so both nodes are
-        # busy when the second node goes (killed later, the rerun could have had too little left
-        # to place a task there, and nothing would be retried).
+        # busy when the second node goes.
         _wait_items(fs, prefix, 1, first)
         first.send_signal(signal.SIGKILL)
         first.wait()
         kept = _items(fs, prefix)
         assert kept < 10 and not fs.exists(f"{BUCKET}/{prefix}/manifest.json")
-        second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_items(fs, prefix, kept + 1, second)
+        second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # Two more items: both nodes have started workers and are on their next 1.5 s item.
+        _wait_items(fs, prefix, kept + 2, second)
         cluster.remove_node(worker)
         _, err = second.communicate(timeout=240)
         assert second.returncode == 0, err

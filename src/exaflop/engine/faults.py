@@ -12,6 +12,9 @@
     EXAFLOP_FAULT=atomic_write:torn     (engine.checkpoint) die half-way through writing meta.json
                                         or `latest`; also atomic_write:before_fsync, :before_replace
 
+    EXAFLOP_IMPORT_FAULT=slow:1.5       (drive import) every item takes 1.5 s longer, so a node
+                                        lost mid-import is surely running one (the Ray drill)
+
 Faults fire only in torchrun's first attempt (and never in an elastic replacement), so a
 restarted job does not crash again at the same place; the signals are delivered to the process for real.
 
@@ -138,3 +141,11 @@ class Drills:
     def close(self) -> None:
         if self._samples is not None:
             self._samples.close()
+
+
+def slow_item() -> None:
+    """EXAFLOP_IMPORT_FAULT=slow:SECONDS: hold each imported item that long before converting it."""
+    spec = os.environ.get("EXAFLOP_IMPORT_FAULT", "")
+    if spec.startswith("slow:"):
+        time.sleep(float(spec.split(":", 1)[1]))
+

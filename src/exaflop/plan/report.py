@@ -59,7 +59,7 @@ def print_plan(console: Console, d: dict[str, Any]) -> None:
     head.add_column(style="bold")
     head.add_column()
     rows = [
-        ("plan", f"TP {p['tp']} x PP {p['pp']} x DP {p['dp']} x CP {p['cp']} (EP {p['ep']} inside DP), "
+        ("plan", f"TP {p['tp']} x PP {p['pp']} x DP {p['dp']} x CP {p['cp']} (EP {p['ep']} inside DP x CP), "
                  f"interleave {p['vp']}, micro-batch {p['micro_batch']}, recompute {_recompute(p)}, "
                  f"ZeRO {p['zero_stage']}, {p['precision']}"),
         ("global batch", f"{d['global_batch']} x {d['seq_len']} tokens, {d['micro_batches']} micro-batches"),

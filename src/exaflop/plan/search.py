@@ -1,4 +1,4 @@
-"""Search every valid TP x PP x DP x CP (x EP inside DP) factorization of the accelerator count.
+"""Search every valid TP x PP x DP x CP (x EP inside DP x CP) factorization of the accelerator count.
 
 For each factorization the search tries micro-batch sizes and interleaving depths;
 recompute mode and ZeRO stage are not free knobs for speed (less recompute and less

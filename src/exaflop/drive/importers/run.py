@@ -33,6 +33,7 @@ from exaflop.drive.badinput import BadInput
 from exaflop.drive.importers.clips import DASHCAM_VIEW, ImportOptions, Item, make_clips
 from exaflop.drive.store import Store
 from exaflop.drive.video import encode_clip
+from exaflop.engine.faults import slow_item
 from exaflop.errors import UserError
 
 FORMAT = "exaflop-drive-clips/1"
@@ -116,6 +117,7 @@ def convert_item(importer: str, item: Item, opts: ImportOptions, out: str,
     """Worker: one drive -> shards + result record, written under `out` (a folder or URL).
     Bad input comes back as {"skipped": reason}. Deterministic: a retried item rewrites the
     same shard names with the same bytes, so a retry never duplicates a clip."""
+    slow_item()  # drills only (engine/faults.py)
     mod = importlib.import_module(f"exaflop.drive.importers.{importer}")
     store = Store(out, storage_options)
     try:
@@ -281,7 +283,7 @@ def _ray(address: str, store: Store):
     if not ray.is_initialized():
         # Workers get this process's AWS settings, so credentials given the usual way reach
         # every node's tasks (a real cluster may instead give its nodes an instance role).
-        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "EXAFLOP_IMPORT_FAULT"}
         try:
             ray.init(address=None if address == "local" else address, runtime_env={"env_vars": env},
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
