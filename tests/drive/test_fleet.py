@@ -207,6 +207,53 @@ def _wait_items(fs, prefix: str, n: int, proc: subprocess.Popen, timeout: float 
         time.sleep(0.05)
 
 
+def _lose_node(cluster, node) -> None:
+    """The node is gone at once, as when its machine dies: its raylet and every worker process
+    under it are SIGKILLed. (Ray's remove_node kills the raylet; a worker busy in a task lives on
+    until it notices, and may finish the task and hand back a small result directly to its
+    owner: then nothing fails, which is not what a lost machine does.)"""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    for pid in _descendants(raylet):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid`, from /proc (Linux)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:  # the field after the parenthesised command is the state, then the parent pid
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        here = todo.pop()
+        kids = [c for c, p in parent.items() if p == here]
+        out += kids
+        todo += kids
+    return out
+
+
+def _settled_items(fs, prefix: str, quiet: float, timeout: float = 60) -> int:
+    """The item count once it has not changed for `quiet` seconds."""
+    deadline = time.time() + timeout
+    n, since = _items(fs, prefix), time.time()
+    while time.time() - since < quiet:
+        assert time.time() < deadline, "items kept landing after the driver was killed"
+        time.sleep(0.1)
+        now = _items(fs, prefix)
+        if now != n:
+            n, since = now, time.time()
+    return n
+
+
 def test_ray_import_survives_a_killed_driver_and_a_lost_node(s3, fleet):
     """A head and a second node with one CPU each. The first driver is killed mid-import; the
     rerun skips the finished drives, loses the second node while its tasks run, retries them
@@ -231,19 +278,26 @@ def test_ray_import_survives_a_killed_driver_and_a_lost_node(s3, fleet):
         _wait_items(fs, prefix, 1, first)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        kept = _items(fs, prefix)
+        # The dead driver's tasks may still finish an item or two: wait until nothing new lands,
+        # so the rerun's own items (not these) say when both nodes are at work.
+        kept = _settled_items(fs, prefix, quiet=3.0)
         assert kept < 10 and not fs.exists(f"{BUCKET}/{prefix}/manifest.json")
         second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        # Two more items: both nodes have started workers and are on their next 1.5 s item.
+        # Two more items: both nodes have started workers. They finish in step (same start, same
+        # 1.5 s hold), so wait half an item more: the node goes in the middle of its next one,
+        # not in the instant between two (where Ray moves the pending task without an error).
         _wait_items(fs, prefix, kept + 2, second)
-        cluster.remove_node(worker)
+        time.sleep(0.8)
+        at_removal = _items(fs, prefix)
+        _lose_node(cluster, worker)
         _, err = second.communicate(timeout=240)
         assert second.returncode == 0, err
         m = json.loads(fs.cat_file(f"{BUCKET}/{prefix}/manifest.json"))
         same_data(m, ref)  # same clips, splits, shard checksums and counts as the local import
         assert m["run"]["resumed_items"] >= 1
         retried = m["run"]["retries"]
-        assert retried and all("NodeDied" in r["reason"] or "Worker" in r["reason"] for r in retried), retried
+        assert retried, f"nothing retried: kept {kept}, {at_removal} items at the removal, run {m['run']}"
+        assert all("NodeDied" in r["reason"] or "Worker" in r["reason"] for r in retried), retried
         # Nothing twice: exactly the reference's shard objects, no leftovers.
         files = sorted(p.split(f"{prefix}/", 1)[1] for p in fs.find(f"{BUCKET}/{prefix}") if p.endswith(".tar"))
         assert files == sorted(s["file"] for sp in ("train", "val") for s in ref["splits"][sp]["shards"])
