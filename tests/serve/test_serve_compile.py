@@ -67,6 +67,32 @@ def test_compiled_decode_step_matches_eager(run_dir):
         assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
 
+
+def test_compiled_bf16_step_calls_the_packed_kernel_from_cpp(run_dir):
+    """bf16 (packed oneDNN weights where the CPU has them): the compiled step gets a C++ wrapper
+    calling the packed kernel directly, and its logits are the eager step's within bf16 rounding
+    (inductor fuses across points where eager rounds to bf16)."""
+    from exaflop.nn.packed import PackedLinear
+
+    w = load_weights(run_dir, run_dir, torch.device("cpu"), torch.bfloat16)
+    engine = Engine("m", Metrics(), max_running=4, compile=True)
+    engine.prepare(w)
+    assert engine._compiled and engine.runner.cpp_wrapper
+    packed = [m.packed is not None for m in w.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and (all(packed) or not any(packed))  # oneDNN packs all or (old CPU) none
+    torch.manual_seed(0)
+    eager_cache = w.model.new_cache(w.cache.slots, w.cache.max_len)
+    with torch.inference_mode():
+        prompt = torch.randint(6, 300, (3, 9))
+        for c in (w.cache, eager_cache):
+            w.model.decode(prompt, c)
+        for batch in (3, 3, 1, 1):
+            x = torch.randint(6, 300, (batch, 1))
+            got = w.model.decode(x, w.cache, step=engine._decode_step)
+            want = w.model.decode(x, eager_cache)
+            scale = want.abs().max()
+            assert (got - want).abs().max() <= 0.05 * scale, (got - want).abs().max() / scale
+
 def test_server_with_compile_streams_concurrently(run_dir, start_server):
     s = start_server([run_dir], "--compile", "--max-running", "8", timeout=240)
     assert "decode step compiled" in s.log.read_text()
