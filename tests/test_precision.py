@@ -145,3 +145,24 @@ def test_the_trial_leaves_no_trace_in_training(tmp_path, data_dir, monkeypatch):
     train(load_config("lm-tiny", o2), quiet=True)
     losses = [[r["loss"] for r in read_metrics(tmp_path / "runs" / n) if r["kind"] == "train"] for n in ("trial", "fixed")]
     assert losses[0] == losses[1] and losses[0]
+
+
+def test_compile_cache_is_kept_per_instruction_set(tmp_path):
+    """A process capped to AVX2 must not load what a full AVX-512 process compiled (it returned
+    NaN logits on torch 2.13.0): each capability gets its own inductor cache directory, and a
+    directory the user chose is left alone. Run in subprocesses: the function sets the env."""
+    code = "from exaflop.engine.precision import compile_cache_per_isa as f; print(f())"
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ONEDNN_MAX_CPU_ISA",
+                                                             "ATEN_CPU_CAPABILITY")}
+
+    def where(**env: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True, cwd=REPO)
+        return out.stdout.strip()
+
+    native = where()
+    capped = where(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    assert os.path.basename(native) == torch.backends.cpu.get_cpu_capability().lower()
+    assert os.path.basename(capped) == "avx2-onednn-avx2"
+    assert os.path.dirname(native) == os.path.dirname(capped)
+    assert where(TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)

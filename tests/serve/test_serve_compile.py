@@ -109,3 +109,41 @@ def test_server_with_compile_streams_concurrently(run_dir, start_server):
     m = s.metrics()
     assert m['exaflop_requests_running{model="m"}'] == 0
     assert m['exaflop_decode_batch_size_count{model="m"}'] > 0
+
+
+CAPPED_STEP = """
+import torch
+from exaflop.config import load_config
+from exaflop.engine.precision import compile_cache_per_isa
+from exaflop.lm.model import LM
+from exaflop.nn.packed import pack_for_inference
+
+compile_cache_per_isa()
+torch.manual_seed(0)
+m = LM(load_config("lm-tiny", []).model).eval()
+pack_for_inference(m)
+step = torch.compile(LM.logits_at, dynamic=True)
+with torch.inference_mode():
+    c1, c2 = m.new_cache(4, 128), m.new_cache(4, 128)
+    x = torch.randint(6, 300, (2, 5))
+    m.decode(x, c1), m.decode(x, c2)
+    t = torch.randint(6, 300, (2, 1))
+    print(float((m.decode(t, c1, step=step) - m.decode(t, c2)).abs().max()))
+"""
+
+
+def test_a_capped_process_does_not_load_the_native_compiled_step(tmp_path):
+    """The same machine compiles the step at full ISA, then a process capped to AVX2 compiles it
+    again with the same (default) cache location: the capped step must be its own, not the
+    cached native one (which gave NaN logits before caches were kept per ISA)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a fresh default cache directory
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    for extra in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}):
+        out = subprocess.run([sys.executable, "-c", CAPPED_STEP], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert float(out.stdout.split()[-1]) < 1e-4, (extra, out.stdout)

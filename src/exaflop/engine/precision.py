@@ -212,6 +212,31 @@ def cpu_capability() -> str:
     return f"{model + ': ' if model else ''}{what}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def compile_cache_per_isa() -> str:
+    """Point inductor's on-disk cache at a directory of this process's CPU instruction set
+    (unless the user chose one): returns the directory.
+
+    Why: inductor keys its cache by graph and config, not by the ISA that torch and oneDNN were
+    told to use (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`). A step compiled on the same
+    machine at full AVX-512, then loaded from the cache by a process capped to AVX2, returned
+    NaN logits (measured: torch 2.13.0, lm-tiny, either wrapper); a cache directory shared by
+    machines of different CPUs would do the same. Separate directories per ISA avoid it.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = default_cache_dir()
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != os.path.abspath(base):
+        return current  # the user's (or an outer exaflop call's) choice
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if capped:
+        isa += "-onednn-" + capped.lower()
+    path = os.path.join(base, isa)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
 def autocast_for(requested: str, device: torch.device | str = "cpu", flag: str = "run.dtype"):
     """An autocast context for inference in the resolved precision (a no-op for fp32)."""
     device = torch.device(device)

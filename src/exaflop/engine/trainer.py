@@ -27,7 +27,7 @@ from exaflop.engine.checkpoint import Checkpointer, latest_complete
 from exaflop.engine.faults import Drills
 from exaflop.engine.optim import build_optimizer, lr_at
 from exaflop.engine.parallel import data_parallel_size, local_tensor, parallelize, unwrap
-from exaflop.engine.precision import agree, peak_dtype
+from exaflop.engine.precision import agree, compile_cache_per_isa, peak_dtype
 from exaflop.engine.step import to_device, train_step
 from exaflop.engine.task import build_task
 from exaflop.engine.telemetry import MetricsLog, peak_mem_mb, per_rank
@@ -119,6 +119,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
         raise UserError(f"--elastic re-splits data-parallel replicas only ({rt.layout.describe()}); "
                         "set parallel.mode=ddp and tp/pp/ep to 1")
     if cfg.run.compile:
+        compile_cache_per_isa()
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from exaflop.engine.faults import ServeFault
+from exaflop.engine.precision import compile_cache_per_isa
 from exaflop.nn.packed import lower_packed_linear, pack_for_inference
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.prefix import PrefixCache
@@ -51,6 +52,7 @@ class Runner:
         if not self.compile or self.compiled:
             return
         t0 = time.perf_counter()
+        compile_cache_per_isa()
         # A C++ wrapper around the step's kernels (no Python between them) once the packed
         # linears call oneDNN directly (nn/packed.py): ~20% faster per token at 1-32 rows.
         wrappers = [True, False] if lower_packed_linear() else [False]
