@@ -185,6 +185,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3, help="runs per server and stream count (median reported)")
     ap.add_argument("--compile", action="store_true", help="exaflop serve --compile")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"],
+                    help="int8: exaflop serve --quantize int8 against llama-server on a Q8_0 export "
+                         "(run with --no-repack: its repacked Q8_0 path dies with SIGILL on this VM's CPU)")
     ap.add_argument("--llama-server", help="path of a llama-server binary (also $LLAMA_SERVER, PATH)")
     ap.add_argument("--build", help="build llama-server from a llama-cpp-python sdist (.tar.gz or unpacked dir)")
     ap.add_argument("--json", help="also write the results here")
@@ -202,7 +205,7 @@ def main() -> int:
     from exaflop.lm.gguf_export import export
 
     precision = resolve(args.dtype, "cpu", flag="--dtype").name
-    gguf_type = {"fp32": "f32", "bf16": "bf16"}[precision]
+    gguf_type = "q8_0" if args.quantize == "int8" else {"fp32": "f32", "bf16": "bf16"}[precision]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     results: dict[str, dict[int, list[dict]]] = {"exaflop": {n: [] for n in streams},
                                                  "llama-server": {n: [] for n in streams}}
@@ -217,10 +220,12 @@ def main() -> int:
                 port = free_port()
                 ours = [sys.executable, "-m", "exaflop", "serve", str(run), "--port", str(port),
                         "--threads", str(args.threads), "--reload-interval", "0", "--log-level", "warning",
-                        "--max-running", str(n), "--dtype", precision] + (["--compile"] if args.compile else [])
+                        "--max-running", str(n), "--dtype", precision, "--quantize", args.quantize]
+                ours += ["--compile"] if args.compile else []
                 theirs = [str(llama), "-m", str(gguf), "--alias", name, "--port", str(port), "--host", "127.0.0.1",
                           "-t", str(args.threads), "-tb", str(args.threads), "-np", str(n), "-cb",
                           "-c", str(ctx * n), "--no-webui", "--log-disable"]
+                theirs += ["--no-repack"] if gguf_type == "q8_0" else []
                 order = [("exaflop", ours, {}), ("llama-server", theirs, {"ignore_eos": True})]
                 for who, cmd, extra in (order if rep % 2 == 0 else order[::-1]):  # alternate who goes first
                     r = serve_and_measure(cmd, port, name, n, args.max_tokens, extra, env)
@@ -232,7 +237,8 @@ def main() -> int:
     print(f"CPU: {cpu_capability()}, {args.threads} threads per server; model {run.name} "
           f"({args.preset if not args.run else 'given run'}), weights {precision} (GGUF {gguf_type}), "
           f"{args.max_tokens} greedy tokens per stream, median of {args.repeat}"
-          f"{', exaflop --compile' if args.compile else ''}")
+          f"{', exaflop --compile' if args.compile else ''}"
+          f"{', exaflop --quantize int8 vs Q8_0 (llama-server --no-repack)' if args.quantize == 'int8' else ''}")
     print(f"{'streams':>7} {'exaflop tok/s':>14} {'llama-server':>13} {'ratio':>7} "
           f"{'TTFT exaflop ms':>16} {'llama-server':>13} {'ratio':>7}")
     for n in streams:

@@ -87,3 +87,49 @@ def test_bf16_serving_logits_track_the_full_forward():
         got = torch.stack([fast.decode(seq[:, t:t + 1], cache) for t in range(10, 29)], 1)
         want, _ = ref(seq[:, :29])
     torch.testing.assert_close(got, want[:, 10:29].float(), atol=0.15, rtol=0.05)
+
+
+def test_int8_matrices_are_the_weights_rounded_per_row():
+    """`quantize="int8"`: each matrix is q * scale with |w - q*scale| <= scale/2 per row (rounding
+    to the nearest step, the scale itself stored in bf16), and both kernels — `_weight_int8pack_mm`
+    below INT8_KERNEL_ROWS rows, the widened matmul from there on — compute that matrix's product."""
+    from exaflop.nn.packed import INT8_KERNEL_ROWS, quantize_int8
+
+    torch.manual_seed(3)
+    w = (torch.randn(80, 96) * torch.linspace(0.01, 2, 80)[:, None]).bfloat16()
+    w[5] = 0  # a zero row quantizes to zeros, not NaN
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and q.abs().max() <= 127
+    deq = q.float() * scale.float()[:, None]
+    assert bool(((w.float() - deq).abs() <= scale.float()[:, None] / 2 + 1e-6).all())
+    assert bool((deq[5] == 0).all())
+    lin = PackedLinear([w[:48], w[48:]], quantize="int8")
+    assert lin.packed is None and lin.weight is None  # no bf16 copy kept: half the bytes
+    for rows in (1, INT8_KERNEL_ROWS - 1, INT8_KERNEL_ROWS, 37):
+        x = torch.randn(rows, 96).bfloat16()
+        want = x.float() @ deq.T
+        got = torch.cat(lin(x), -1).float()
+        # bf16 output rounding (2^-8 relative) of sums of 96 products
+        torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()) / 8, rtol=0.02)
+    with pytest.raises(ValueError, match="quantize"):
+        PackedLinear([w], quantize="int4")
+
+
+def test_int8_serving_stays_close_to_bf16():
+    """The whole model with int8 matrices: logits within a few percent of bf16's, decode and prefill
+    (the two kernels) agreeing on the same positions."""
+    m = _model(torch.bfloat16)
+    torch.manual_seed(4)
+    seq = torch.randint(0, 500, (2, 24))
+    with torch.inference_mode():
+        ref = pack_for_inference(copy.deepcopy(m))
+        q8 = pack_for_inference(copy.deepcopy(m), quantize="int8")
+        assert q8.quantized == "int8" and q8.blocks[0].attn.fused.qweight.dtype == torch.int8
+        want = ref.decode(seq, ref.new_cache(2, 96), None, torch.tensor([24, 24]))
+        prefill = q8.decode(seq, q8.new_cache(2, 96), None, torch.tensor([24, 24]))  # 48 rows: widened
+        cache = q8.new_cache(2, 96)
+        q8.decode(seq[:, :23], cache)
+        step = q8.decode(seq[:, 23:], cache)  # 2 rows: the int8 kernel
+    rel = (prefill.float() - want.float()).norm() / want.float().norm()
+    assert rel < 0.05, rel
+    torch.testing.assert_close(step.float(), prefill.float(), atol=0.1, rtol=0.05)

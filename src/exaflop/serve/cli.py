@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights and KV cache (auto: bf16 where the device runs bf16 matmuls fast -- CUDA, "
                         "CPUs with AMX / AVX-512 BF16, measured at start -- fp32 elsewhere)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: weight-only int8 matrices, one scale per output row (half bf16's memory; "
+                        "changes outputs slightly). Faster at 1-4 concurrent streams, slower from 8 "
+                        "(lm-124m, 2 CPU cores: docs/serving.md)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step at load (lm-124m on 2 CPU cores: ~70 s more start-up "
@@ -111,7 +115,14 @@ def build_server(args):
     # keeps an OpenMP team).
     precision = in_fresh_thread(resolve, args.dtype, device, flag="--dtype", threads=threads)
     dtype = precision.torch_dtype
-    logging.getLogger("exaflop.serve").info("precision: %s", precision.describe())
+    if args.quantize == "int8" and precision.name != "bf16":
+        # `_weight_int8pack_mm` with fp32 activations: 2x slower than fp32 weights at one row (measured,
+        # AVX-512 and AVX2 alike), so int8 would only cost accuracy.
+        raise UserError(f"--quantize int8: needs bf16 activations, but the precision is {precision.name} "
+                        "(--dtype auto picks fp32 where the CPU lacks fast bf16); pass --dtype bf16 on a CPU "
+                        "with AVX-512 BF16 / AMX, or drop --quantize")
+    logging.getLogger("exaflop.serve").info("precision: %s%s", precision.describe(),
+                                            ", int8 weight-only matrices" if args.quantize == "int8" else "")
     metrics = Metrics()
     models: dict[str, ServedModel] = {}
     drives: dict[str, DrivePredictor] = {}
@@ -127,7 +138,7 @@ def build_server(args):
             drives[name] = DrivePredictor(name, path, watch, device, precision.dtype, recorder, threads)
             continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile,
-                        prefix_cache_mb=args.prefix_cache_mb, threads=threads)
+                        prefix_cache_mb=args.prefix_cache_mb, threads=threads, quantize=args.quantize)
         models[name] = ServedModel(name, path, engine, watch)
     reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
                         drives=list(drives.values()), threads=threads)
@@ -145,11 +156,12 @@ def run(args) -> int:
     from exaflop.serve.app import create_app
     from exaflop.serve.http import limited_protocol
 
+    # Configured first: building the server logs what it chose (the precision, for one).
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = build_server(args)
     # The engine thread needs the GIL back between torch kernels while the event loop
     # thread writes streams; Python's default 5 ms switch interval would stall it.
     sys.setswitchinterval(0.0005)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     names = ", ".join(server.models)
     auth = "API keys required" if server.keys.enabled else "no API keys (loopback only)"
     print(f"exaflop serve: {names} at http://{args.host}:{args.port}/v1 ({auth})", flush=True)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from exaflop.engine.faults import ServeFault
 from exaflop.engine.precision import compile_cache_per_isa
-from exaflop.nn.packed import lower_packed_linear, pack_for_inference
+from exaflop.nn.packed import INT8_KERNEL_ROWS, lower_packed_linear, pack_for_inference
 from exaflop.serve.metrics import Metrics
 from exaflop.serve.prefix import PrefixCache
 from exaflop.serve.sequence import Sequence
@@ -27,8 +27,9 @@ log = logging.getLogger("exaflop.serve")
 
 class Runner:
     def __init__(self, name: str, metrics: Metrics, compile: bool = False, fault: ServeFault | None = None,
-                 prefix_bytes: int = 0) -> None:
+                 prefix_bytes: int = 0, quantize: str = "none") -> None:
         self.name, self.metrics, self.fault = name, metrics, fault
+        self.quantize = quantize  # "int8": weight-only int8 matrices (nn/packed.py)
         self.prefix_bytes = prefix_bytes  # prefix-cache budget per checkpoint (0: off)
         self.compile = compile
         self.decode_step = None  # a compiled LM.logits_at, once `prepare` made one
@@ -48,7 +49,7 @@ class Runner:
         reads only each row's filled prefix: the read length is a dynamic size of its inputs
         (LM.decode), warmed here at lengths >= 2 so that no request compiles.
         """
-        pack_for_inference(weights.model)
+        pack_for_inference(weights.model, quantize=self.quantize)
         if not self.compile or self.compiled:
             return
         t0 = time.perf_counter()
@@ -58,7 +59,7 @@ class Runner:
         wrappers = [True, False] if lower_packed_linear() else [False]
         for cpp_wrapper in wrappers:
             try:
-                compiled = self._compile(weights, max_running, cpp_wrapper)
+                compiled = self._compile(weights, max_running, cpp_wrapper, self.quantize)
                 break
             except Exception as e:  # noqa: BLE001 — any compiler failure: the next option, then eager
                 log.warning("engine %s: torch.compile%s failed (%s: %s)", self.name,
@@ -73,7 +74,7 @@ class Runner:
                  " (C++ wrapper)" if cpp_wrapper else "", time.perf_counter() - t0)
 
     @staticmethod
-    def _compile(weights, max_running: int, cpp_wrapper: bool):  # noqa: ANN001, ANN205
+    def _compile(weights, max_running: int, cpp_wrapper: bool, quantize: str):  # noqa: ANN001, ANN205
         compiled = torch.compile(type(weights.model).logits_at, dynamic=True,
                                  options={"cpp_wrapper": True} if cpp_wrapper else None)
         with torch.inference_mode():
@@ -81,7 +82,10 @@ class Runner:
             # every later one (take_slot): graphs are guarded on that tensor kind.
             cache = weights.ensure_cache(max_running)
             try:
-                for batch in sorted({1, min(2, cache.slots)}):
+                batches = {1, min(2, cache.slots)}
+                if quantize == "int8":  # int8 matrices switch kernels at a batch size: its own graph
+                    batches.add(min(INT8_KERNEL_ROWS, cache.slots))
+                for batch in sorted(batches):
                     cache.lengths[:batch] = 2  # a read length of 3: sizes 0 and 1 would specialize
                     x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
                     weights.model.decode(x, cache, None, step=compiled)
