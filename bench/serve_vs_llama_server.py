@@ -13,6 +13,10 @@ llama.cpp sources vendored in the llama-cpp-python sdist (nothing is downloaded 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/llama
     python bench/serve_vs_llama_server.py --build /tmp/llama/llama_cpp_python-0.3.36.tar.gz
 (cmake + a C++ compiler; ~5-10 minutes on 2 cores; the binary is kept next to the sources).
+To compare the AVX2-only path fairly on a newer CPU, hold both sides to AVX2: `--build-isa avx2`
+builds llama-server without AVX-512 / AMX (in build-avx2/), and the caps go on exaflop's side:
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python bench/serve_vs_llama_server.py --build SDIST --build-isa avx2
 Usage:
     python bench/serve_vs_llama_server.py [--run RUN | --preset lm-124m] [--dtype auto] [--streams 1,8,32] [--repeat 3]
 """
@@ -42,16 +46,22 @@ PROMPT = "def parse_config(path):\n    \"\"\"Read the settings file at"
 
 def find_llama_server(args) -> Path | None:
     if args.build:
-        return build_llama_server(Path(args.build))
+        return build_llama_server(Path(args.build), args.build_isa)
     for cand in (args.llama_server, os.environ.get("LLAMA_SERVER"), shutil.which("llama-server")):
         if cand and Path(cand).is_file():
             return Path(cand)
     return None
 
 
-def build_llama_server(src: Path) -> Path:
+# llama.cpp's CPU options for an AVX2-only build (cmake prints the variant: -mavx2 -mfma -mf16c).
+AVX2_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              *(f"-DGGML_{x}=OFF" for x in ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE",
+                                            "AMX_INT8", "AMX_BF16", "AVX_VNNI"))]
+
+
+def build_llama_server(src: Path, isa: str = "native") -> Path:
     """Build llama-server from the llama.cpp vendored in a llama-cpp-python sdist (.tar.gz or
-    unpacked), native CPU flags, no network; reuse an earlier build."""
+    unpacked), for this CPU (`native`) or for AVX2 only, no network; reuse an earlier build."""
     if src.is_file():
         dest = src.parent
         with tarfile.open(src) as tf:
@@ -60,16 +70,18 @@ def build_llama_server(src: Path) -> Path:
                 tf.extractall(dest, filter="data")
         src = dest / top
     root = src / "vendor" / "llama.cpp" if (src / "vendor" / "llama.cpp").is_dir() else src
-    binary = root / "build" / "bin" / "llama-server"
+    build = "build" if isa == "native" else f"build-{isa}"
+    binary = root / build / "bin" / "llama-server"
     if binary.is_file():
         return binary
     if not (root / "CMakeLists.txt").is_file():
         raise SystemExit(f"--build {src}: no llama.cpp sources there (expected vendor/llama.cpp/CMakeLists.txt)")
-    print(f"building llama-server in {root}/build (minutes) ...", flush=True)
-    flags = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-             "-DLLAMA_BUILD_SERVER=ON", "-DCMAKE_BUILD_TYPE=Release"]
-    subprocess.run(["cmake", "-B", "build", *flags], cwd=root, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j", str(os.cpu_count() or 1)],
+    print(f"building llama-server ({isa}) in {root}/{build} (minutes) ...", flush=True)
+    flags = [*(["-DGGML_NATIVE=ON"] if isa == "native" else AVX2_FLAGS), "-DLLAMA_CURL=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+             "-DCMAKE_BUILD_TYPE=Release"]
+    subprocess.run(["cmake", "-B", build, *flags], cwd=root, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count() or 1)],
                    cwd=root, check=True, stdout=subprocess.DEVNULL)
     return binary
 
@@ -190,6 +202,8 @@ def main() -> int:
                          "(run with --no-repack: its repacked Q8_0 path dies with SIGILL on this VM's CPU)")
     ap.add_argument("--llama-server", help="path of a llama-server binary (also $LLAMA_SERVER, PATH)")
     ap.add_argument("--build", help="build llama-server from a llama-cpp-python sdist (.tar.gz or unpacked dir)")
+    ap.add_argument("--build-isa", default="native", choices=["native", "avx2"],
+                    help="with --build: for this CPU, or AVX2 only (to compare the AVX2 path on a newer CPU)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
