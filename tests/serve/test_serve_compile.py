@@ -93,6 +93,33 @@ def test_compiled_bf16_step_calls_the_packed_kernel_from_cpp(run_dir):
             scale = want.abs().max()
             assert (got - want).abs().max() <= 0.05 * scale, (got - want).abs().max() / scale
 
+
+def test_compiled_int8_step_matches_eager_int8_at_both_kernels(run_dir):
+    """`--quantize int8 --compile`: the compiled step agrees with the eager int8 step below and above
+    INT8_KERNEL_ROWS (two kernels, one graph each, both compiled at load: nothing compiles later)."""
+    from exaflop.nn.packed import INT8_KERNEL_ROWS
+
+    w = load_weights(run_dir, run_dir, torch.device("cpu"), torch.bfloat16)
+    engine = Engine("m", Metrics(), max_running=INT8_KERNEL_ROWS + 2, compile=True, quantize="int8")
+    engine.prepare(w)
+    assert engine._compiled and w.model.quantized == "int8"
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    torch.manual_seed(0)
+    rows = INT8_KERNEL_ROWS + 2
+    eager_cache = w.model.new_cache(w.cache.slots, w.cache.max_len)
+    with torch.inference_mode():
+        prompt = torch.randint(6, 300, (rows, 9))
+        for c in (w.cache, eager_cache):
+            w.model.decode(prompt, c)
+        for batch in (rows, rows, 2, 1):
+            x = torch.randint(6, 300, (batch, 1))
+            got = w.model.decode(x, w.cache, step=engine._decode_step)
+            want = w.model.decode(x, eager_cache)
+            scale = want.abs().max()
+            assert (got - want).abs().max() <= 0.05 * scale, (got - want).abs().max() / scale
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
+
+
 def test_server_with_compile_streams_concurrently(run_dir, start_server):
     s = start_server([run_dir], "--compile", "--max-running", "8", timeout=240)
     assert "decode step compiled" in s.log.read_text()
