@@ -115,6 +115,9 @@ def build_server(args):
     # keeps an OpenMP team).
     precision = in_fresh_thread(resolve, args.dtype, device, flag="--dtype", threads=threads)
     dtype = precision.torch_dtype
+    if args.quantize == "int8" and device.type != "cpu":
+        raise UserError("--quantize int8: CPU serving only (the kernel and its measurements are CPU ones); "
+                        "on CUDA serve bf16, or pass --device cpu")
     if args.quantize == "int8" and precision.name != "bf16":
         # `_weight_int8pack_mm` with fp32 activations: 2x slower than fp32 weights at one row (measured,
         # AVX-512 and AVX2 alike), so int8 would only cost accuracy.
