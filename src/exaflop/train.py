@@ -49,5 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_worker(code: int) -> None:
+    """End a torchrun worker without interpreter teardown, once everything is written.
+
+    Why: after a successful distributed run (process group destroyed, checkpoints waited for,
+    logs closed), a rank has aborted in PyTorch's C++ teardown at exit ("terminate called
+    without an active exception", SIGABRT; seen once in CI on a tensor-parallel run under load,
+    not reproducible on demand), and torchrun then reports the whole run failed. Nothing is
+    left to finalize, so the worker leaves with `os._exit` after flushing what Python buffers.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_worker(code)
+    sys.exit(code)
