@@ -121,7 +121,10 @@ def create_app(server: Server) -> FastAPI:
         w = m.weights if m else None
         created = int(w.ckpt.stat().st_mtime) if w is not None and w.ckpt.exists() else 0
         return {"id": name, "object": "model", "created": created, "owned_by": "exaflop",
-                "checkpoint_step": w.step if w else None, "context_length": w.ctx if w else None}
+                "checkpoint_step": w.step if w else None, "context_length": w.ctx if w else None,
+                # What serves it: the weights' dtype and whether matrices are int8 (--quantize).
+                "dtype": str(next(w.model.parameters()).dtype).removeprefix("torch.") if w else None,
+                "quantization": getattr(w.model, "quantized", "none") if w else None}
 
     @app.get("/v1/models")
     async def list_models():
