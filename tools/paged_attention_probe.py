@@ -3,20 +3,22 @@
 Context (docs/benchmarks.md, "Why the KV cache is not paged on CPU"): PyTorch has no CPU
 attention kernel that reads keys through a block table, and gathering blocks before its own
 kernels makes decode attention 2-7x slower. This builds (torch.utils.cpp_extension, g++,
-~25 s the first time, cached after) a first paged decode-attention kernel — one task per
-(row, KV head), ATen's `Vectorized` dot products and axpys over each position's keys and
-values, read straight from the block pool, softmax in fp32 — and times it against serving's
-dense path (`_decode_attention` on contiguous rows) at lm-124m's attention shape.
+~20 s the first time, cached after) a first paged decode-attention kernel — one task per
+(row, KV head), ATen's `Vectorized` dot products, axpys and exp, keys and values read straight
+from a pool of blocks laid out (block, KV head, 16 positions, head dim) so that one head's
+block is contiguous, softmax in fp32 — and times it against serving's dense path
+(`_decode_attention` on contiguous rows) at lm-124m's attention shape.
 
-Measured 2026-12-06 (Intel Xeon AMX-BF16 / AVX512-BF16, 2 threads; two runs), paged kernel /
-dense at 1 / 8 / 32 rows: context 160 bf16 0.95-1.22x / 1.68-2.31x / 1.79-2.57x, fp32
-0.57-0.59x / 1.36-1.44x / 1.50-1.69x; context 1000 bf16 2.24-2.71x / 2.67-2.80x / 3.05-3.47x,
-fp32 1.26-1.39x / 1.74-1.85x / 2.74-2.99x (outputs equal to the dense path's within 0.004).
-Capped to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an AVX2 build of the
-kernel), fp32 (what serving picks there): 0.57x / 1.15x / 1.39x at context 160, 1.19x / 1.56x /
-2.72x at 1000. One row is at parity; batches are not: the dense path's SDPA scores blocks of
-keys as small matrix products, where this kernel reduces one 64-wide dot product per
-position. A kernel worth serving with would need that blocking (and vectorized exp).
+Measured 2026-12-06 (Intel Xeon AMX-BF16 / AVX512-BF16, 2 threads), paged kernel / dense at
+1 / 8 / 32 rows (two runs):
+  bf16, context 160:  0.79x / 1.34-1.41x / 1.31-1.33x;  context 1000: 1.57-1.61x / 1.58-1.62x / 1.69-1.77x
+  fp32, context 160:  0.38-0.39x / 0.78-0.79x / 1.02-1.10x;  context 1000: 0.80-0.82x / 1.07-1.24x / 1.21-1.36x
+  capped to AVX2 (an AVX2 build of the kernel), fp32 — what serving picks there:
+        context 160:  0.44x / 0.77x / 1.06x;  context 1000: 0.85x / 1.14x / 1.50x
+Outputs equal the dense path's within 0.004. With (block, position, head, dim) blocks (a head's
+keys 1.5 KB apart) the same kernel was 1.7-3.5x slower in bf16: the layout matters more than
+the arithmetic. What is left for bf16: SDPA scores blocks of keys as small matrix products
+where this kernel reduces one dot product per position.
     python tools/paged_attention_probe.py
 """
 
@@ -43,6 +45,7 @@ KERNEL = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
 #include <cmath>
 #include <vector>
 using namespace at::vec;
@@ -52,7 +55,7 @@ using fV = Vectorized<float>;
 static inline float dot(const float* q, const float* k, int64_t D) {
   fV acc(0.f); int64_t d = 0;
   for (; d + fV::size() <= D; d += fV::size()) acc = fmadd(fV::loadu(q + d), fV::loadu(k + d), acc);
-  float tmp[fV::size()]; acc.store(tmp); float s = 0.f; for (int i = 0; i < fV::size(); ++i) s += tmp[i];
+  float s = vec_reduce_all<float>([](fV& a, fV& b) { return a + b; }, acc);
   for (; d < D; ++d) s += q[d] * k[d];
   return s;
 }
@@ -64,7 +67,7 @@ static inline float dot(const float* q, const at::BFloat16* k, int64_t D) {
     acc = fmadd(fV::loadu(q + d), k0, acc);
     acc = fmadd(fV::loadu(q + d + fV::size()), k1, acc);
   }
-  float tmp[fV::size()]; acc.store(tmp); float s = 0.f; for (int i = 0; i < fV::size(); ++i) s += tmp[i];
+  float s = vec_reduce_all<float>([](fV& a, fV& b) { return a + b; }, acc);
   for (; d < D; ++d) s += q[d] * float(k[d]);
   return s;
 }
@@ -96,7 +99,7 @@ static void run(const T* q, const T* pk, const T* pv, const int64_t* table, cons
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = float(q[(b * H + kh * G + g) * D + d]) * scale;
       for (int64_t j = 0; j < L; ++j) {
-        const T* kp = pk + ((table[b * NBMAX + j / BLK] * BLK + j % BLK) * K + kh) * D;
+        const T* kp = pk + ((table[b * NBMAX + j / BLK] * K + kh) * BLK + j % BLK) * D;
         for (int64_t g = 0; g < G; ++g) {
           sc[g * L + j] = dot(qf.data() + g * D, kp, D);
         }
@@ -105,12 +108,20 @@ static void run(const T* q, const T* pk, const T* pv, const int64_t* table, cons
         float m = -INFINITY, sum = 0.f;
         float* s = sc.data() + g * L;
         for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j]);
-        for (int64_t j = 0; j < L; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+        int64_t j = 0;
+        fV vs(0.f), vm(m);
+        for (; j + fV::size() <= L; j += fV::size()) {
+          fV e = (fV::loadu(s + j) - vm).exp_u20();
+          e.store(s + j);
+          vs = vs + e;
+        }
+        sum = vec_reduce_all<float>([](fV& a, fV& b) { return a + b; }, vs);
+        for (; j < L; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
         for (int64_t j = 0; j < L; ++j) s[j] /= sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < L; ++j) {
-        const T* vp = pv + ((table[b * NBMAX + j / BLK] * BLK + j % BLK) * K + kh) * D;
+        const T* vp = pv + ((table[b * NBMAX + j / BLK] * K + kh) * BLK + j % BLK) * D;
         for (int64_t g = 0; g < G; ++g) {
           float p = sc[g * L + j];
           axpy(acc.data() + g * D, p, vp, D);
@@ -125,7 +136,7 @@ static void run(const T* q, const T* pk, const T* pv, const int64_t* table, cons
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor pk, torch::Tensor pv, torch::Tensor table,
                            torch::Tensor lens, double scale) {
   auto out = torch::empty_like(q);
-  int64_t B = q.size(0), H = q.size(1), D = q.size(2), BLK = pk.size(1), K = pk.size(2), NBMAX = table.size(1);
+  int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = pk.size(1), BLK = pk.size(2), NBMAX = table.size(1);
   if (q.scalar_type() == at::kBFloat16) {
     run<at::BFloat16>(q.data_ptr<at::BFloat16>(), pk.data_ptr<at::BFloat16>(), pv.data_ptr<at::BFloat16>(),
         table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(), B, H, K, D, BLK, NBMAX, scale);
@@ -142,7 +153,7 @@ def build():  # noqa: ANN201 — the extension module
     cap = torch.backends.cpu.get_cpu_capability()
     cap = cap if cap in FLAGS else "DEFAULT"
     macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
-    return load_inline(f"exaflop_paged_probe_{cap.lower()}", cpp_sources=KERNEL, functions=["paged_decode"],
+    return load_inline(f"exaflop_paged_probe3_{cap.lower()}", cpp_sources=KERNEL, functions=["paged_decode"],
                        extra_cflags=["-O3", "-fopenmp", *FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
 
 
@@ -169,12 +180,12 @@ def main() -> int:
             nb = -(-ctx // blk)
             L = nb * blk
             q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
-            pool_k = torch.randn(rows * nb * 2, blk, heads, dim, generator=g).to(dtype)
-            pool_v = torch.randn(rows * nb * 2, blk, heads, dim, generator=g).to(dtype)
+            pool_k = torch.randn(rows * nb * 2, heads, blk, dim, generator=g).to(dtype)
+            pool_v = torch.randn(rows * nb * 2, heads, blk, dim, generator=g).to(dtype)
             table = torch.randperm(rows * nb * 2, generator=g)[:rows * nb].view(rows, nb).contiguous()
             lens = torch.full((rows,), ctx, dtype=torch.long)
-            k = pool_k[table].view(rows, L, heads, dim).transpose(1, 2).contiguous()
-            v = pool_v[table].view(rows, L, heads, dim).transpose(1, 2).contiguous()
+            k = pool_k[table].permute(0, 2, 1, 3, 4).reshape(rows, heads, L, dim)
+            v = pool_v[table].permute(0, 2, 1, 3, 4).reshape(rows, heads, L, dim)
             mask = (torch.arange(L) < ctx)[None, None, None, :].expand(rows, 1, 1, L)
             q3 = q[:, :, 0].contiguous()
             want = _decode_attention(q, k, v, mask)[:, :, 0]
