@@ -23,6 +23,12 @@ NO_SPECIALS = {str(i): -100 for i in range(6)}
 pytestmark = pytest.mark.compile
 
 
+def grow(cache, rows: list[int], n: int) -> None:
+    """Blocks for n more positions in each of `rows` of the server's paged cache (Runner does this)."""
+    lengths = cache.lengths.tolist()
+    cache.reserve(rows, [lengths[r] + n for r in rows])
+
+
 def test_compiled_decode_step_matches_eager(run_dir):
     w = load_weights(run_dir, run_dir, torch.device("cpu"), None)
     engine = Engine("m", Metrics(), max_running=8, compile=True)
@@ -39,19 +45,24 @@ def test_compiled_decode_step_matches_eager(run_dir):
         lens = [3, 11, 7, 20, 5]
         for r, n in enumerate(lens):
             prompt = torch.randint(6, 300, (1, n))
+            grow(cache, [r], n)
             for c in (cache, eager_cache):
                 w.model.decode(prompt, c, torch.tensor([r]))
         assert cache.lengths[:5].tolist() == lens
         for batch in [8] * 2 + [5] * 6 + [3] * 4 + [1] * 3:
             x = torch.randint(6, 300, (batch, 1))
+            grow(cache, list(range(batch)), 1)
             got = w.model.decode(x, cache, step=engine._decode_step)
-            want = w.model.decode(x, eager_cache)
+            want = w.model.decode(x, eager_cache)  # the dense cache, eager
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         # Nothing was compiled while serving: prepare() covered every batch size.
         assert dict(torch._dynamo.utils.counters["stats"]) == graphs
         # The written keys agree too.
-        for a, b in zip(cache.k, eager_cache.k, strict=True):
-            torch.testing.assert_close(a[:5], b[:5], atol=1e-5, rtol=1e-5)
+        from exaflop.nn.paged import gather
+        for kt, vp, b in zip(cache.keys_t, cache.values, eager_cache.k, strict=True):
+            k, _ = gather(kt, vp, cache.table[:5], 2)
+            for r, n in enumerate(cache.lengths[:5].tolist()):
+                torch.testing.assert_close(k[r, :, :n], b[r, :, :n], atol=1e-5, rtol=1e-5)
     # A hot reload brings a new model object (loaded by the reloader thread, outside
     # inference mode) and a new KV cache (made by the engine thread, inside it) of the
     # same architecture: prepare() has nothing to do and the same graphs serve it.
@@ -60,6 +71,7 @@ def test_compiled_decode_step_matches_eager(run_dir):
     with torch.inference_mode():
         cache2 = w2.ensure_cache(8)
         x = torch.randint(6, 300, (4, 1))
+        grow(cache2, [0, 1, 2, 3], 1)
         got = w2.model.decode(x, cache2, step=engine._decode_step)
         cache2.lengths.zero_()
         want = w2.model.decode(x, cache2)
@@ -84,10 +96,12 @@ def test_compiled_bf16_step_calls_the_packed_kernel_from_cpp(run_dir):
     eager_cache = w.model.new_cache(w.cache.slots, w.cache.max_len)
     with torch.inference_mode():
         prompt = torch.randint(6, 300, (3, 9))
+        grow(w.cache, [0, 1, 2], 9)
         for c in (w.cache, eager_cache):
             w.model.decode(prompt, c)
         for batch in (3, 3, 1, 1):
             x = torch.randint(6, 300, (batch, 1))
+            grow(w.cache, list(range(batch)), 1)
             got = w.model.decode(x, w.cache, step=engine._decode_step)
             want = w.model.decode(x, eager_cache)
             scale = want.abs().max()
@@ -109,10 +123,12 @@ def test_compiled_int8_step_matches_eager_int8_at_both_kernels(run_dir):
     eager_cache = w.model.new_cache(w.cache.slots, w.cache.max_len)
     with torch.inference_mode():
         prompt = torch.randint(6, 300, (rows, 9))
+        grow(w.cache, list(range(rows)), 9)
         for c in (w.cache, eager_cache):
             w.model.decode(prompt, c)
         for batch in (rows, rows, 2, 1):
             x = torch.randint(6, 300, (batch, 1))
+            grow(w.cache, list(range(batch)), 1)
             got = w.model.decode(x, w.cache, step=engine._decode_step)
             want = w.model.decode(x, eager_cache)
             scale = want.abs().max()

@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 
-from exaflop.nn.decode import KVCache
+from exaflop.nn.paged import PagedKVCache
 from exaflop.serve.prefix import BLOCK, PrefixCache
 from tests.serve.conftest import MODEL
 
@@ -61,38 +61,64 @@ def test_32_concurrent_streams_sharing_a_prefix_equal_one_at_a_time(client):
     assert together == alone
 
 
-def cache(slots: int = 2, max_len: int = 256) -> KVCache:
-    c = KVCache(n_layer=2, slots=slots, n_kv_head=2, max_len=max_len, head_dim=4)
-    for kc, vc in zip(c.k, c.v, strict=True):  # position p of row r holds r*1000 + p: checkable
-        pos = torch.arange(max_len, dtype=torch.float32)
-        for r in range(slots):
-            kc[r] = (r * 1000 + pos)[None, :, None]
-            vc[r] = -(r * 1000 + pos)[None, :, None]
-    return c
+def pool(slots: int = 2, max_len: int = 128, extra_blocks: int = 0) -> tuple[PagedKVCache, PrefixCache]:
+    c = PagedKVCache(n_layer=2, slots=slots, n_kv_head=2, max_len=max_len, head_dim=4, extra_blocks=extra_blocks)
+    return c, PrefixCache(c)
 
 
-def test_restore_copies_the_longest_stored_chain_and_leaves_a_token():
-    c = cache()
-    c.lengths[0] = 70
-    pc = PrefixCache(budget_bytes=1 << 20)
+def fill(c: PagedKVCache, row: int, n: int) -> None:
+    """Row `row` holds n positions (its own blocks), as a prefill would leave it."""
+    c.reserve([row], [n])
+    c.lengths[row] = n
+
+
+def test_attach_shares_the_longest_indexed_chain_without_copying_and_leaves_a_token():
+    c, pc = pool()
     ids = list(range(70))
-    pc.store(c, 0, ids)  # 4 full blocks of 16
-    assert len(pc.blocks) == 4
-    assert pc.restore(c, 1, ids[:64]) == 48  # 64 tokens: at most 63 restorable -> 3 blocks
+    fill(c, 0, 70)
+    pc.register(0, ids)  # 4 full blocks of 16
+    assert len(pc.entries) == 4
+    assert pc.attach(1, ids[:64]) == 48  # 64 tokens: at most 63 reusable -> 3 blocks
     assert int(c.lengths[1]) == 48
-    assert torch.equal(c.k[1][1, :, :48], c.k[0][0, :, :48]) and torch.equal(c.v[0][1, :, :48], c.v[0][0, :, :48])
-    assert pc.restore(c, 1, [*ids[:20], 999, *ids[21:]]) == 16  # a change in block 2 ends the chain
-    assert pc.restore(c, 1, [5, *ids[1:]]) == 0
+    assert c.owned[1] == c.owned[0][:3] and torch.equal(c.table[1, :3], c.table[0, :3])  # the same blocks
+    assert [c.refs[b] for b in c.owned[0]] == [2, 2, 2, 1, 1]
+    c.release(1)
+    assert pc.attach(1, [*ids[:20], 999, *ids[21:]]) == 16  # a change in block 2 ends the chain
+    c.release(1)
+    assert pc.attach(1, [5, *ids[1:]]) == 0
 
 
-def test_eviction_keeps_the_budget_and_takes_leaves_first():
-    c = cache(max_len=512)
-    c.lengths[0] = 512
-    one_block = 2 * 2 * (2 * BLOCK * 4 * 4)  # layers x (k, v) x K*block*D fp32 bytes
-    pc = PrefixCache(budget_bytes=5 * one_block)
-    pc.store(c, 0, list(range(128)))  # 8 blocks of one chain: the 3 deepest go
-    assert pc.bytes <= 5 * one_block and len(pc.blocks) == 5
-    assert pc.restore(c, 1, list(range(128))) == 5 * BLOCK  # the kept ones are the chain's start
-    pc.store(c, 0, [7, *range(1, 64)])  # a new chain: the old chain's leaves go before its root
-    assert pc.bytes <= 5 * one_block
-    assert pc.restore(c, 1, list(range(128))) >= BLOCK  # the old chain still starts reachable
+def test_a_shared_block_outlives_its_first_row_and_unindexed_blocks_are_freed():
+    c, pc = pool()
+    fill(c, 0, 40)  # blocks: 2 full (indexed) + 1 partial (not)
+    pc.register(0, list(range(40)))
+    free = len(c.free)
+    c.release(0)
+    assert len(c.free) == free + 1  # only the partial block went back; the indexed two stay
+    assert pc.attach(1, list(range(40))) == 32 and pc.cached_blocks == 0
+
+
+def test_eviction_under_pressure_reuses_least_recently_used_leaves_first():
+    c, pc = pool(slots=1, max_len=128, extra_blocks=2)  # room for one full row + 2 kept blocks
+    fill(c, 0, 128)
+    pc.register(0, list(range(128)))  # 8 indexed blocks, one chain
+    c.release(0)
+    assert pc.cached_blocks == 8 and len(c.free) == 2
+    other = [7, *range(1000, 1127)]
+    fill(c, 0, 128)  # 8 blocks wanted, 2 free: 6 evicted, the deepest of the chain first
+    assert pc.cached_blocks == 2 and len(pc.entries) == 2
+    pc.register(0, other)
+    c.release(0)
+    assert pc.attach(0, list(range(128))) == 2 * BLOCK  # the old chain's start is still reachable
+    c.release(0)
+    assert pc.attach(0, other) > 0
+
+
+def test_moving_a_row_moves_its_table_not_its_keys():
+    c, _ = pool(slots=3)
+    fill(c, 2, 33)
+    blocks = list(c.owned[2])
+    c.keys_t[0][blocks[0]].fill_(3.0)
+    c.move_row(2, 0)
+    assert c.owned[0] == blocks and c.owned[2] == [] and int(c.lengths[0]) == 33
+    assert torch.equal(c.table[0, :3], torch.tensor(blocks)) and c.keys_t[0][c.owned[0][0]].eq(3.0).all()

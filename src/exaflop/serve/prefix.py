@@ -1,113 +1,106 @@
-"""Automatic prefix caching: keys and values of prompt blocks, kept and reused across requests.
+"""Automatic prefix caching: full KV blocks of earlier requests, shared by later ones.
 
-Token sequences are cut into blocks of `block` tokens. A block is identified by its tokens
-and the block before it (a chain: `(parent id, tokens)` as the dictionary key, so equality is
-exact, never a hash collision), and holds every layer's keys and values for those positions.
-After a prefill, the prompt's full blocks are stored; when a sequence finishes, its prompt and
-output (all but the last sampled token, whose keys were never computed) are. Before a prefill,
-the longest chain of stored blocks that starts the new prompt is copied into the sequence's
-cache row, and only the rest of the prompt is computed: the next turn of a conversation, or
-many requests sharing a system prompt, skip most of their prefill. At least one prompt token
-is always computed (its logits start the reply).
+The server's KV cache is paged (nn/paged.py): every row's keys and values are in refcounted
+blocks of `BLOCK` positions. This index names full blocks by their tokens and the block
+before them — a chain, `(parent block id, tokens)` as the dictionary key, so a match is
+exact, never a hash collision — and keeps them after their sequence ends. Before a prefill,
+the longest chain of indexed blocks that starts the new prompt is attached to the sequence's
+row: block ids written into its block table, refcounts raised, no keys copied. Only the rest
+of the prompt is computed (at least one token: its logits start the reply). After a prefill
+the prompt's full blocks are indexed; when a sequence finishes, its prompt and output (all
+but the last sampled token, whose keys were never computed) are.
 
-Memory is bounded (`--prefix-cache-mb`): least recently used blocks are evicted first, leaves
-before the blocks they extend (a block whose child is still stored is never evicted first,
-so every stored chain stays reachable). Copies in and out of the dense per-slot cache
-(nn/decode.py) cost a memcpy per block instead of paged attention's zero copies; what they
-save is the block's share of the prefill's matmuls and attention.
+Shared blocks are full and rows write only past their own length, so a shared block is never
+written. An indexed block no row references stays in the pool until the pool runs out of
+free blocks; then the least recently used leaf (a block no indexed block extends) is reused
+first, so every indexed chain stays reachable from its start. The pool holds every row at
+full length plus `--prefix-cache-mb` of such blocks, so a row never waits for memory.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
+from exaflop.nn.paged import BLOCK, PagedKVCache
 
-BLOCK = 16  # tokens per block: small enough that a shared prefix is rarely cut short
+__all__ = ["BLOCK", "PrefixCache"]
 
 
 @dataclass
-class _Block:
-    id: int
-    parent: int  # -1: the first block
-    k: list[torch.Tensor]  # per layer (K, block, D)
-    v: list[torch.Tensor]
+class _Entry:
+    block: int
+    parent: int  # the parent's block id; -1: the first block
+    key: tuple
     children: int = 0
-    nbytes: int = 0
-    key: tuple = field(default=())
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, block: int = BLOCK):
-        self.budget, self.block = budget_bytes, block
-        self.blocks: OrderedDict[tuple, _Block] = OrderedDict()  # LRU order: oldest first
-        self.by_id: dict[int, _Block] = {}
-        self.bytes = 0
-        self._next = 0
+    def __init__(self, cache: PagedKVCache):
+        self.cache, self.block = cache, cache.block
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()  # LRU order: oldest first
+        self.by_block: dict[int, _Entry] = {}
         self.hits = self.lookups = 0  # blocks reused / blocks asked for (metrics, tests)
+        cache.retain = self.by_block.__contains__
+        cache.evict = self._evict
 
-    def _chain(self, ids: list[int], limit: int) -> list[tuple]:
-        """Keys of the stored blocks that start `ids` (at most `limit` tokens' worth)."""
-        keys, parent = [], -1
+    def _chain(self, ids: list[int], limit: int) -> list[_Entry]:
+        """The indexed blocks that start `ids` (at most `limit` tokens' worth)."""
+        chain, parent = [], -1
         for j in range(limit // self.block):
-            key = (parent, tuple(ids[j * self.block:(j + 1) * self.block]))
-            blk = self.blocks.get(key)
-            if blk is None:
+            e = self.entries.get((parent, tuple(ids[j * self.block:(j + 1) * self.block])))
+            if e is None:
                 break
-            keys.append(key)
-            parent = blk.id
-        return keys
+            chain.append(e)
+            parent = e.block
+        return chain
 
-    def restore(self, cache, slot: int, ids: list[int]) -> int:
-        """Copy the longest stored prefix of `ids` (leaving >= 1 token) into row `slot`; returns
-        the number of tokens restored (a multiple of the block size)."""
-        want = (len(ids) - 1) // self.block
-        keys = self._chain(ids, len(ids) - 1)
-        self.lookups += want
-        self.hits += len(keys)
-        if not keys:
-            return 0
-        for j, key in enumerate(keys):
-            blk = self.blocks[key]
-            self.blocks.move_to_end(key)  # recently used
-            cache.write_block(slot, j * self.block, blk.k, blk.v)
-        n = len(keys) * self.block
-        cache.lengths[slot] = n
-        return n
+    def attach(self, row: int, ids: list[int]) -> int:
+        """Start row `row` with the longest indexed prefix of `ids` (leaving >= 1 token to compute);
+        returns the number of tokens it covers (a multiple of the block size)."""
+        chain = self._chain(ids, len(ids) - 1)
+        self.lookups += (len(ids) - 1) // self.block
+        self.hits += len(chain)
+        for e in chain:
+            self.entries.move_to_end(e.key)  # recently used (a chain's start stays older than its end)
+        self.cache.attach(row, [e.block for e in chain])
+        return len(chain) * self.block
 
-    def store(self, cache, slot: int, ids: list[int]) -> None:
-        """Keep the full blocks of `ids`, whose keys/values are in row `slot` (those not kept yet)."""
-        if self.budget <= 0:
-            return
-        full = min(len(ids), int(cache.lengths[slot])) // self.block
+    def register(self, row: int, ids: list[int]) -> None:
+        """Index the full blocks of `ids`, whose keys and values row `row` holds."""
+        cache = self.cache
+        full = min(len(ids), int(cache.lengths[row])) // self.block
+        own = cache.owned[row]
         parent = -1
-        for j in range(full):
+        for j in range(min(full, len(own))):
             key = (parent, tuple(ids[j * self.block:(j + 1) * self.block]))
-            blk = self.blocks.get(key)
-            if blk is None:
-                k, v = cache.read_block(slot, j * self.block, self.block)
-                nbytes = sum(t.numel() * t.element_size() for t in (*k, *v))
-                if nbytes > self.budget:
+            e = self.entries.get(key)
+            if e is None:
+                b = own[j]
+                if b in self.by_block:  # indexed under another chain (cannot happen: blocks are full)
                     return
-                blk = _Block(self._next, parent, k, v, nbytes=nbytes, key=key)
-                self._next += 1
-                self.blocks[key] = self.by_id[blk.id] = blk
-                self.bytes += nbytes
+                e = _Entry(b, parent, key)
+                self.entries[key] = self.by_block[b] = e
                 if parent >= 0:
-                    self.by_id[parent].children += 1
+                    self.by_block[parent].children += 1
             else:
-                self.blocks.move_to_end(key)
-            parent = blk.id
-        self._evict()
+                # Computed twice (two rows prefilled the same prompt at once): the first copy is
+                # indexed; this row's own block is freed when the row ends.
+                self.entries.move_to_end(key)
+            parent = e.block
 
-    def _evict(self) -> None:
-        while self.bytes > self.budget and self.blocks:
-            # The least recently used leaf (no stored block extends it).
-            victim = next((b for b in self.blocks.values() if b.children == 0), None)
-            if victim is None:
-                return
-            del self.blocks[victim.key], self.by_id[victim.id]
-            self.bytes -= victim.nbytes
-            if victim.parent >= 0:
-                self.by_id[victim.parent].children -= 1
+    def _evict(self) -> int | None:
+        """Unindex the least recently used leaf no row references; its block id, or None."""
+        refs = self.cache.refs
+        victim = next((e for e in self.entries.values() if e.children == 0 and refs[e.block] == 0), None)
+        if victim is None:
+            return None
+        del self.entries[victim.key], self.by_block[victim.block]
+        if victim.parent >= 0:
+            self.by_block[victim.parent].children -= 1
+        return victim.block
+
+    @property
+    def cached_blocks(self) -> int:
+        """Indexed blocks no row references (what the prefix budget holds)."""
+        return sum(1 for e in self.entries.values() if self.cache.refs[e.block] == 0)

@@ -22,9 +22,10 @@ from exaflop.engine.checkpoint import load_for_inference, read_latest
 from exaflop.errors import UserError
 from exaflop.lm.chat import ChatTemplate
 from exaflop.lm.tokenizer import load_tokenizer, special_ids
-from exaflop.nn.decode import KVCache
+from exaflop.nn.paged import PagedKVCache
 from exaflop.serve.engine import Engine
 from exaflop.serve.metrics import Metrics
+from exaflop.serve.prefix import PrefixCache
 from exaflop.serve.sequence import token_byte_table
 from exaflop.serve.threads import in_fresh_thread
 
@@ -51,15 +52,25 @@ class Weights:
         # string character per byte): text longer than ctx x this cannot fit the context,
         # which the API tells without tokenizing it (serve/api.py, _check_length).
         self.max_token_chars = max((len(t) for t in tok.get_vocab(with_added_tokens=True)), default=1)
-        self.cache = None
+        self.cache: PagedKVCache | None = None
+        self.prefix: PrefixCache | None = None  # shared prompt blocks (serve/prefix.py); None: off
+        self.prefix_bytes = 0  # the pool's room for them, set by the engine (Runner.prepare)
         self.owners: list = []  # owners[slot] = the sequence in that slot; slots 0..len-1 are in use
 
     def token_bytes(self, token: int) -> bytes:
         return self._bytes[token] if 0 <= token < len(self._bytes) else b""
 
-    def ensure_cache(self, slots: int) -> KVCache:
-        if self.cache is None:  # allocated on first use: an idle reloaded model costs no cache memory
-            self.cache = self.model.new_cache(slots, self.ctx)
+    def ensure_cache(self, slots: int) -> PagedKVCache:
+        """The paged KV cache (nn/paged.py): every slot at full context, plus `prefix_bytes` of
+        blocks kept for prefix caching. Allocated on first use: an idle reloaded model costs no
+        cache memory."""
+        if self.cache is None:
+            c, p = self.cfg.model, self.model.tok_emb.weight
+            extra = self.prefix_bytes // PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, p.dtype)
+            cache = PagedKVCache(c.n_layer, slots, c.n_kv_head, self.ctx, c.head_dim, extra_blocks=extra,
+                                 device=p.device, dtype=p.dtype)
+            self.prefix = PrefixCache(cache) if self.prefix_bytes > 0 else None
+            self.cache = cache
         return self.cache
 
     def take_slot(self, seq, slots: int) -> int:
@@ -70,9 +81,10 @@ class Weights:
     def free_slot(self, slot: int) -> None:
         """Keep used slots packed at 0..n-1 by moving the last sequence into the hole.
 
-        Packed slots let a decode step read the cache as a view (`rows=None`) instead of
-        gathering every row's prefix each step; a move copies one row, once.
+        Packed slots let a (compiled) decode step take rows 0..n-1 without an index; a move
+        moves one row's block table, not its keys. The freed slot's blocks are released.
         """
+        self.cache.release(slot)
         last = len(self.owners) - 1
         if slot != last:
             mover = self.owners[last]

@@ -18,8 +18,8 @@ from torch import Tensor
 from exaflop.engine.faults import ServeFault
 from exaflop.engine.precision import compile_cache_per_isa
 from exaflop.nn.packed import INT8_KERNEL_ROWS, lower_packed_linear, pack_for_inference
+from exaflop.nn.paged import paged_kernel
 from exaflop.serve.metrics import Metrics
-from exaflop.serve.prefix import PrefixCache
 from exaflop.serve.sequence import Sequence
 
 log = logging.getLogger("exaflop.serve")
@@ -50,6 +50,12 @@ class Runner:
         (LM.decode), warmed here at lengths >= 2 so that no request compiles.
         """
         pack_for_inference(weights.model, quantize=self.quantize)
+        weights.prefix_bytes = self.prefix_bytes
+        if weights.device.type == "cpu":
+            t0 = time.perf_counter()
+            if paged_kernel() is not None:  # built here, not by the first request (~20 s when not cached)
+                log.info("engine %s: paged attention kernel ready (%s) in %.1f s", self.name,
+                         torch.backends.cpu.get_cpu_capability(), time.perf_counter() - t0)
         if not self.compile or self.compiled:
             return
         t0 = time.perf_counter()
@@ -86,31 +92,27 @@ class Runner:
                 if quantize == "int8":  # int8 matrices switch kernels at a batch size: its own graph
                     batches.add(min(INT8_KERNEL_ROWS, cache.slots))
                 for batch in sorted(batches):
+                    cache.reserve(list(range(batch)), [3] * batch)
                     cache.lengths[:batch] = 2  # a read length of 3: sizes 0 and 1 would specialize
                     x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
                     weights.model.decode(x, cache, None, step=compiled)
             finally:
-                cache.lengths.zero_()
+                for row in range(cache.slots):
+                    cache.release(row)
         return compiled
-
-    def prefix_cache(self, w) -> PrefixCache | None:
-        """The checkpoint's prefix cache (serve/prefix.py), made on first use; None when off."""
-        if self.prefix_bytes <= 0:
-            return None
-        if getattr(w, "prefix", None) is None:
-            w.prefix = PrefixCache(self.prefix_bytes)
-        return w.prefix
 
     def prefill(self, seqs: list[Sequence]) -> Tensor:
         """Next-token logits (B, V) after each prompt; fills the prompts' cache rows. Blocks of a
-        prompt found in the prefix cache are copied in, and only the rest is computed."""
+        prompt found in the prefix cache are attached to its row (shared, not copied), and only
+        the rest is computed."""
         w = seqs[0].weights
         rows = torch.tensor([s.slot for s in seqs], device=w.device)
         w.cache.reset(rows)
-        prefix = self.prefix_cache(w)
+        prefix = w.prefix
         for s in seqs:
-            s.cached_tokens = prefix.restore(w.cache, s.slot, s.prompt_ids) if prefix is not None else 0
+            s.cached_tokens = prefix.attach(s.slot, s.prompt_ids) if prefix is not None else 0
         lens = [len(s.prompt_ids) - s.cached_tokens for s in seqs]
+        w.cache.reserve([s.slot for s in seqs], [len(s.prompt_ids) for s in seqs])
         x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
         for i, s in enumerate(seqs):
             x[i, :lens[i]] = torch.tensor(s.prompt_ids[s.cached_tokens:])
@@ -120,14 +122,14 @@ class Runner:
         self.metrics.prompt_tokens.inc(sum(lens), model=self.name)
         if prefix is not None:
             for s in seqs:
-                prefix.store(w.cache, s.slot, s.prompt_ids)
+                prefix.register(s.slot, s.prompt_ids)
         return logits
 
     def keep(self, s: Sequence) -> None:
-        """A finished sequence: keep its prompt and output blocks for a next turn."""
-        prefix = self.prefix_cache(s.weights) if s.weights is not None and s.slot >= 0 else None
+        """A finished sequence: index its prompt and output blocks for a next turn."""
+        prefix = s.weights.prefix if s.weights is not None and s.slot >= 0 else None
         if prefix is not None and s.out_ids:
-            prefix.store(s.weights.cache, s.slot, s.prompt_ids + s.out_ids[:-1])
+            prefix.register(s.slot, s.prompt_ids + s.out_ids[:-1])
 
     def decode(self, seqs: list[Sequence]) -> Tensor:
         """Next-token logits (B, V) after each sequence's last token, sorted by slot in place."""
@@ -135,6 +137,9 @@ class Runner:
         self.metrics.batch.observe(len(seqs), model=self.name)
         seqs.sort(key=lambda s: s.slot)
         x = torch.tensor([[s.out_ids[-1]] for s in seqs], device=w.device)
+        slots = [s.slot for s in seqs]
+        lengths = w.cache.lengths.tolist()
+        w.cache.reserve(slots, [lengths[i] + 1 for i in slots])  # a block for each row's new position
         packed = all(s.slot == i for i, s in enumerate(seqs))  # the usual case (see Weights.free_slot)
         rows = None if packed else torch.tensor([s.slot for s in seqs], device=w.device)
         if self.fault:

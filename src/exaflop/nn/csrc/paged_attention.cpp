@@ -1,0 +1,154 @@
+// Decode attention over a paged KV cache (nn/paged.py): one new query per row, keys and values
+// read in place from pools of fixed-size blocks through each row's block table.
+//
+// One task per (row, KV head); the query heads that share the KV head are done together so
+// each block is loaded once. Keys are stored transposed per block, (block, head, dim, position):
+// a block's scores are one vector, built by a multiply-add per dimension with no horizontal
+// sums. Values are (block, head, position, dim) and summed in registers. Softmax in fp32.
+// Compiled for the CPU capability PyTorch dispatches to (nn/paged.py passes the flags), with
+// ATen's Vectorized types, so one source serves AVX-512, AVX2 and plain builds.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+using namespace at::vec;
+using fV = Vectorized<float>;
+
+static inline fV load_f(const float* p) { return fV::loadu(p); }
+static inline fV load_f(const at::BFloat16* p) {
+  auto [lo, hi] = convert_bfloat16_float(Vectorized<at::BFloat16>::loadu(p, fV::size()));
+  (void)hi;
+  return lo;
+}
+
+static inline void axpy(float* a, float p, const float* v, int64_t D) {
+  fV pv(p); int64_t d = 0;
+  for (; d + fV::size() <= D; d += fV::size()) fmadd(pv, fV::loadu(v + d), fV::loadu(a + d)).store(a + d);
+  for (; d < D; ++d) a[d] += p * v[d];
+}
+static inline void axpy(float* a, float p, const at::BFloat16* v, int64_t D) {
+  fV pv(p); int64_t d = 0;
+  for (; d + fV::size() <= D; d += fV::size()) fmadd(pv, load_f(v + d), fV::loadu(a + d)).store(a + d);
+  for (; d < D; ++d) a[d] += p * float(v[d]);
+}
+
+// The BLK scores of one block whose keys are (D, BLK).
+template <typename T>
+static inline void block_scores(const float* q, const T* kt, int64_t D, int64_t BLK, float* out) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (BLK == fV::size() && D % 2 == 0) {  // rows d and d+1 are one full bf16 vector
+      fV acc0(0.f), acc1(0.f);
+      for (int64_t d = 0; d < D; d += 2) {
+        auto [r0, r1] = convert_bfloat16_float(Vectorized<at::BFloat16>::loadu(kt + d * BLK));
+        acc0 = fmadd(fV(q[d]), r0, acc0);
+        acc1 = fmadd(fV(q[d + 1]), r1, acc1);
+      }
+      (acc0 + acc1).store(out);
+      return;
+    }
+  }
+  if (BLK % fV::size() == 0) {
+    for (int64_t c = 0; c < BLK; c += fV::size()) {
+      fV acc(0.f);
+      for (int64_t d = 0; d < D; ++d) acc = fmadd(fV(q[d]), load_f(kt + d * BLK + c), acc);
+      acc.store(out + c);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < BLK; ++c) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * float(kt[d * BLK + c]);
+    out[c] = s;
+  }
+}
+
+template <typename T>
+static void run(const T* q, const T* pk, const T* pv, const int64_t* table, const int64_t* lens, T* out,
+                int64_t B, int64_t H, int64_t K, int64_t D, int64_t BLK, int64_t NBMAX, float scale) {
+  const int64_t G = H / K;
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), sc, blk(BLK);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / K, kh = idx % K, L = lens[b];
+      const int64_t* tb = table + b * NBMAX;
+      sc.assign(G * L, 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = float(q[(b * H + kh * G + g) * D + d]) * scale;
+      for (int64_t j0 = 0; j0 < L; j0 += BLK) {
+        const T* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
+        for (int64_t g = 0; g < G; ++g) {
+          block_scores(qf.data() + g * D, kt, D, BLK, blk.data());
+          for (int64_t j = j0; j < std::min(L, j0 + BLK); ++j) sc[g * L + j] = blk[j - j0];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = sc.data() + g * L;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j]);
+        fV vs(0.f), vm(m);
+        int64_t j = 0;
+        for (; j + fV::size() <= L; j += fV::size()) {
+          fV e = (fV::loadu(s + j) - vm).exp_u20();
+          e.store(s + j);
+          vs = vs + e;
+        }
+        float sum = vec_reduce_all<float>([](fV& a, fV& b) { return a + b; }, vs);
+        for (; j < L; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+        const float inv = 1.f / sum;
+        for (j = 0; j < L; ++j) s[j] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (D == 4 * fV::size()) {  // head dim 64 on AVX-512 (or 32 on AVX2): the sum stays in registers
+        for (int64_t g = 0; g < G; ++g) {
+          fV a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+          for (int64_t j = 0; j < L; ++j) {
+            const T* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
+            fV p(sc[g * L + j]);
+            a0 = fmadd(p, load_f(vp), a0);
+            a1 = fmadd(p, load_f(vp + fV::size()), a1);
+            a2 = fmadd(p, load_f(vp + 2 * fV::size()), a2);
+            a3 = fmadd(p, load_f(vp + 3 * fV::size()), a3);
+          }
+          float* a = acc.data() + g * D;
+          a0.store(a); a1.store(a + fV::size()); a2.store(a + 2 * fV::size()); a3.store(a + 3 * fV::size());
+        }
+      } else {
+        for (int64_t j = 0; j < L; ++j) {
+          const T* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
+          for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, sc[g * L + j], vp, D);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) out[(b * H + kh * G + g) * D + d] = T(acc[g * D + d]);
+    }
+  });
+}
+
+// q (B, H, D); keys_t (N, K, D, BLK); values (N, K, BLK, D); table (B, NBMAX) block ids;
+// lens (B,) keys per row (>= 1). Returns (B, H, D).
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor keys_t, torch::Tensor values, torch::Tensor table,
+                           torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.is_contiguous() && keys_t.is_contiguous() && values.is_contiguous() && table.is_contiguous() &&
+              lens.is_contiguous(), "paged_decode: contiguous inputs expected");
+  TORCH_CHECK(q.scalar_type() == keys_t.scalar_type() && q.scalar_type() == values.scalar_type(),
+              "paged_decode: q, keys and values must share a dtype");
+  auto out = torch::empty_like(q);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = values.size(1), BLK = values.size(2);
+  const int64_t NBMAX = table.size(1);
+  if (q.scalar_type() == at::kBFloat16) {
+    run<at::BFloat16>(q.data_ptr<at::BFloat16>(), keys_t.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
+                      table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(),
+                      B, H, K, D, BLK, NBMAX, scale);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: bf16 or fp32 only");
+    run<float>(q.data_ptr<float>(), keys_t.data_ptr<float>(), values.data_ptr<float>(), table.data_ptr<int64_t>(),
+               lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, BLK, NBMAX, scale);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }

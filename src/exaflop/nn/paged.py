@@ -1,0 +1,288 @@
+"""A paged KV cache: keys and values in pools of fixed-size blocks, a block table per row.
+
+The dense cache (nn/decode.py) gives each row `max_len` positions of its own. Here every
+layer's keys and values live in one pool of `BLOCK`-position blocks; row i's positions
+[16j, 16j+16) are in block `table[i, j]`. Blocks are allocated as rows grow and are
+refcounted, so rows can share them: a prompt prefix that is already in the pool (the
+serving prefix cache, serve/prefix.py) is attached to a new row by writing block ids into
+its table, not by copying keys. Only full blocks are ever shared, and a row writes only at
+or after its own length, so a shared block is never written: no copy-on-write is needed.
+Moving a row (the server keeps rows packed) moves a table row, not its keys.
+
+Layout, chosen by measurement (tools/paged_attention_probe.py): keys (block, head, dim,
+position) — a block's 16 scores are one vector — and values (block, head, position, dim).
+Decode attention reads them in place with a C++ kernel (csrc/paged_attention.cpp) built for
+the CPU's capability on first use (~20 s, then cached by torch's extension cache); if it
+cannot be built (no compiler), or on a GPU, blocks are gathered into a contiguous copy
+first (2-7x slower attention on CPU, docs/benchmarks.md). A multi-token chunk over a cached
+prefix (a prefill after a prefix-cache hit) gathers too: it is compute-bound, and runs once.
+
+Block 0 is scratch: table entries a row has not allocated point at it, so the padding
+positions of a right-padded prefill land there harmlessly and are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from exaflop.nn.decode import _rope_qk
+from exaflop.nn.layers import attend
+
+log = logging.getLogger("exaflop.serve")
+
+BLOCK = 16  # positions per block: small enough that a shared prefix is rarely cut short
+
+_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+# The vector types compile for the capability named here; the flags match it (not -march=native,
+# so a process capped with ATEN_CPU_CAPABILITY=avx2 builds and runs an AVX2 kernel).
+_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+          "AVX2": ["-mavx2", "-mfma", "-mf16c"], "DEFAULT": []}
+_kernel = None  # the built extension, False once building failed
+_kernel_lock = threading.Lock()
+
+
+def paged_kernel():  # noqa: ANN201 — the extension module, or None
+    """The paged decode-attention kernel, built on first call (cached across processes by
+    torch's extension directory, per CPU capability and source); None if it cannot be built."""
+    global _kernel
+    with _kernel_lock:
+        if _kernel is None:
+            _kernel = _build() or False
+        return _kernel or None
+
+
+def _build():  # noqa: ANN202
+    cap = torch.backends.cpu.get_cpu_capability()
+    cap = cap if cap in _FLAGS else "DEFAULT"
+    macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+    try:
+        from torch.utils.cpp_extension import load
+        return load(f"exaflop_paged_{cap.lower()}_{digest}", [str(_SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 — no compiler, no ninja, ...: attention gathers instead
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.warning("paged attention kernel unavailable (%s: %s); decode attention gathers blocks",
+                    type(e).__name__, first[:200])
+        return None
+
+
+@torch.library.custom_op("exaflop::paged_decode", mutates_args=())
+def paged_decode(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+    """Attention of one query per row, q (B, H, D), over its first lens[b] cached positions:
+    keys_t (N, K, D, BLOCK), values (N, K, BLOCK, D), table (B, NB) block ids. (B, H, D).
+    An operator of its own, so a compiled decode step calls it as one opaque kernel."""
+    scale = q.shape[-1] ** -0.5
+    mod = paged_kernel() if q.device.type == "cpu" else None
+    if mod is not None:
+        return mod.paged_decode(q.contiguous(), keys_t, values, table.contiguous(), lens.contiguous(), scale)
+    return _gathered_decode(q, keys_t, values, table, lens, scale)
+
+
+@paged_decode.register_fake
+def _(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+    return torch.empty_like(q)
+
+
+def gather(keys_t: Tensor, values: Tensor, table: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+    """Contiguous keys and values (B, K, nb*BLOCK, D) of the first `nb` blocks of each table row."""
+    ids = table[:, :nb]
+    k = keys_t[ids]  # (B, nb, K, D, BLK)
+    v = values[ids]  # (B, nb, K, BLK, D)
+    B, _, K, D, blk = k.shape
+    k = k.permute(0, 2, 1, 4, 3).reshape(B, K, nb * blk, D)
+    v = v.permute(0, 2, 1, 3, 4).reshape(B, K, nb * blk, D)
+    return k, v
+
+
+def _gathered_decode(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor,
+                     scale: float) -> Tensor:
+    B, H, D = q.shape
+    blk = values.shape[2]
+    nb = max(1, -(-int(lens.max()) // blk))
+    k, v = gather(keys_t, values, table, nb)
+    K = k.shape[1]
+    mask = torch.arange(nb * blk, device=q.device)[None, :] < lens[:, None]  # (B, L)
+    qg = q.reshape(B, K, H // K, D).float()
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, K, G, L)
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    y = torch.matmul(scores.softmax(-1), v.float())
+    return y.reshape(B, H, D).to(q.dtype)
+
+
+class PagedKVCache:
+    """Block pools per layer, a block table per row, refcounted blocks.
+
+    The interface the model uses is the dense cache's (`lengths`, `step`, `advance`); the
+    caller that owns the rows (the server's runner) also calls `reserve` before a forward, so
+    every position it writes has a block, and `release` when a row's sequence ends.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
+                 extra_blocks: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, block: int = BLOCK):
+        self.block, self.max_len = block, max_len
+        self.max_blocks = -(-max_len // block)
+        # Every row at full length, plus block 0 (scratch): rows never wait for blocks. The extra
+        # blocks hold what a prefix cache keeps after its rows end (serve/prefix.py).
+        n_blocks = 1 + slots * self.max_blocks + extra_blocks
+        self.n_blocks = n_blocks
+        self.keys_t = [torch.zeros(n_blocks, n_kv_head, head_dim, block, device=device, dtype=dtype)
+                       for _ in range(n_layer)]
+        self.values = [torch.zeros(n_blocks, n_kv_head, block, head_dim, device=device, dtype=dtype)
+                       for _ in range(n_layer)]
+        self.table = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.owned: list[list[int]] = [[] for _ in range(slots)]  # row -> its blocks, in order
+        self.refs = [0] * n_blocks
+        self.free = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out low ids first
+        self.evict = None  # () -> a block id freed from a cache of unused blocks, or None
+        self.retain = None  # (block id) -> whether an unreferenced block stays cached (not freed)
+
+    @property
+    def slots(self) -> int:
+        return self.lengths.shape[0]
+
+    @staticmethod
+    def block_bytes(n_layer: int, n_kv_head: int, head_dim: int, dtype: torch.dtype, block: int = BLOCK) -> int:
+        """Bytes of one block across every layer's keys and values."""
+        return 2 * n_layer * n_kv_head * block * head_dim * dtype.itemsize
+
+    # -- blocks ---------------------------------------------------------------
+    def _take(self) -> int:
+        if not self.free and self.evict is not None:
+            b = self.evict()
+            if b is not None:
+                return b
+        if not self.free:
+            raise RuntimeError("paged KV cache: out of blocks")  # sized so this cannot happen
+        return self.free.pop()
+
+    def attach(self, row: int, blocks: list[int]) -> None:
+        """Start row `row` with shared `blocks` (full blocks of its prefix), refcounted."""
+        assert not self.owned[row], "attach to a fresh row"
+        for j, b in enumerate(blocks):
+            self.refs[b] += 1
+            self.table[row, j] = b
+        self.owned[row] = list(blocks)
+        self.lengths[row] = len(blocks) * self.block
+
+    def reserve(self, rows: list[int], upto: list[int]) -> None:
+        """Allocate blocks so row rows[i] holds positions [0, upto[i])."""
+        for row, n in zip(rows, upto, strict=True):
+            own = self.owned[row]
+            need = -(-min(n, self.max_len) // self.block)
+            while len(own) < need:
+                b = self._take()
+                self.refs[b] = 1
+                self.table[row, len(own)] = b
+                own.append(b)
+
+    def release(self, row: int) -> None:
+        """Row `row`'s sequence ended: drop its references (blocks a cache retains stay put)."""
+        for b in self.owned[row]:
+            self.refs[b] -= 1
+            if self.refs[b] == 0 and not (self.retain is not None and self.retain(b)):
+                self.free.append(b)
+        self.owned[row] = []
+        self.table[row] = 0
+        self.lengths[row] = 0
+
+    def reset(self, rows: Tensor) -> None:
+        for row in rows.tolist():
+            self.release(row)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row src becomes row dst (dst released first): its table moves, not its keys."""
+        self.release(dst)
+        self.owned[dst], self.owned[src] = self.owned[src], []
+        self.table[dst] = self.table[src]
+        self.lengths[dst] = self.lengths[src]
+        self.table[src] = 0
+        self.lengths[src] = 0
+
+    # -- what the model calls -------------------------------------------------
+    def advance(self, rows: Tensor | None, n: Tensor | int) -> None:
+        if rows is None:
+            if isinstance(n, int):
+                self.lengths += n
+            else:
+                self.lengths[:n.shape[0]] += n
+        else:
+            self.lengths[rows] += n
+
+    def step(self, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None,
+             key_pos: Tensor | None = None) -> PagedStep:
+        return PagedStep(self, rows, T, rope)
+
+
+class PagedStep:
+    """One forward's indexing, shared by every layer: where each new position goes (block and
+    offset), the rotary angles, and what attention reads."""
+
+    def __init__(self, cache: PagedKVCache, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None):
+        self.cache, self.rows, self.T, self._rope = cache, rows, T, rope
+        self._ready = False
+
+    def _prepare(self, B: int) -> None:
+        cache, T = self.cache, self.T
+        device = cache.lengths.device
+        if self.rows is None:
+            start, table = cache.lengths[:B], cache.table[:B]
+        else:
+            start, table = cache.lengths[self.rows], cache.table[self.rows]
+        self.table = table  # (B, max_blocks)
+        self.pos = start[:, None] + torch.arange(T, device=device)  # (B, T)
+        # Padding past max_len (a right-padded prefill) goes to the scratch block 0.
+        bi = (self.pos // cache.block).clamp(max=cache.max_blocks - 1)
+        self.blk = torch.where(self.pos < cache.max_len, table.gather(1, bi), 0)
+        self.off = self.pos % cache.block
+        self.lens = start + T
+        if self._rope is not None:
+            pos = self.pos.clamp(max=self._rope[0].shape[0] - 1)
+            cos, sin = self._rope[0][pos][:, None], self._rope[1][pos][:, None]  # (B, 1, T, D/2)
+            self.cos2, self.sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        self.fresh = False
+        if T > 1 and not torch.compiler.is_compiling():
+            end = int(self.lens.max())
+            self.fresh = end == T  # every row starts at 0: causal attention over the chunk
+            if not self.fresh:
+                self.nb = -(-end // cache.block)
+                key_pos = torch.arange(self.nb * cache.block, device=device)
+                self.mask = (key_pos[None, None, :] <= self.pos[:, :, None])[:, None]  # (B, 1, T, L)
+        self._ready = True
+
+    def view(self, layer: int) -> PagedView:
+        return PagedView(self, layer)
+
+
+class PagedView:
+    """One attention layer's access to a PagedKVCache."""
+
+    def __init__(self, step: PagedStep, layer: int):
+        self.step, self.layer = step, layer
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        st, cache = self.step, self.step.cache
+        B, H, T, D = q.shape
+        if not st._ready:
+            st._prepare(B)
+        if rope is not None:
+            q, k = _rope_qk(q, k, st.cos2, st.sin2)
+        kt, vp = cache.keys_t[self.layer], cache.values[self.layer]
+        # Advanced indices on dims 0 and 3 (keys) / 0 and 2 (values) put (B, T) first: (B, T, K, D).
+        kt[st.blk, :, :, st.off] = k.transpose(1, 2).to(kt.dtype)
+        vp[st.blk, :, st.off] = v.transpose(1, 2).to(vp.dtype)
+        if st.fresh:
+            return attend(q, k, v, None, causal=True)
+        if T == 1:
+            y = paged_decode(q.reshape(B, H, D).to(kt.dtype), kt, vp, st.table, st.lens)
+            return y.reshape(B, H, 1, D).to(q.dtype)
+        keys, vals = gather(kt, vp, st.table, st.nb)
+        return attend(q, keys.to(q.dtype), vals.to(q.dtype), st.mask, causal=False)

@@ -1,0 +1,97 @@
+"""The paged KV cache (nn/paged.py): its decode-attention kernel and the gather fallback equal
+dense attention, and a model decoding through it picks exactly the tokens the full forward picks."""
+
+import copy
+
+import pytest
+import torch
+
+import exaflop.nn.paged as paged
+from exaflop.lm.config import ModelConfig
+from exaflop.lm.model import LM
+from exaflop.nn.decode import _decode_attention
+from exaflop.nn.packed import pack_for_inference
+from exaflop.nn.paged import BLOCK, PagedKVCache, paged_decode, paged_kernel
+
+
+@pytest.fixture(params=["kernel", "gather"])
+def path(request, monkeypatch):
+    """Both ways decode attention reads a paged cache: the C++ kernel, and gathering blocks
+    (what runs where the kernel cannot be built)."""
+    if request.param == "kernel":
+        assert paged_kernel() is not None, "the kernel must build here (g++ and ninja are installed)"
+    else:
+        monkeypatch.setattr(paged, "_kernel", False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_equals_dense_attention(path, dtype):
+    g = torch.Generator().manual_seed(0)
+    B, H, K, D = 4, 6, 2, 32
+    lens = torch.tensor([1, 17, 50, 33])  # a lone key, a block and a position, several blocks
+    nb = -(-int(lens.max()) // BLOCK)
+    n_blocks = 1 + B * nb + 5
+    keys_t = torch.randn(n_blocks, K, D, BLOCK, generator=g).to(dtype)
+    values = torch.randn(n_blocks, K, BLOCK, D, generator=g).to(dtype)
+    table = (1 + torch.randperm(n_blocks - 1, generator=g)[:B * nb]).view(B, nb)  # scattered blocks
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    got = paged_decode(q, keys_t, values, table, lens)
+    k, v = paged.gather(keys_t, values, table, nb)
+    mask = (torch.arange(nb * BLOCK)[None, :] < lens[:, None])[:, None, None]
+    want = _decode_attention(q.float()[:, :, None], k.float(), v.float(), mask)[:, :, 0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def _model(**extra) -> LM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=3, d_model=96, n_head=6, n_kv_head=2, d_ff=256, vocab_size=500, seq_len=96,
+                      init_std=0.1, tie_embeddings=False, **extra)
+    return LM(cfg).eval()
+
+
+def test_paged_greedy_equals_the_full_forward_token_for_token(path):
+    """fp32, what the server does: rows of different lengths right-padded into one prefill, blocks
+    reserved as rows grow, rows packed after one ends (a table moved), then a row restarted on
+    blocks it shares with another (a prefix-cache hit) — every token the full forward's."""
+    m = _model()
+    fast = pack_for_inference(copy.deepcopy(m))
+    c = m.cfg
+    cache = PagedKVCache(c.n_layer, 3, c.n_kv_head, 96, c.head_dim)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 500, (n,)) for n in (3, 37, 20)]
+    seqs = [p.clone() for p in prompts]
+
+    def reference(seq: torch.Tensor) -> int:
+        logits, _ = m(seq[None])
+        return int(logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        lens = torch.tensor([len(p) for p in prompts])
+        x = torch.zeros(3, int(lens.max()), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            x[i, :len(p)] = p
+        cache.reserve([0, 1, 2], lens.tolist())
+        nxt = fast.decode(x, cache, torch.arange(3), lens).argmax(-1)
+        rows = [0, 1, 2]
+        for t in range(30):
+            for r, i in enumerate(rows):
+                assert int(nxt[r]) == reference(seqs[i]), f"sequence {i} step {t}"
+                seqs[i] = torch.cat([seqs[i], nxt[r:r + 1]])
+            if t == 10:  # sequence 0 ends; the last row moves into its slot
+                cache.release(0)
+                cache.move_row(2, 0)
+                rows = [2, 1]
+                nxt = nxt[[2, 1]]
+            n = len(rows)
+            cache.reserve(list(range(n)), [int(cache.lengths[r]) + 1 for r in range(n)])
+            nxt = fast.decode(nxt[:, None], cache).argmax(-1)
+        # Sequence 1 again, in slot 2, its first two blocks shared with slot 1's (refcounted).
+        shared = cache.owned[1][:2]
+        cache.attach(2, shared)
+        assert all(cache.refs[b] == 2 for b in shared)
+        rest = seqs[1][2 * BLOCK:]
+        cache.reserve([2], [len(seqs[1])])
+        got = fast.decode(rest[None], cache, torch.tensor([2]))
+        assert int(got.argmax()) == reference(seqs[1])
