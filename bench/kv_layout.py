@@ -1,25 +1,21 @@
-"""Decode attention over exaflop's dense per-slot KV cache vs a paged one (a block pool + block table).
+"""A whole decode step through the dense KV cache vs the paged one the server uses.
 
-Why this exists: the API issue asks for a paged, refcounted KV cache (vLLM's PagedAttention), so
-that running sequences share prompt blocks in memory. On CPU PyTorch has no attention kernel that
-reads keys through a block table; without writing one, a paged cache has to gather each row's
-blocks into a contiguous tensor every layer of every step before attention. This measures that
-cost against what exaflop does (attention reads a view of each row's dense cache; shared prefixes
-are copied in once per request, serve/prefix.py), at lm-124m's attention shape (12 layers,
-12 heads of 64), 1 / 8 / 32 rows, in the precision serving picks on this CPU:
-  dense  — `_decode_attention` (nn/decode.py) on a view of a (slots, K, max_len, D) cache;
-  paged  — blocks of 16 positions in a (blocks, 16, K, D) pool, each row's blocks scattered
-           (as a pool is after some churn), gathered with `index_select` (the fastest gather
-           measured; advanced indexing `pool[table]` is ~2x slower), then the same attention;
-  paged, compiled (--compile) — the gather and the attention written for inductor, which can
-           fuse the indirect reads into its attention loop (no copy).
-Prints microseconds per decode step (all 12 layers, keys and values) and paged / dense.
-    python bench/kv_layout.py [--context 160,1000] [--rows 1,8,32] [--compile] [--tiny]
+The server's KV cache is paged (nn/paged.py: refcounted 16-position blocks, a block table per
+row, decode attention read in place by a C++ kernel), so that sequences share prompt blocks
+instead of copying them. The model can also decode through a dense cache (nn/decode.py: a
+(slots, K, max_len, D) tensor per layer, attention over a view of each row), the layout
+exaflop served from before. This times the step the server runs — packed weights, every layer,
+the block reservation the runner does each step — through both, at lm-124m's shape, 1 / 8 / 32
+rows, 160 and 1000 cached positions, eager and (--compile) compiled, in the precision serving
+picks on this CPU. The paged rows' blocks are scattered through the pool, as after some churn.
+Prints milliseconds per step and paged / dense (below 1: the paged cache is faster).
+    python bench/kv_layout.py [--context 160,1000] [--rows 1,8,32] [--compile] [--dtype auto] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -29,65 +25,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from exaflop.config import load_config  # noqa: E402
 from exaflop.engine.precision import cpu_capability, resolve  # noqa: E402
-from exaflop.nn.decode import _decode_attention, _decode_attention_fused  # noqa: E402
+from exaflop.lm.model import LM  # noqa: E402
+from exaflop.nn.packed import lower_packed_linear, pack_for_inference  # noqa: E402
+from exaflop.nn.paged import PagedKVCache, paged_kernel  # noqa: E402
 
-BLOCK = 16
 
+def step_time(m: LM, cache, rows: int, ctx: int, step, reps: int) -> float:
+    """Median seconds per decode step of `rows` rows holding `ctx` positions (kept there: each
+    timed step decodes at the same length)."""
+    paged = isinstance(cache, PagedKVCache)
+    if paged:
+        cache.reserve(list(range(rows)), [ctx + 1] * rows)
+    x = torch.randint(0, m.cfg.vocab_size, (rows, 1))
 
-def timeit(fn, reps: int) -> float:
-    """Median seconds per call over `reps` calls (after a warm-up)."""
+    def one() -> None:
+        cache.lengths[:rows] = ctx
+        if paged:  # what Runner.decode does every step
+            lengths = cache.lengths.tolist()
+            cache.reserve(list(range(rows)), [lengths[i] + 1 for i in range(rows)])
+        m.decode(x, cache, None, step=step)
+
     for _ in range(3):
-        fn()
+        one()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        one()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
-
-
-def case(rows: int, ctx: int, layers: int, heads: int, dim: int, dtype: torch.dtype, reps: int,
-         compile_: bool) -> dict[str, float]:
-    g = torch.Generator().manual_seed(0)
-    nb = -(-ctx // BLOCK)
-    L = nb * BLOCK
-    q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
-    mask = (torch.arange(L) < ctx)[None, None, None, :].expand(rows, 1, 1, L)
-    dense_k = [torch.randn(rows, heads, L, dim, generator=g).to(dtype) for _ in range(layers)]
-    dense_v = [torch.randn(rows, heads, L, dim, generator=g).to(dtype) for _ in range(layers)]
-    pool_blocks = rows * nb * 2  # half the pool free: rows' blocks end up scattered
-    pool_k = [torch.randn(pool_blocks, BLOCK, heads, dim, generator=g).to(dtype) for _ in range(layers)]
-    pool_v = [torch.randn(pool_blocks, BLOCK, heads, dim, generator=g).to(dtype) for _ in range(layers)]
-    table = torch.randperm(pool_blocks, generator=g)[:rows * nb]  # (rows * nb,) flattened block table
-
-    def gather(pool: torch.Tensor) -> torch.Tensor:
-        return pool.index_select(0, table).view(rows, L, heads, dim).transpose(1, 2)
-
-    def dense() -> None:
-        for k, v in zip(dense_k, dense_v, strict=True):
-            _decode_attention(q, k, v, mask)
-
-    def paged() -> None:
-        for pk, pv in zip(pool_k, pool_v, strict=True):
-            _decode_attention(q, gather(pk), gather(pv), mask)
-
-    out = {"dense": timeit(dense, reps), "paged": timeit(paged, reps)}
-    if compile_:
-        def paged_fused(q, pk, pv, table, mask):  # noqa: ANN001, ANN202
-            k = pk[table].view(rows, L, heads, dim).transpose(1, 2)
-            v = pv[table].view(rows, L, heads, dim).transpose(1, 2)
-            return _decode_attention_fused(q.reshape(rows, heads, 1, dim), k, v, mask)
-
-        def dense_fused(q, k, v, mask):  # noqa: ANN001, ANN202
-            return _decode_attention_fused(q.reshape(rows, heads, 1, dim), k, v, mask)
-
-        cp, cd = torch.compile(paged_fused), torch.compile(dense_fused)
-        out["dense compiled"] = timeit(lambda: [cd(q, k, v, mask) for k, v in zip(dense_k, dense_v, strict=True)],
-                                       reps)
-        out["paged compiled"] = timeit(lambda: [cp(q, pk, pv, table, mask)
-                                                for pk, pv in zip(pool_k, pool_v, strict=True)], reps)
-    return out
 
 
 def main() -> int:
@@ -96,33 +63,49 @@ def main() -> int:
     ap.add_argument("--context", default="160,1000", help="cached positions per row")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--compile", action="store_true", help="also the inductor-compiled dense and paged reads")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="also the torch.compile'd step (serve --compile)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
-    layers, heads, dim = 12, 12, 64
+    overrides = ["model.vocab_size=8192"]
     if args.tiny:
-        args.rows, args.context, args.reps, layers, heads, dim = "1,2", "40", 3, 2, 2, 16
+        args.rows, args.context, args.reps = "1,2", "40", 3
+        overrides += ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.seq_len=128"]
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = resolve(args.dtype, "cpu", flag="--dtype").torch_dtype
-    print(f"CPU: {cpu_capability()}, torch threads {torch.get_num_threads()}, {dtype}; {layers} layers x {heads} "
-          f"heads x {dim}, blocks of {BLOCK}; microseconds per decode step (all layers)")
-    cols = ["dense", "paged"] + (["dense compiled", "paged compiled"] if args.compile else [])
-    print(f"{'rows':>5} {'context':>8} " + " ".join(f"{c:>15}" for c in cols) + f" {'paged/dense':>12}"
-          + (f" {'compiled p/d':>13}" if args.compile else ""))
-    worst = 0.0
+    cfg = load_config("lm-124m", overrides).model
+    torch.manual_seed(0)
+    m = pack_for_inference(LM(cfg).to(dtype).eval())
+    t0 = time.perf_counter()
+    kernel = paged_kernel()
+    print(f"CPU: {cpu_capability()}, torch threads {torch.get_num_threads()}, {dtype}; lm-124m shape "
+          f"({cfg.n_layer} layers, {cfg.n_head} heads of {cfg.head_dim}); paged attention "
+          + (f"kernel ready in {time.perf_counter() - t0:.1f} s" if kernel else "kernel unavailable: gathering"))
+    ctxs = [int(c) for c in args.context.split(",")]
+    rows_list = [int(r) for r in args.rows.split(",")]
+    slots, max_len = max(rows_list), max(ctxs) + 8
+    modes = [("eager", None)]
+    if args.compile:
+        # As the server compiles it (serve/runner.py): a C++ wrapper once packed linears lower to oneDNN.
+        opts = {"cpp_wrapper": True} if lower_packed_linear() else None
+        modes.append(("compiled", torch.compile(LM.logits_at, dynamic=True, options=opts)))
+    print(f"{'step':>9} {'rows':>5} {'context':>8} {'dense ms':>9} {'paged ms':>9} {'paged/dense':>12}")
+    ratios = []
     with torch.inference_mode():
-        for ctx in (int(c) for c in args.context.split(",")):
-            for rows in (int(r) for r in args.rows.split(",")):
-                r = case(rows, ctx, layers, heads, dim, dtype, args.reps, args.compile)
-                ratio = r["paged"] / r["dense"]
-                worst = max(worst, ratio)
-                line = f"{rows:>5} {ctx:>8} " + " ".join(f"{r[c] * 1e6:>15.0f}" for c in cols) + f" {ratio:>11.2f}x"
-                if args.compile:
-                    line += f" {r['paged compiled'] / r['dense compiled']:>12.2f}x"
-                print(line, flush=True)
-    print(f"paged / dense attention time, worst case: {worst:.2f}x")
+        dense = m.new_cache(slots, max_len)
+        paged = PagedKVCache(cfg.n_layer, slots, cfg.n_kv_head, max_len, cfg.head_dim, dtype=dtype)
+        random.Random(0).shuffle(paged.free)  # blocks scattered through the pool
+        for name, step in modes:
+            for ctx in ctxs:
+                for rows in rows_list:
+                    for row in range(slots):
+                        paged.release(row)
+                    d = step_time(m, dense, rows, ctx, step, args.reps)
+                    p = step_time(m, paged, rows, ctx, step, args.reps)
+                    ratios.append(p / d)
+                    print(f"{name:>9} {rows:>5} {ctx:>8} {d * 1e3:>9.2f} {p * 1e3:>9.2f} {p / d:>11.2f}x", flush=True)
+    print(f"paged / dense step time: median {statistics.median(ratios):.2f}x, worst {max(ratios):.2f}x")
     return 0
 
 

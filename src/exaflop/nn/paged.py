@@ -43,51 +43,61 @@ _SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 # so a process capped with ATEN_CPU_CAPABILITY=avx2 builds and runs an AVX2 kernel).
 _FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
           "AVX2": ["-mavx2", "-mfma", "-mf16c"], "DEFAULT": []}
-_kernel = None  # the built extension, False once building failed
+_kernel: bool | None = None  # whether the kernel is loaded; None: not tried yet
 _kernel_lock = threading.Lock()
 
 
-def paged_kernel():  # noqa: ANN201 — the extension module, or None
-    """The paged decode-attention kernel, built on first call (cached across processes by
-    torch's extension directory, per CPU capability and source); None if it cannot be built."""
+def paged_kernel() -> bool:
+    """Whether the paged decode-attention kernel is loaded: built on first call (cached across
+    processes in torch's extension directory, per CPU capability and source), then registered
+    as `torch.ops.exaflop.paged_decode`. False if it cannot be built."""
     global _kernel
     with _kernel_lock:
         if _kernel is None:
-            _kernel = _build() or False
-        return _kernel or None
+            _kernel = _build()
+        return _kernel
 
 
-def _build():  # noqa: ANN202
+def _build() -> bool:
     cap = torch.backends.cpu.get_cpu_capability()
     cap = cap if cap in _FLAGS else "DEFAULT"
     macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
     try:
         from torch.utils.cpp_extension import load
-        return load(f"exaflop_paged_{cap.lower()}_{digest}", [str(_SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
+        load(f"exaflop_paged_{cap.lower()}_{digest}", [str(_SOURCE)], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
+        torch.library.register_fake("exaflop::paged_decode")(_fake)
+        return True
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, ...: attention gathers instead
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         log.warning("paged attention kernel unavailable (%s: %s); decode attention gathers blocks",
                     type(e).__name__, first[:200])
-        return None
+        return False
 
 
-@torch.library.custom_op("exaflop::paged_decode", mutates_args=())
+def _fake(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("exaflop::paged_decode_gathered", mutates_args=())
+def _paged_decode_gathered(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+    return _gathered_decode(q, keys_t, values, table, lens, q.shape[-1] ** -0.5)
+
+
+_paged_decode_gathered.register_fake(_fake)
+
+
 def paged_decode(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
     """Attention of one query per row, q (B, H, D), over its first lens[b] cached positions:
     keys_t (N, K, D, BLOCK), values (N, K, BLOCK, D), table (B, NB) block ids. (B, H, D).
-    An operator of its own, so a compiled decode step calls it as one opaque kernel."""
-    scale = q.shape[-1] ** -0.5
-    mod = paged_kernel() if q.device.type == "cpu" else None
-    if mod is not None:
-        return mod.paged_decode(q.contiguous(), keys_t, values, table.contiguous(), lens.contiguous(), scale)
-    return _gathered_decode(q, keys_t, values, table, lens, scale)
-
-
-@paged_decode.register_fake
-def _(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
-    return torch.empty_like(q)
+    One opaque operator either way, so a compiled decode step calls it as one kernel."""
+    # Resolved before a compiled step traces this (Runner.prepare builds the kernel): the lock in
+    # paged_kernel() is not something to trace through.
+    ready = bool(_kernel) if torch.compiler.is_compiling() else paged_kernel()
+    if q.device.type == "cpu" and ready:
+        return torch.ops.exaflop.paged_decode(q, keys_t, values, table, lens)
+    return _paged_decode_gathered(q, keys_t, values, table, lens)
 
 
 def gather(keys_t: Tensor, values: Tensor, table: Tensor, nb: int) -> tuple[Tensor, Tensor]:

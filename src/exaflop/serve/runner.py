@@ -53,7 +53,7 @@ class Runner:
         weights.prefix_bytes = self.prefix_bytes
         if weights.device.type == "cpu":
             t0 = time.perf_counter()
-            if paged_kernel() is not None:  # built here, not by the first request (~20 s when not cached)
+            if paged_kernel():  # built here, not by the first request (~20 s when not cached)
                 log.info("engine %s: paged attention kernel ready (%s) in %.1f s", self.name,
                          torch.backends.cpu.get_cpu_capability(), time.perf_counter() - t0)
         if not self.compile or self.compiled:
