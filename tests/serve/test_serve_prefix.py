@@ -36,6 +36,11 @@ def test_second_turn_reuses_the_first_turns_blocks(server, client):
     assert shared == len(prompt1) > 300  # turn 1's whole prompt starts turn 2
     assert r2.usage.prompt_tokens_details.cached_tokens == shared // BLOCK * BLOCK
     assert r1.usage.prompt_tokens == len(prompt1) and r2.usage.prompt_tokens == len(prompt2)
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1])
+               for line in httpx.get(server.url + "/metrics").text.splitlines() if line and line[0] != "#"}
+    assert metrics[f'exaflop_prefix_cache_hit_tokens_total{{model="{MODEL}"}}'] >= shared // BLOCK * BLOCK
+    blocks = {s: metrics[f'exaflop_kv_cache_blocks{{model="{MODEL}",state="{s}"}}'] for s in ("used", "cached", "free")}
+    assert blocks["cached"] >= len(prompt2) // BLOCK and blocks["free"] > 0  # both turns' blocks kept, idle
 
 
 def test_greedy_outputs_are_the_same_with_caching_off(run_dir, start_server, client):
@@ -95,7 +100,9 @@ def test_a_shared_block_outlives_its_first_row_and_unindexed_blocks_are_freed():
     free = len(c.free)
     c.release(0)
     assert len(c.free) == free + 1  # only the partial block went back; the indexed two stay
+    assert c.usage() == {"used": 0, "cached": 2, "free": c.n_blocks - 3}
     assert pc.attach(1, list(range(40))) == 32 and pc.cached_blocks == 0
+    assert c.usage()["used"] == 2 and c.usage()["cached"] == 0
 
 
 def test_eviction_under_pressure_reuses_least_recently_used_leaves_first():
@@ -106,7 +113,7 @@ def test_eviction_under_pressure_reuses_least_recently_used_leaves_first():
     assert pc.cached_blocks == 8 and len(c.free) == 2
     other = [7, *range(1000, 1127)]
     fill(c, 0, 128)  # 8 blocks wanted, 2 free: 6 evicted, the deepest of the chain first
-    assert pc.cached_blocks == 2 and len(pc.entries) == 2
+    assert pc.cached_blocks == 2 and len(pc.entries) == 2 and c.usage() == {"used": 8, "cached": 2, "free": 0}
     pc.register(0, other)
     c.release(0)
     assert pc.attach(0, list(range(128))) == 2 * BLOCK  # the old chain's start is still reachable

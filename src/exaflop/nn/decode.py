@@ -79,26 +79,6 @@ class KVCache:
         compiled step takes the read length from its size: one graph for every length)."""
         return DecodeStep(self, rows, T, rope, key_pos)
 
-    def read_block(self, row: int, start: int, n: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Copies of row `row`'s keys and values at positions [start, start+n), per layer (K, n, D)."""
-        return ([kc[row, :, start:start + n].clone() for kc in self.k],
-                [vc[row, :, start:start + n].clone() for vc in self.v])
-
-    def write_block(self, row: int, start: int, k: list[Tensor], v: list[Tensor]) -> None:
-        """Put per-layer keys/values (K, n, D) into row `row` from position `start` (lengths unchanged)."""
-        for kc, vc, kb, vb in zip(self.k, self.v, k, v, strict=True):
-            n = kb.shape[1]
-            kc[row, :, start:start + n] = kb
-            vc[row, :, start:start + n] = vb
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row src's filled prefix into row dst (used to keep occupied rows packed)."""
-        n = int(self.lengths[src])
-        for kc, vc in zip(self.k, self.v, strict=True):
-            kc[dst, :, :n] = kc[src, :, :n]
-            vc[dst, :, :n] = vc[src, :, :n]
-        self.lengths[dst] = n
-
 
 class DecodeStep:
     """One forward's cache indexing, computed once and shared by every layer: each row's start

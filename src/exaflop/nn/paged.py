@@ -9,7 +9,7 @@ its table, not by copying keys. Only full blocks are ever shared, and a row writ
 or after its own length, so a shared block is never written: no copy-on-write is needed.
 Moving a row (the server keeps rows packed) moves a table row, not its keys.
 
-Layout, chosen by measurement (tools/paged_attention_probe.py): keys (block, head, dim,
+Layout, chosen by measurement (docs/benchmarks.md): keys (block, head, dim,
 position) — a block's 16 scores are one vector — and values (block, head, position, dim).
 Decode attention reads them in place with a C++ kernel (csrc/paged_attention.cpp) built for
 the CPU's capability on first use (~20 s, then cached by torch's extension cache); if it
@@ -152,12 +152,18 @@ class PagedKVCache:
         self.owned: list[list[int]] = [[] for _ in range(slots)]  # row -> its blocks, in order
         self.refs = [0] * n_blocks
         self.free = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out low ids first
+        self.kept = 0  # blocks no row references that `retain` keeps (a prefix cache's idle blocks)
         self.evict = None  # () -> a block id freed from a cache of unused blocks, or None
         self.retain = None  # (block id) -> whether an unreferenced block stays cached (not freed)
 
     @property
     def slots(self) -> int:
         return self.lengths.shape[0]
+
+    def usage(self) -> dict[str, int]:
+        """Blocks by state: referenced by rows, kept idle for prefix caching, free (scratch excluded)."""
+        free = len(self.free)
+        return {"used": self.n_blocks - 1 - free - self.kept, "cached": self.kept, "free": free}
 
     @staticmethod
     def block_bytes(n_layer: int, n_kv_head: int, head_dim: int, dtype: torch.dtype, block: int = BLOCK) -> int:
@@ -169,6 +175,7 @@ class PagedKVCache:
         if not self.free and self.evict is not None:
             b = self.evict()
             if b is not None:
+                self.kept -= 1
                 return b
         if not self.free:
             raise RuntimeError("paged KV cache: out of blocks")  # sized so this cannot happen
@@ -178,6 +185,8 @@ class PagedKVCache:
         """Start row `row` with shared `blocks` (full blocks of its prefix), refcounted."""
         assert not self.owned[row], "attach to a fresh row"
         for j, b in enumerate(blocks):
+            if self.refs[b] == 0:
+                self.kept -= 1  # an idle kept block is in use again
             self.refs[b] += 1
             self.table[row, j] = b
         self.owned[row] = list(blocks)
@@ -198,8 +207,11 @@ class PagedKVCache:
         """Row `row`'s sequence ended: drop its references (blocks a cache retains stay put)."""
         for b in self.owned[row]:
             self.refs[b] -= 1
-            if self.refs[b] == 0 and not (self.retain is not None and self.retain(b)):
-                self.free.append(b)
+            if self.refs[b] == 0:
+                if self.retain is not None and self.retain(b):
+                    self.kept += 1
+                else:
+                    self.free.append(b)
         self.owned[row] = []
         self.table[row] = 0
         self.lengths[row] = 0

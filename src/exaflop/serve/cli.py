@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-tokens", type=int, default=4096,
                    help="padded prompt tokens prefilled per step (bounds the stall new prompts cause)")
     p.add_argument("--prefix-cache-mb", type=float, default=256.0,
-                   help="memory for cached prompt blocks reused across requests (serve/prefix.py); 0: off")
+                   help="KV-pool memory, beyond every slot at full context, for prompt blocks kept for reuse "
+                        "across requests (serve/prefix.py); 0: off")
     p.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0: off)")
     p.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0: off)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")

@@ -176,6 +176,10 @@ class Engine:
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running), model=self.name)
         self.metrics.waiting.set(len(self.scheduler.waiting), model=self.name)
+        w = self.scheduler.current
+        if w is not None and w.cache is not None:
+            for state, n in w.cache.usage().items():
+                self.metrics.kv_blocks.set(n, model=self.name, state=state)
 
     # -- one step -------------------------------------------------------------
     def _step(self, plan: BatchPlan) -> None:

@@ -120,6 +120,12 @@ class Metrics:
         self.aborted = Counter(f"{p}_requests_aborted_total", "sequences dropped because the client left")
         self.failed = Counter(f"{p}_sequences_failed_total", "sequences ended by an error inside the engine")
         self.prompt_tokens = Counter(f"{p}_prompt_tokens_total", "prompt tokens prefilled")
+        self.kv_blocks = Gauge(f"{p}_kv_cache_blocks", "paged KV-cache blocks of the current checkpoint by "
+                               "state: used by running sequences, cached (kept for prefix reuse), free")
+        self.prefix_queried = Counter(f"{p}_prefix_cache_queried_tokens_total",
+                                      "prompt tokens looked up in the prefix cache")
+        self.prefix_hits = Counter(f"{p}_prefix_cache_hit_tokens_total",
+                                   "prompt tokens found in the prefix cache (not recomputed)")
         self.generated_tokens = Counter(f"{p}_generation_tokens_total", "tokens generated")
         self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "arrival to first token", LATENCY)
         self.itl = Histogram(f"{p}_inter_token_latency_seconds", "time between tokens of a sequence", LATENCY)
@@ -130,6 +136,7 @@ class Metrics:
 
     def render(self) -> str:
         families = [self.requests, self.auth_limited, self.http_refused, self.running, self.waiting,
-                    self.aborted, self.failed, self.prompt_tokens, self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch, self.checkpoint_step,
-                    self.reload_failures]
+                    self.aborted, self.failed, self.prompt_tokens, self.kv_blocks, self.prefix_queried,
+                    self.prefix_hits, self.generated_tokens, self.ttft, self.itl, self.e2e, self.batch,
+                    self.checkpoint_step, self.reload_failures]
         return "\n".join(line for f in families for line in f.lines()) + "\n"

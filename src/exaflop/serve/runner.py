@@ -111,6 +111,9 @@ class Runner:
         prefix = w.prefix
         for s in seqs:
             s.cached_tokens = prefix.attach(s.slot, s.prompt_ids) if prefix is not None else 0
+        if prefix is not None:
+            self.metrics.prefix_queried.inc(sum(len(s.prompt_ids) for s in seqs), model=self.name)
+            self.metrics.prefix_hits.inc(sum(s.cached_tokens for s in seqs), model=self.name)
         lens = [len(s.prompt_ids) - s.cached_tokens for s in seqs]
         w.cache.reserve([s.slot for s in seqs], [len(s.prompt_ids) for s in seqs])
         x = torch.zeros(len(seqs), max(lens), dtype=torch.long)
