@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -54,16 +56,43 @@ def test_greedy_outputs_are_the_same_with_caching_off(run_dir, start_server, cli
     assert a.usage.prompt_tokens_details.cached_tokens > 0
 
 
-def test_32_concurrent_streams_sharing_a_prefix_equal_one_at_a_time(client):
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split(" ")[1])
+    return 0.0
+
+
+def test_32_concurrent_streams_sharing_a_prefix_equal_one_at_a_time_and_share_its_blocks(server, client):
+    def msgs(i: int) -> list[dict]:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}?"}]
+
     def one(i: int) -> str:
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}?"}]
-        return client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+        return client.chat.completions.create(model=MODEL, messages=msgs(i), max_tokens=16,
                                               temperature=0.0).choices[0].message.content
 
     alone = [one(i) for i in range(32)]
-    with ThreadPoolExecutor(32) as pool:
-        together = list(pool.map(one, range(32)))
+    # While the 32 run together, watch how many KV blocks running sequences hold: the shared
+    # prompt's blocks once, not 32 times.
+    used, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            used.append(_metric(server, f'exaflop_kv_cache_blocks{{model="{MODEL}",state="used"}}'))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(one, range(32)))
+    finally:
+        done.set()
+        watcher.join()
     assert together == alone
+    prompt = len(httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": msgs(0)}).json()["tokens"])
+    unshared = 32 * -(-(prompt + 16) // BLOCK)  # every sequence with its own copy of the prompt
+    assert prompt > 10 * BLOCK and 0 < max(used) < unshared / 4, (max(used), unshared)
 
 
 def pool(slots: int = 2, max_len: int = 128, extra_blocks: int = 0) -> tuple[PagedKVCache, PrefixCache]:
