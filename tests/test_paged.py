@@ -25,9 +25,9 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,pairs", [(torch.float32, False), (torch.bfloat16, True)])  # the layouts PagedKVCache makes
 @pytest.mark.parametrize("D", [64, 40])  # register-held sums (64) and the general loop (40)
-def test_paged_decode_equals_dense_attention(path, dtype, D):
+def test_paged_decode_equals_dense_attention(path, dtype, pairs, D):
     g = torch.Generator().manual_seed(0)
     B, H, K = 4, 6, 2
     lens = torch.tensor([1, 17, 50, 33])  # a lone key, a block and a position, several blocks
@@ -35,6 +35,9 @@ def test_paged_decode_equals_dense_attention(path, dtype, D):
     n_blocks = 1 + B * nb + 5
     keys_t = torch.randn(n_blocks, K, D, BLOCK, generator=g).to(dtype)
     values = torch.randn(n_blocks, K, BLOCK, D, generator=g).to(dtype)
+    if pairs:  # bf16's layout in PagedKVCache: (N, K, D/2, BLOCK, 2) and (N, K, BLOCK/2, D, 2)
+        keys_t = keys_t.view(n_blocks, K, D // 2, 2, BLOCK).transpose(-1, -2).contiguous()
+        values = values.view(n_blocks, K, BLOCK // 2, 2, D).transpose(-1, -2).contiguous()
     table = (1 + torch.randperm(n_blocks - 1, generator=g)[:B * nb]).view(B, nb)  # scattered blocks
     q = torch.randn(B, H, D, generator=g).to(dtype)
     got = paged_decode(q, keys_t, values, table, lens)
@@ -96,3 +99,24 @@ def test_paged_greedy_equals_the_full_forward_token_for_token(path):
         cache.reserve([2], [len(seqs[1])])
         got = fast.decode(rest[None], cache, torch.tensor([2]))
         assert int(got.argmax()) == reference(seqs[1])
+
+
+def test_bf16_paged_decoding_tracks_the_dense_cache(path):
+    """bf16 (the pair layout): logits through the paged cache stay within bf16 rounding of the
+    dense cache's over a prefill and 30 decode steps of rows of different lengths."""
+    m = pack_for_inference(_model().to(torch.bfloat16))
+    c = m.cfg
+    paged_cache = PagedKVCache(c.n_layer, 2, c.n_kv_head, 96, c.head_dim, dtype=torch.bfloat16)
+    assert paged_cache.pairs
+    dense = m.new_cache(2, 96)
+    torch.manual_seed(3)
+    x = torch.randint(0, 500, (2, 21))
+    lens = torch.tensor([21, 9])
+    with torch.inference_mode():
+        paged_cache.reserve([0, 1], lens.tolist())
+        a, b = m.decode(x, dense, torch.arange(2), lens), m.decode(x, paged_cache, torch.arange(2), lens)
+        for _ in range(30):
+            tok = a.argmax(-1, keepdim=True)
+            paged_cache.reserve([0, 1], [n + 1 for n in paged_cache.lengths.tolist()])
+            a, b = m.decode(tok, dense), m.decode(tok, paged_cache)
+            assert (a - b).abs().max() <= 0.05 * a.abs().max()

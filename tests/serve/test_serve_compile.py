@@ -59,7 +59,7 @@ def test_compiled_decode_step_matches_eager(run_dir):
         assert dict(torch._dynamo.utils.counters["stats"]) == graphs
         # The written keys agree too.
         from exaflop.nn.paged import gather
-        for kt, vp, b in zip(cache.keys_t, cache.values, eager_cache.k, strict=True):
+        for kt, vp, b in zip(cache.keys, cache.values, eager_cache.k, strict=True):
             k, _ = gather(kt, vp, cache.table[:5], 2)
             for r, n in enumerate(cache.lengths[:5].tolist()):
                 torch.testing.assert_close(k[r, :, :n], b[r, :, :n], atol=1e-5, rtol=1e-5)

@@ -154,7 +154,7 @@ def test_moving_a_row_moves_its_table_not_its_keys():
     c, _ = pool(slots=3)
     fill(c, 2, 33)
     blocks = list(c.owned[2])
-    c.keys_t[0][blocks[0]].fill_(3.0)
+    c.keys[0][blocks[0]].fill_(3.0)
     c.move_row(2, 0)
     assert c.owned[0] == blocks and c.owned[2] == [] and int(c.lengths[0]) == 33
-    assert torch.equal(c.table[0, :3], torch.tensor(blocks)) and c.keys_t[0][c.owned[0][0]].eq(3.0).all()
+    assert torch.equal(c.table[0, :3], torch.tensor(blocks)) and c.keys[0][c.owned[0][0]].eq(3.0).all()

@@ -9,9 +9,10 @@ its table, not by copying keys. Only full blocks are ever shared, and a row writ
 or after its own length, so a shared block is never written: no copy-on-write is needed.
 Moving a row (the server keeps rows packed) moves a table row, not its keys.
 
-Layout, chosen by measurement (docs/benchmarks.md): keys (block, head, dim,
-position) — a block's 16 scores are one vector — and values (block, head, position, dim).
-Decode attention reads them in place with a C++ kernel (csrc/paged_attention.cpp) built for
+Layouts, chosen by measurement (docs/benchmarks.md): fp32 keys (block, head, dim, position)
+— a block's 16 scores are one vector — and values (block, head, position, dim); bf16 keys
+(block, head, dim/2, position, 2) and values (block, head, position/2, dim, 2), pairs side by
+side, the operand layout of AVX512-BF16's dot product (csrc/paged_attention.cpp). Decode attention reads them in place with a C++ kernel (csrc/paged_attention.cpp) built for
 the CPU's capability on first use (~20 s, then cached by torch's extension cache); if it
 cannot be built (no compiler), or on a GPU, blocks are gathered into a contiguous copy
 first (2-7x slower attention on CPU, docs/benchmarks.md). A multi-token chunk over a cached
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -65,6 +68,9 @@ def _build() -> bool:
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
     try:
         from torch.utils.cpp_extension import load
+        if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated venv
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         load(f"exaflop_paged_{cap.lower()}_{digest}", [str(_SOURCE)], is_python_module=False,
              extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
         torch.library.register_fake("exaflop::paged_decode")(_fake)
@@ -76,47 +82,51 @@ def _build() -> bool:
         return False
 
 
-def _fake(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+def _fake(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("exaflop::paged_decode_gathered", mutates_args=())
-def _paged_decode_gathered(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
-    return _gathered_decode(q, keys_t, values, table, lens, q.shape[-1] ** -0.5)
+def _paged_decode_gathered(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+    return _gathered_decode(q, keys, values, table, lens, q.shape[-1] ** -0.5)
 
 
 _paged_decode_gathered.register_fake(_fake)
 
 
-def paged_decode(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
-    """Attention of one query per row, q (B, H, D), over its first lens[b] cached positions:
-    keys_t (N, K, D, BLOCK), values (N, K, BLOCK, D), table (B, NB) block ids. (B, H, D).
+def paged_decode(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:
+    """Attention of one query per row, q (B, H, D), over its first lens[b] cached positions, in
+    the pools of a PagedKVCache (either layout), through table (B, NB) of block ids. (B, H, D).
     One opaque operator either way, so a compiled decode step calls it as one kernel."""
     # Resolved before a compiled step traces this (Runner.prepare builds the kernel): the lock in
     # paged_kernel() is not something to trace through.
     ready = bool(_kernel) if torch.compiler.is_compiling() else paged_kernel()
     if q.device.type == "cpu" and ready:
-        return torch.ops.exaflop.paged_decode(q, keys_t, values, table, lens)
-    return _paged_decode_gathered(q, keys_t, values, table, lens)
+        return torch.ops.exaflop.paged_decode(q, keys, values, table, lens)
+    return _paged_decode_gathered(q, keys, values, table, lens)
 
 
-def gather(keys_t: Tensor, values: Tensor, table: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+def gather(keys: Tensor, values: Tensor, table: Tensor, nb: int) -> tuple[Tensor, Tensor]:
     """Contiguous keys and values (B, K, nb*BLOCK, D) of the first `nb` blocks of each table row."""
     ids = table[:, :nb]
-    k = keys_t[ids]  # (B, nb, K, D, BLK)
-    v = values[ids]  # (B, nb, K, BLK, D)
-    B, _, K, D, blk = k.shape
+    k, v = keys[ids], values[ids]
+    if k.dim() == 6:  # pair layout: (B, nb, K, D/2, BLK, 2) and (B, nb, K, BLK/2, D, 2)
+        B, _, K, P, blk, _ = k.shape
+        k = k.permute(0, 2, 1, 4, 3, 5).reshape(B, K, nb * blk, 2 * P)
+        v = v.permute(0, 2, 1, 3, 5, 4).reshape(B, K, nb * blk, 2 * P)
+        return k, v
+    B, _, K, D, blk = k.shape  # (B, nb, K, D, BLK) and (B, nb, K, BLK, D)
     k = k.permute(0, 2, 1, 4, 3).reshape(B, K, nb * blk, D)
     v = v.permute(0, 2, 1, 3, 4).reshape(B, K, nb * blk, D)
     return k, v
 
 
-def _gathered_decode(q: Tensor, keys_t: Tensor, values: Tensor, table: Tensor, lens: Tensor,
+def _gathered_decode(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: Tensor,
                      scale: float) -> Tensor:
     B, H, D = q.shape
-    blk = values.shape[2]
+    blk = keys.shape[-2] if keys.dim() == 5 else keys.shape[-1]
     nb = max(1, -(-int(lens.max()) // blk))
-    k, v = gather(keys_t, values, table, nb)
+    k, v = gather(keys, values, table, nb)
     K = k.shape[1]
     mask = torch.arange(nb * blk, device=q.device)[None, :] < lens[:, None]  # (B, L)
     qg = q.reshape(B, K, H // K, D).float()
@@ -143,10 +153,17 @@ class PagedKVCache:
         # blocks hold what a prefix cache keeps after its rows end (serve/prefix.py).
         n_blocks = 1 + slots * self.max_blocks + extra_blocks
         self.n_blocks = n_blocks
-        self.keys_t = [torch.zeros(n_blocks, n_kv_head, head_dim, block, device=device, dtype=dtype)
-                       for _ in range(n_layer)]
-        self.values = [torch.zeros(n_blocks, n_kv_head, block, head_dim, device=device, dtype=dtype)
-                       for _ in range(n_layer)]
+        # bf16: the pair layout (keys (N, K, D/2, BLOCK, 2), values (N, K, BLOCK/2, D, 2)), which
+        # the kernel multiplies with AVX512-BF16 dot products where the CPU has them; fp32 keeps
+        # keys (N, K, D, BLOCK) and values (N, K, BLOCK, D).
+        self.pairs = dtype == torch.bfloat16 and block % 2 == 0 and head_dim % 2 == 0
+        if self.pairs:
+            kshape = (n_blocks, n_kv_head, head_dim // 2, block, 2)
+            vshape = (n_blocks, n_kv_head, block // 2, head_dim, 2)
+        else:
+            kshape, vshape = (n_blocks, n_kv_head, head_dim, block), (n_blocks, n_kv_head, block, head_dim)
+        self.keys = [torch.zeros(kshape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(vshape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.table = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.owned: list[list[int]] = [[] for _ in range(slots)]  # row -> its blocks, in order
@@ -297,10 +314,15 @@ class PagedView:
             st._prepare(B)
         if rope is not None:
             q, k = _rope_qk(q, k, st.cos2, st.sin2)
-        kt, vp = cache.keys_t[self.layer], cache.values[self.layer]
-        # Advanced indices on dims 0 and 3 (keys) / 0 and 2 (values) put (B, T) first: (B, T, K, D).
-        kt[st.blk, :, :, st.off] = k.transpose(1, 2).to(kt.dtype)
-        vp[st.blk, :, st.off] = v.transpose(1, 2).to(vp.dtype)
+        kt, vp = cache.keys[self.layer], cache.values[self.layer]
+        # Advanced indices separated by slices put (B, T) first: the values are (B, T, K, D).
+        kw, vw = k.transpose(1, 2).to(kt.dtype), v.transpose(1, 2).to(vp.dtype)
+        if cache.pairs:
+            kt[st.blk, :, :, st.off] = kw.unflatten(-1, (D // 2, 2))
+            vp[st.blk, :, st.off // 2, :, st.off % 2] = vw
+        else:
+            kt[st.blk, :, :, st.off] = kw
+            vp[st.blk, :, st.off] = vw
         if st.fresh:
             return attend(q, k, v, None, causal=True)
         if T == 1:

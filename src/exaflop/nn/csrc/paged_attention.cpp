@@ -1,10 +1,11 @@
 // Decode attention over a paged KV cache (nn/paged.py): one new query per row, keys and values
 // read in place from pools of fixed-size blocks through each row's block table.
 //
-// One task per (row, KV head); the query heads that share the KV head are done together so
-// each block is loaded once. Keys are stored transposed per block, (block, head, dim, position):
-// a block's scores are one vector, built by a multiply-add per dimension with no horizontal
-// sums. Values are (block, head, position, dim) and summed in registers. Softmax in fp32.
+// One task per (row, KV head). Softmax in fp32. Two pool layouts, one per dtype:
+//  fp32: keys (block, head, dim, position) — a block's scores are one vector, built by a
+//        multiply-add per dimension with no horizontal sums — and values (block, head,
+//        position, dim), summed in registers;
+//  bf16: pairs side by side (below, `run_pairs`), for AVX512-BF16's dot product.
 // Compiled for the CPU capability PyTorch dispatches to (nn/paged.py passes the flags), with
 // ATen's Vectorized types, so one source serves AVX-512, AVX2 and plain builds.
 #include <ATen/ATen.h>
@@ -12,46 +13,24 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
+#include <c10/util/bit_cast.h>
 #include <cmath>
-#include <type_traits>
+#include <cstdint>
 #include <vector>
 
 using namespace at::vec;
 using fV = Vectorized<float>;
 
 static inline fV load_f(const float* p) { return fV::loadu(p); }
-static inline fV load_f(const at::BFloat16* p) {
-  auto [lo, hi] = convert_bfloat16_float(Vectorized<at::BFloat16>::loadu(p, fV::size()));
-  (void)hi;
-  return lo;
-}
 
 static inline void axpy(float* a, float p, const float* v, int64_t D) {
   fV pv(p); int64_t d = 0;
   for (; d + fV::size() <= D; d += fV::size()) fmadd(pv, fV::loadu(v + d), fV::loadu(a + d)).store(a + d);
   for (; d < D; ++d) a[d] += p * v[d];
 }
-static inline void axpy(float* a, float p, const at::BFloat16* v, int64_t D) {
-  fV pv(p); int64_t d = 0;
-  for (; d + fV::size() <= D; d += fV::size()) fmadd(pv, load_f(v + d), fV::loadu(a + d)).store(a + d);
-  for (; d < D; ++d) a[d] += p * float(v[d]);
-}
 
 // The BLK scores of one block whose keys are (D, BLK).
-template <typename T>
-static inline void block_scores(const float* q, const T* kt, int64_t D, int64_t BLK, float* out) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (BLK == fV::size() && D % 2 == 0) {  // rows d and d+1 are one full bf16 vector
-      fV acc0(0.f), acc1(0.f);
-      for (int64_t d = 0; d < D; d += 2) {
-        auto [r0, r1] = convert_bfloat16_float(Vectorized<at::BFloat16>::loadu(kt + d * BLK));
-        acc0 = fmadd(fV(q[d]), r0, acc0);
-        acc1 = fmadd(fV(q[d + 1]), r1, acc1);
-      }
-      (acc0 + acc1).store(out);
-      return;
-    }
-  }
+static inline void block_scores(const float* q, const float* kt, int64_t D, int64_t BLK, float* out) {
   if (BLK % fV::size() == 0) {
     for (int64_t c = 0; c < BLK; c += fV::size()) {
       fV acc(0.f);
@@ -62,33 +41,32 @@ static inline void block_scores(const float* q, const T* kt, int64_t D, int64_t 
   }
   for (int64_t c = 0; c < BLK; ++c) {
     float s = 0.f;
-    for (int64_t d = 0; d < D; ++d) s += q[d] * float(kt[d * BLK + c]);
+    for (int64_t d = 0; d < D; ++d) s += q[d] * kt[d * BLK + c];
     out[c] = s;
   }
 }
 
 // out (NV vectors) = sum over the row's first L positions of p[j] * value[j]: the sum stays in
 // NV registers (head dim 64: 4 on AVX-512, 8 on AVX2) instead of a load and store per position.
-template <int NV, typename T>
-static inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, int64_t K, int64_t kh,
+template <int NV>
+static inline void weighted_sum(const float* p, const float* pv, const int64_t* tb, int64_t K, int64_t kh,
                                 int64_t BLK, int64_t L, float* out) {
   fV a[NV];
   for (int i = 0; i < NV; ++i) a[i] = fV(0.f);
   const int64_t D = NV * fV::size();
   for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-    const T* vb = pv + (tb[j0 / BLK] * K + kh) * BLK * D;
+    const float* vb = pv + (tb[j0 / BLK] * K + kh) * BLK * D;
     const int64_t n = std::min(BLK, L - j0);
     for (int64_t j = 0; j < n; ++j) {
       const fV pj(p[j0 + j]);
-      const T* vp = vb + j * D;
+      const float* vp = vb + j * D;
       for (int i = 0; i < NV; ++i) a[i] = fmadd(pj, load_f(vp + i * fV::size()), a[i]);
     }
   }
   for (int i = 0; i < NV; ++i) a[i].store(out + i * fV::size());
 }
 
-template <typename T>
-static void run(const T* q, const T* pk, const T* pv, const int64_t* table, const int64_t* lens, T* out,
+static void run(const float* q, const float* pk, const float* pv, const int64_t* table, const int64_t* lens, float* out,
                 int64_t B, int64_t H, int64_t K, int64_t D, int64_t BLK, int64_t NBMAX, float scale) {
   const int64_t G = H / K;
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
@@ -98,9 +76,9 @@ static void run(const T* q, const T* pk, const T* pv, const int64_t* table, cons
       const int64_t* tb = table + b * NBMAX;
       sc.assign(G * L, 0.f);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = float(q[(b * H + kh * G + g) * D + d]) * scale;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = q[(b * H + kh * G + g) * D + d] * scale;
       for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-        const T* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
+        const float* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
         for (int64_t g = 0; g < G; ++g) {
           block_scores(qf.data() + g * D, kt, D, BLK, blk.data());
           for (int64_t j = j0; j < std::min(L, j0 + BLK); ++j) sc[g * L + j] = blk[j - j0];
@@ -134,18 +112,145 @@ static void run(const T* q, const T* pk, const T* pv, const int64_t* table, cons
         }
       } else {
         for (int64_t j = 0; j < L; ++j) {
-          const T* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
+          const float* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
           for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, sc[g * L + j], vp, D);
         }
       }
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) out[(b * H + kh * G + g) * D + d] = T(acc[g * D + d]);
+        for (int64_t d = 0; d < D; ++d) out[(b * H + kh * G + g) * D + d] = acc[g * D + d];
     }
   });
 }
 
-// q (B, H, D); keys_t (N, K, D, BLK); values (N, K, BLK, D); table (B, NBMAX) block ids;
-// lens (B,) keys per row (>= 1). Returns (B, H, D), softmax(q k / sqrt(D)) v per head.
+// ---- bf16 pools in pair layout -------------------------------------------------------------
+// keys (N, K, D/2, BLK, 2): for each pair of dimensions, the block's positions with the two
+// values side by side; values (N, K, BLK/2, D, 2): for each pair of positions, every dimension
+// with the two values side by side. A 32-bit lane then holds a pair, which is what the
+// AVX512-BF16 dot product (vdpbf16ps: lane += a.lo*b.lo + a.hi*b.hi, fp32 accumulation)
+// consumes: scores are one instruction per two dimensions for 16 positions, and the weighted
+// sum one per two positions for 16 dimensions, with no bf16 -> fp32 conversions. Without
+// that instruction, a pair widens to fp32 with a shift and a mask.
+
+static inline uint32_t bf16_bits(float x) {  // round to nearest even, as at::BFloat16 does
+  return uint32_t(c10::bit_cast<uint16_t>(at::BFloat16(x)));
+}
+static inline float lo_f(uint32_t pair) { return c10::bit_cast<float>(pair << 16); }
+static inline float hi_f(uint32_t pair) { return c10::bit_cast<float>(pair & 0xffff0000u); }
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define EXAFLOP_DPBF16 1
+// Scores of 16 positions: kp (D/2, 16) pairs, q (D/2) pairs.
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void scores16_dp(const uint32_t* q, const uint32_t* kp, int64_t P, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 1 < P; p += 2) {
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(kp + p * 16), (__m512bh)_mm512_set1_epi32(int(q[p])));
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(kp + (p + 1) * 16),
+                          (__m512bh)_mm512_set1_epi32(int(q[p + 1])));
+  }
+  if (p < P) a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(kp + p * 16), (__m512bh)_mm512_set1_epi32(int(q[p])));
+  _mm512_storeu_ps(out, _mm512_add_ps(a0, a1));
+}
+// acc (D = 16 * NV) += sum over n position pairs of (p[2i], p[2i+1]) . values pair i; vp (n, D) pairs.
+template <int NV>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void wsum_dp(const uint32_t* pp, const uint32_t* vp, int64_t n, float* acc) {
+  __m512 a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pp[j]));
+    const uint32_t* v = vp + j * 16 * NV;
+    for (int i = 0; i < NV; ++i) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_loadu_si512(v + 16 * i), w);
+  }
+  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+}
+#endif
+
+static void run_pairs(const at::BFloat16* q, const at::BFloat16* pk, const at::BFloat16* pv, const int64_t* table,
+                      const int64_t* lens, at::BFloat16* out, int64_t B, int64_t H, int64_t K, int64_t D,
+                      int64_t BLK, int64_t NBMAX, float scale) {
+  const int64_t G = H / K, P = D / 2, BP = BLK / 2;
+  bool dp = false;
+#ifdef EXAFLOP_DPBF16
+  dp = BLK == 16 && D % 32 == 0 && D / 16 <= 8 && __builtin_cpu_supports("avx512bf16");
+#endif
+  const uint32_t* K32 = reinterpret_cast<const uint32_t*>(pk);
+  const uint32_t* V32 = reinterpret_cast<const uint32_t*>(pv);
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(G * D), sc, blk(BLK);
+    std::vector<uint32_t> pp(BP);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / K, kh = idx % K, L = lens[b], NB = (L + BLK - 1) / BLK;
+      const int64_t* tb = table + b * NBMAX;
+      sc.assign(G * NB * BLK, 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const uint32_t* qg = reinterpret_cast<const uint32_t*>(q + (b * H + kh * G + g) * D);  // D/2 pairs
+        float* s = sc.data() + g * NB * BLK;
+        for (int64_t j0 = 0, blkno = 0; j0 < L; j0 += BLK, ++blkno) {
+          const uint32_t* kp = K32 + (tb[blkno] * K + kh) * P * BLK;
+#ifdef EXAFLOP_DPBF16
+          if (dp) { scores16_dp(qg, kp, P, s + j0); continue; }
+#endif
+          for (int64_t c = 0; c < BLK; ++c) {
+            float a = 0.f;
+            for (int64_t i = 0; i < P; ++i) {
+              const uint32_t kv = kp[i * BLK + c], qv = qg[i];
+              a += lo_f(qv) * lo_f(kv) + hi_f(qv) * hi_f(kv);
+            }
+            s[j0 + c] = a;
+          }
+        }
+        // softmax over the L real positions (scaled here: q stays the bf16 the model made)
+        float m = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) { s[j] *= scale; m = std::max(m, s[j]); }
+        fV vs(0.f), vm(m);
+        int64_t j = 0;
+        for (; j + fV::size() <= L; j += fV::size()) {
+          fV e = (fV::loadu(s + j) - vm).exp_u20();
+          e.store(s + j);
+          vs = vs + e;
+        }
+        float sum = vec_reduce_all<float>([](fV& x, fV& y) { return x + y; }, vs);
+        for (; j < L; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+        const float inv = 1.f / sum;
+        for (j = 0; j < L; ++j) s[j] *= inv;
+        for (; j < NB * BLK; ++j) s[j] = 0.f;  // the last block's unfilled positions weigh nothing
+        // weighted sum of values
+        float* a = acc.data() + g * D;
+        std::fill(a, a + D, 0.f);
+        for (int64_t j0 = 0, blkno = 0; j0 < L; j0 += BLK, ++blkno) {
+          const uint32_t* vb = V32 + (tb[blkno] * K + kh) * BP * D;
+          for (int64_t i = 0; i < BP; ++i) pp[i] = bf16_bits(s[j0 + 2 * i]) | (bf16_bits(s[j0 + 2 * i + 1]) << 16);
+#ifdef EXAFLOP_DPBF16
+          if (dp) {
+            const int64_t n = std::min(BP, (L - j0 + 1) / 2);
+            switch (D / 16) {
+              case 2: wsum_dp<2>(pp.data(), vb, n, a); break;
+              case 4: wsum_dp<4>(pp.data(), vb, n, a); break;
+              case 6: wsum_dp<6>(pp.data(), vb, n, a); break;
+              default: wsum_dp<8>(pp.data(), vb, n, a); break;
+            }
+            continue;
+          }
+#endif
+          for (int64_t i = 0; i < BP; ++i) {
+            const float p0 = s[j0 + 2 * i], p1 = s[j0 + 2 * i + 1];
+            if (p0 == 0.f && p1 == 0.f) continue;
+            const uint32_t* v = vb + i * D;
+            for (int64_t d = 0; d < D; ++d) a[d] += p0 * lo_f(v[d]) + p1 * hi_f(v[d]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) out[(b * H + kh * G + g) * D + d] = at::BFloat16(acc[g * D + d]);
+    }
+  });
+}
+
+// q (B, H, D); keys and values in either layout (above); table (B, NBMAX) block ids; lens (B,)
+// keys per row (>= 1). Returns (B, H, D), softmax(q k / sqrt(D)) v per head.
 at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& keys_t, const at::Tensor& values,
                         const at::Tensor& table_, const at::Tensor& lens_) {
   TORCH_CHECK(keys_t.is_contiguous() && values.is_contiguous(), "paged_decode: contiguous pools expected");
@@ -154,17 +259,18 @@ at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& keys_t, const at
   TORCH_CHECK(q.scalar_type() == keys_t.scalar_type() && q.scalar_type() == values.scalar_type(),
               "paged_decode: q, keys and values must share a dtype");
   auto out = at::empty_like(q);
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = values.size(1), BLK = values.size(2);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = values.size(1);
   const int64_t NBMAX = table.size(1);
-  if (q.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(q.data_ptr<at::BFloat16>(), keys_t.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
-                      table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(),
-                      B, H, K, D, BLK, NBMAX, scale);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: bf16 or fp32 only");
-    run<float>(q.data_ptr<float>(), keys_t.data_ptr<float>(), values.data_ptr<float>(), table.data_ptr<int64_t>(),
-               lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, BLK, NBMAX, scale);
+  if (keys_t.dim() == 5) {  // bf16 pair layout: keys (N, K, D/2, BLK, 2), values (N, K, BLK/2, D, 2)
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode: the pair layout is for bf16");
+    run_pairs(q.data_ptr<at::BFloat16>(), keys_t.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
+              table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(),
+              B, H, K, D, keys_t.size(3), NBMAX, scale);
+    return out;
   }
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: fp32 pools are (N, K, D, BLK) and (N, K, BLK, D)");
+  run(q.data_ptr<float>(), keys_t.data_ptr<float>(), values.data_ptr<float>(), table.data_ptr<int64_t>(),
+             lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, values.size(2), NBMAX, scale);
   return out;
 }
 
