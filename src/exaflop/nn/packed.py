@@ -6,7 +6,9 @@ weight into oneDNN's layout on every call, which costs as much as the product it
 decode's small batches; a weight reordered once (`mkldnn._reorder_linear_weight`, what
 inductor's freezing does) runs the same kernel ~2x faster and gives bit-identical results.
 Fusing q/k/v (and the SwiGLU gate/up pair) turns 5 matmuls per layer into 2, also
-bit-identical: each output column is the same dot product whichever matrix it sits in.
+bit-identical where the BLAS computes each output column the same whichever matrix it sits in
+(oneDNN in bf16, MKL's AVX-512 fp32 kernels); MKL's AVX2 fp32 kernels block the reduction by
+the matrix's width, so there fused columns differ by a few ulps (tests/test_fast_decode.py).
 Nothing here changes what a model computes, only how fast; a packed model is for inference
 (serving), not for training or saving.
 
