@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from exaflop.nn.decode import _rope_qk
+from exaflop.nn.decode import KVCache, _rope_qk
 from exaflop.nn.layers import attend
 
 log = logging.getLogger("exaflop.serve")
@@ -173,9 +173,7 @@ class PagedKVCache:
         self.evict = None  # () -> a block id freed from a cache of unused blocks, or None
         self.retain = None  # (block id) -> whether an unreferenced block stays cached (not freed)
 
-    @property
-    def slots(self) -> int:
-        return self.lengths.shape[0]
+    slots = KVCache.slots
 
     def usage(self) -> dict[str, int]:
         """Blocks by state: referenced by rows, kept idle for prefix caching, free (scratch excluded)."""
@@ -201,11 +199,12 @@ class PagedKVCache:
     def attach(self, row: int, blocks: list[int]) -> None:
         """Start row `row` with shared `blocks` (full blocks of its prefix), refcounted."""
         assert not self.owned[row], "attach to a fresh row"
-        for j, b in enumerate(blocks):
+        for b in blocks:
             if self.refs[b] == 0:
                 self.kept -= 1  # an idle kept block is in use again
             self.refs[b] += 1
-            self.table[row, j] = b
+        if blocks:
+            self.table[row, :len(blocks)] = torch.tensor(blocks, device=self.table.device)
         self.owned[row] = list(blocks)
         self.lengths[row] = len(blocks) * self.block
 
@@ -247,14 +246,7 @@ class PagedKVCache:
         self.lengths[src] = 0
 
     # -- what the model calls -------------------------------------------------
-    def advance(self, rows: Tensor | None, n: Tensor | int) -> None:
-        if rows is None:
-            if isinstance(n, int):
-                self.lengths += n
-            else:
-                self.lengths[:n.shape[0]] += n
-        else:
-            self.lengths[rows] += n
+    advance = KVCache.advance  # lengths only: the same bookkeeping as the dense cache
 
     def step(self, rows: Tensor | None, T: int, rope: tuple[Tensor, Tensor] | None,
              key_pos: Tensor | None = None) -> PagedStep:
