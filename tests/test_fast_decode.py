@@ -140,3 +140,44 @@ def test_int8_serving_stays_close_to_bf16():
     rel = (prefill.float() - want.float()).norm() / want.float().norm()
     assert rel < 0.05, rel
     torch.testing.assert_close(step.float(), prefill.float(), atol=0.1, rtol=0.05)
+
+
+def _ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 steps between two bf16 tensors of the same sign pattern."""
+    ia, ib = (t.view(torch.int16).to(torch.int32) for t in (a, b))
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.skipif(not __import__("exaflop.nn.packed", fromlist=["row_kernel"]).row_kernel(),
+                    reason="the single-row kernel needs AVX512-BF16 (and PyTorch dispatching to AVX-512)")
+def test_single_row_kernel_computes_the_product():
+    """One row through exaflop's kernel (csrc/linear_row.cpp): within one bf16 step of oneDNN's
+    kernel on the same row (another summation order, same fp32 sums), for widths that fill its
+    passes of eight matrix rows and widths that leave a tail; more rows, and K not a multiple of
+    32, stay on oneDNN; a whole bf16 model packed for serving decodes one row within rounding
+    of the same row decoded in a batch."""
+    torch.manual_seed(5)
+    for n in (8, 13, 300, 2304):
+        w = torch.randn(n, 768).bfloat16()
+        fast, ref = PackedLinear([w], single_row=True), PackedLinear([w], single_row=False)
+        assert fast.row is not None and ref.row is None
+        x = torch.randn(1, 1, 768).bfloat16()
+        with torch.inference_mode():
+            got, want = fast(x), ref(x)
+        assert got.shape == (1, 1, n) and _ulps_bf16(got, want) <= 1
+        torch.testing.assert_close(got.float(), (x.float() @ w.float().T), atol=0.05, rtol=0.01)
+        x3 = torch.randn(3, 768).bfloat16()
+        with torch.inference_mode():
+            assert torch.equal(fast(x3), ref(x3))  # several rows: oneDNN, bit for bit
+    assert PackedLinear([torch.randn(64, 40).bfloat16()], single_row=True).row is None  # K % 32 != 0
+    assert PackedLinear([torch.randn(64, 64)], single_row=True).row is None  # fp32: MKL, unchanged
+
+    m = pack_for_inference(_model(torch.bfloat16))
+    assert m.blocks[0].attn.fused.row is not None and m.lm_head.row is not None  # the default here
+    seq = torch.randint(0, 500, (2, 12))
+    with torch.inference_mode():
+        batched = m.decode(seq, m.new_cache(2, 96))  # (2, V): logits after each row's last token
+        cache = m.new_cache(1, 96)
+        m.decode(seq[:1, :11], cache)
+        alone = m.decode(seq[:1, 11:], cache)  # one row: the kernel, every matrix
+    torch.testing.assert_close(alone[0].float(), batched[0].float(), atol=0.05, rtol=0.05)

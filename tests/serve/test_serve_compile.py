@@ -84,7 +84,7 @@ def test_compiled_bf16_step_calls_the_packed_kernel_from_cpp(run_dir):
     """bf16 (packed oneDNN weights where the CPU has them): the compiled step gets a C++ wrapper
     calling the packed kernel directly, and its logits are the eager step's within bf16 rounding
     (inductor fuses across points where eager rounds to bf16)."""
-    from exaflop.nn.packed import PackedLinear
+    from exaflop.nn.packed import PackedLinear, row_kernel
 
     w = load_weights(run_dir, run_dir, torch.device("cpu"), torch.bfloat16)
     engine = Engine("m", Metrics(), max_running=4, compile=True)
@@ -106,6 +106,13 @@ def test_compiled_bf16_step_calls_the_packed_kernel_from_cpp(run_dir):
             want = w.model.decode(x, eager_cache)
             scale = want.abs().max()
             assert (got - want).abs().max() <= 0.05 * scale, (got - want).abs().max() / scale
+        if row_kernel():  # one row: the compiled step calls exaflop's single-row kernel for every matrix
+            grow(w.cache, [0], 1)
+            with torch.profiler.profile() as prof:
+                w.model.decode(torch.tensor([[7]]), w.cache, step=engine._decode_step)
+            calls = sum(e.count for e in prof.key_averages() if e.key == "exaflop::linear_bf16_row")
+            rows = [m for m in w.model.modules() if isinstance(m, PackedLinear) and m.row is not None]
+            assert len(rows) == 2 * 4 + 1 and calls == len(rows), calls  # 2 layers x 4 matrices + the head
 
 
 def test_compiled_int8_step_matches_eager_int8_at_both_kernels(run_dir):

@@ -9,8 +9,15 @@ Fusing q/k/v (and the SwiGLU gate/up pair) turns 5 matmuls per layer into 2, als
 bit-identical where the BLAS computes each output column the same whichever matrix it sits in
 (oneDNN in bf16, MKL's AVX-512 fp32 kernels); MKL's AVX2 fp32 kernels block the reduction by
 the matrix's width, so there fused columns differ by a few ulps (tests/test_fast_decode.py).
-Nothing here changes what a model computes, only how fast; a packed model is for inference
-(serving), not for training or saving.
+
+One row (decoding a single sequence) is a pass over the weights, bound by how fast each core
+streams them, and oneDNN's kernel is not at that limit there: where the CPU has AVX512-BF16,
+bf16 matrices also keep their plain row-major copy for exaflop's own single-row kernel
+(csrc/linear_row.cpp, ~0.7x oneDNN's time over an lm-124m step's matrices), at the cost of
+holding the bf16 weights twice. It sums each product in another order than oneDNN, so one-row
+outputs can differ from a batch's in the last bf16 bit; everything else here is bit-identical.
+Nothing here changes what a model computes beyond that, only how fast; a packed model is for
+inference (serving), not for training or saving.
 
 The one exception is opt-in: `quantize="int8"` keeps each matrix as int8 with one scale per
 output row (weight-only, symmetric), half the bytes of bf16. Decoding a few rows is bound by
@@ -26,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from exaflop.nn.kernels import cpu_has, cpu_kernels
+
 
 def _pack(weight: Tensor) -> Tensor | None:
     """oneDNN's blocked copy of a bf16 CPU weight, or None where that does not apply or the CPU
@@ -36,6 +45,12 @@ def _pack(weight: Tensor) -> Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
     except RuntimeError:
         return None
+
+
+def row_kernel() -> bool:
+    """Whether the single-row bf16 kernel runs here: a CPU with AVX512-BF16, PyTorch dispatching
+    to AVX-512 (not capped below it), and exaflop's kernels built (nn/kernels.py)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_has("avx512_bf16") and cpu_kernels()
 
 
 @torch.library.custom_op("exaflop::packed_linear", mutates_args=())
@@ -111,7 +126,7 @@ class PackedLinear(nn.Module):
     as int8 with per-row scales (see the module's docstring), the only mode that changes results.
     """
 
-    def __init__(self, weights: list[Tensor], pack: bool = True, quantize: str = "none"):
+    def __init__(self, weights: list[Tensor], pack: bool = True, quantize: str = "none", single_row: bool = False):
         super().__init__()
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)}")
@@ -125,10 +140,15 @@ class PackedLinear(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("packed", _pack(w) if pack and q is None else None, persistent=False)
         self.register_buffer("weight", None if self.packed is not None or q is not None else w, persistent=False)
+        # The row-major copy for one-row products (see the module's docstring), next to the packed one.
+        row = single_row and self.packed is not None and w.shape[1] % 32 == 0 and row_kernel()
+        self.register_buffer("row", w.contiguous() if row else None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.qweight is not None:
             y = self._int8(x)
+        elif self.row is not None and x.numel() == x.shape[-1]:  # one row: a pass over the weights
+            y = torch.ops.exaflop.linear_bf16_row(x, self.row)
         elif self.packed is not None and torch.compiler.is_compiling():
             y = _packed_linear(x, self.packed, sum(self.sizes))
         elif self.packed is not None:
@@ -146,25 +166,34 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def pack_for_inference(model: nn.Module, pack: bool = True, quantize: str = "none") -> nn.Module:
+def pack_for_inference(model: nn.Module, pack: bool = True, quantize: str = "none",
+                       single_row: bool | None = None) -> nn.Module:
     """Fuse and pack `model`'s linear layers in place (the Attention and SwiGLU of nn/layers.py, the
     LM head); returns the model. The original weights are released, except where a module still
     needs them (a tied embedding). Call after the final `.to(device, dtype)`. `quantize="int8"`:
-    those matrices become int8 weight-only (changes results; see the module's docstring)."""
+    those matrices become int8 weight-only (changes results; see the module's docstring).
+    `single_row`: keep bf16 matrices' row-major copies for the single-row kernel (None: where
+    it runs, `row_kernel()`)."""
     from exaflop.nn.layers import Attention, SwiGLU
+
+    if single_row is None:  # asked only of a bf16 CPU model: the first ask builds the kernels
+        w = next(model.parameters(), None)
+        single_row = (pack and quantize == "none" and w is not None and w.dtype == torch.bfloat16
+                      and w.device.type == "cpu" and row_kernel())
+    kw = {"pack": pack, "quantize": quantize, "single_row": single_row}
 
     for m in list(model.modules()):
         if isinstance(m, Attention) and m.fused is None:
-            m.fused = PackedLinear([m.wq.weight, m.wk.weight, m.wv.weight], pack, quantize)
-            m.wo = PackedLinear([m.wo.weight], pack, quantize)
+            m.fused = PackedLinear([m.wq.weight, m.wk.weight, m.wv.weight], **kw)
+            m.wo = PackedLinear([m.wo.weight], **kw)
             del m.wq, m.wk, m.wv
         elif isinstance(m, SwiGLU) and m.fused is None:
-            m.fused = PackedLinear([m.w1.weight, m.w3.weight], pack, quantize)
-            m.w2 = PackedLinear([m.w2.weight], pack, quantize)
+            m.fused = PackedLinear([m.w1.weight, m.w3.weight], **kw)
+            m.w2 = PackedLinear([m.w2.weight], **kw)
             del m.w1, m.w3
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):
-        model.lm_head = PackedLinear([head.weight], pack, quantize)  # a tied embedding keeps its own reference
+        model.lm_head = PackedLinear([head.weight], **kw)  # a tied embedding keeps its own reference
     model.packed_for_inference = True
     model.quantized = quantize
     return model

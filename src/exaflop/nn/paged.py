@@ -12,10 +12,10 @@ Moving a row (the server keeps rows packed) moves a table row, not its keys.
 Layouts, chosen by measurement (docs/benchmarks.md): fp32 keys (block, head, dim, position)
 — a block's 16 scores are one vector — and values (block, head, position, dim); bf16 keys
 (block, head, dim/2, position, 2) and values (block, head, position/2, dim, 2), pairs side by
-side, the operand layout of AVX512-BF16's dot product (csrc/paged_attention.cpp). Decode attention reads them in place with a C++ kernel (csrc/paged_attention.cpp) built for
-the CPU's capability on first use (~20 s, then cached by torch's extension cache); if it
-cannot be built (no compiler), or on a GPU, blocks are gathered into a contiguous copy
-first (2-7x slower attention on CPU, docs/benchmarks.md). A multi-token chunk over a cached
+side, the operand layout of AVX512-BF16's dot product. Decode attention reads them in place
+with a C++ kernel (csrc/paged_attention.cpp, built by nn/kernels.py for the CPU's capability
+on first use); if it cannot be built (no compiler), or on a GPU, blocks are gathered into a
+contiguous copy first (2-7x slower attention on CPU, docs/benchmarks.md). A multi-token chunk over a cached
 prefix (a prefill after a prefix-cache hit) gathers too: it is compute-bound, and runs once.
 
 Block 0 is scratch: table entries a row has not allocated point at it, so the padding
@@ -24,62 +24,25 @@ positions of a right-padded prefill land there harmlessly and are never read.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shutil
-import threading
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from exaflop.nn.decode import KVCache, _rope_qk
+from exaflop.nn.kernels import cpu_kernels
 from exaflop.nn.layers import attend
-
-log = logging.getLogger("exaflop.serve")
 
 BLOCK = 16  # positions per block: small enough that a shared prefix is rarely cut short
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
-# The vector types compile for the capability named here; the flags match it (not -march=native,
-# so a process capped with ATEN_CPU_CAPABILITY=avx2 builds and runs an AVX2 kernel).
-_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-          "AVX2": ["-mavx2", "-mfma", "-mf16c"], "DEFAULT": []}
-_kernel: bool | None = None  # whether the kernel is loaded; None: not tried yet
-_kernel_lock = threading.Lock()
+_kernel: bool | None = None  # whether the kernel is loaded; None: not asked yet (tests set False)
 
 
 def paged_kernel() -> bool:
-    """Whether the paged decode-attention kernel is loaded: built on first call (cached across
-    processes in torch's extension directory, per CPU capability and source), then registered
-    as `torch.ops.exaflop.paged_decode`. False if it cannot be built."""
+    """Whether the paged decode-attention kernel is loaded (nn/kernels.py builds it on first
+    call, with exaflop's other CPU kernels, as `torch.ops.exaflop.paged_decode`)."""
     global _kernel
-    with _kernel_lock:
-        if _kernel is None:
-            _kernel = _build()
-        return _kernel
-
-
-def _build() -> bool:
-    cap = torch.backends.cpu.get_cpu_capability()
-    cap = cap if cap in _FLAGS else "DEFAULT"
-    macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
-    try:
-        from torch.utils.cpp_extension import load
-        if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated venv
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        load(f"exaflop_paged_{cap.lower()}_{digest}", [str(_SOURCE)], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
-        torch.library.register_fake("exaflop::paged_decode")(_fake)
-        return True
-    except Exception as e:  # noqa: BLE001 — no compiler, no ninja, ...: attention gathers instead
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        log.warning("paged attention kernel unavailable (%s: %s); decode attention gathers blocks",
-                    type(e).__name__, first[:200])
-        return False
+    if _kernel is None:
+        _kernel = cpu_kernels()
+    return _kernel
 
 
 def _fake(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: Tensor) -> Tensor:

@@ -1,0 +1,70 @@
+// One row times a bf16 matrix, y (1, N) = x (1, K) @ w (N, K)^T, for decoding a single sequence
+// (nn/packed.py). At one row the product is a pass over the weights, bound by how fast each
+// core streams them: here each thread reads its own contiguous range of the matrix's rows,
+// eight rows at a time (eight independent streams in flight), with AVX512-BF16's pairwise dot
+// product accumulating in fp32. Measured against oneDNN's kernel on its own prepacked layout:
+// ~0.7x the time for the 49 matrices of an lm-124m decode step (docs/benchmarks.md).
+//
+// Built with the other kernels (nn/kernels.py); its Python side calls it only where the CPU
+// has AVX512-BF16 and K is a multiple of 32 (it checks both again here).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int ROWS = 8;  // matrix rows per pass
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+inline void dot_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t K) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(x + k));
+    for (int r = 0; r < R; ++r) {
+      __m512bh wv = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(w + r * K + k));
+      acc[r] = _mm512_dpbf16_ps(acc[r], wv, xv);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = at::BFloat16(_mm512_reduce_add_ps(acc[r]));
+}
+
+at::Tensor linear_bf16_row(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "linear_bf16_row: this CPU has no AVX512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.dim() == 2,
+              "linear_bf16_row: expects bf16 x (..., K) and bf16 w (N, K)");
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(x.size(-1) == K && x.numel() == K && K % 32 == 0,
+              "linear_bf16_row: one row of K = ", K, " (a multiple of 32) expected, got ", x.sizes());
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
+  const at::BFloat16* xp = xc.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = wc.const_data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>();
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  // Grain: at least 32 passes (256 rows) per task, so a small matrix is not split finer than
+  // what pays for waking a thread.
+  at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * ROWS;
+      if (n + ROWS <= N) {
+        dot_rows<ROWS>(xp, wp + n * K, yp + n, K);
+      } else {
+        for (int64_t m = n; m < N; ++m) dot_rows<1>(xp, wp + m * K, yp + m, K);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(exaflop, m) {
+  m.def("linear_bf16_row(Tensor x, Tensor w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(exaflop, CPU, m) { m.impl("linear_bf16_row", &linear_bf16_row); }

@@ -1,0 +1,78 @@
+"""exaflop's own CPU kernels (nn/csrc/*.cpp): built on first use into one extension, then
+called as dispatcher operators (`torch.ops.exaflop.*`), so a compiled step — C++ wrapper
+included — calls them without going through Python.
+
+Built with `torch.utils.cpp_extension` for the capability PyTorch dispatches to (AVX-512,
+AVX2 or plain; ~20 s the first time), cached in torch's extension directory per capability
+and source hash, so a process capped with ATEN_CPU_CAPABILITY=avx2 builds and runs an AVX2
+build. Where they cannot be built (no compiler) every caller has a slower path in plain
+PyTorch, and the reason is logged once.
+
+- `paged_decode` (csrc/paged_attention.cpp): decode attention over a paged KV cache (nn/paged.py).
+- `linear_bf16_row` (csrc/linear_row.cpp): one row times a bf16 matrix (nn/packed.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("exaflop.serve")
+
+SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
+# The vector types compile for the capability named here; the flags match it (not -march=native,
+# so a capped process builds what it will run). Functions that need more (AVX512-BF16) carry a
+# target attribute and check the CPU at run time.
+_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+          "AVX2": ["-mavx2", "-mfma", "-mf16c"], "DEFAULT": []}
+_loaded: bool | None = None  # None: not tried yet
+_lock = threading.Lock()
+
+
+def cpu_kernels() -> bool:
+    """Whether the kernels are loaded: built on first call (then cached across processes), and
+    registered as `torch.ops.exaflop.*` with their fakes for the compiler. False if they
+    cannot be built."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _build()
+        return _loaded
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. 'avx512_bf16'); False where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+
+
+def _build() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    cap = cap if cap in _FLAGS else "DEFAULT"
+    macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+    try:
+        from torch.utils.cpp_extension import load
+        if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated venv
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        load(f"exaflop_kernels_{cap.lower()}_{digest}", [str(p) for p in SOURCES], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 — no compiler, no ninja, ...: the callers' PyTorch paths
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.warning("exaflop's CPU kernels unavailable (%s: %s); paged attention gathers blocks and "
+                    "single-row bf16 products use oneDNN", type(e).__name__, first[:200])
+        return False
+    torch.library.register_fake("exaflop::paged_decode")(lambda q, keys, values, table, lens: torch.empty_like(q))
+    torch.library.register_fake("exaflop::linear_bf16_row")(
+        lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
+    return True
