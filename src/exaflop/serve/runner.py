@@ -49,13 +49,14 @@ class Runner:
         reads only each row's filled prefix: the read length is a dynamic size of its inputs
         (LM.decode), warmed here at lengths >= 2 so that no request compiles.
         """
+        t0 = time.perf_counter()
         pack_for_inference(weights.model, quantize=self.quantize)
         weights.prefix_bytes = self.prefix_bytes
-        if weights.device.type == "cpu":
-            t0 = time.perf_counter()
-            if paged_kernel():  # built here, not by the first request (~20 s when not cached)
-                log.info("engine %s: paged attention kernel ready (%s) in %.1f s", self.name,
-                         torch.backends.cpu.get_cpu_capability(), time.perf_counter() - t0)
+        if weights.device.type == "cpu" and paged_kernel():  # built here, not by the first request
+            one_row = any(getattr(m, "row", None) is not None for m in weights.model.modules())
+            log.info("engine %s: CPU kernels ready (%s%s) in %.1f s", self.name,
+                     torch.backends.cpu.get_cpu_capability(), ", one-row bf16 kernel" if one_row else "",
+                     time.perf_counter() - t0)
         if not self.compile or self.compiled:
             return
         t0 = time.perf_counter()
