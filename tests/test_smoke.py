@@ -32,7 +32,7 @@ LAST_WORDS = {
     "serve_load": "round 1: exaflop, concurrency 2:",
     "serve_prefix": "cached / cold TTFT:",
     "serve_structured": "constrained / free:",
-    "serve_vs_llama_server": "(tok/s ratio: higher is better",
+    "serve_vs_llama_server": "(tok/s ratio: of the medians, and the median of each repetition",
     "train_throughput": "ratio exaflop eager / peer eager:",
     "video_loader": "fed by the loader",
 }
