@@ -181,3 +181,17 @@ def test_single_row_kernel_computes_the_product():
         m.decode(seq[:1, :11], cache)
         alone = m.decode(seq[:1, 11:], cache)  # one row: the kernel, every matrix
     torch.testing.assert_close(alone[0].float(), batched[0].float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.skipif(not __import__("exaflop.nn.packed", fromlist=["row_kernel"]).row_kernel(),
+                    reason="the single-row kernel needs AVX512-BF16 (and PyTorch dispatching to AVX-512)")
+def test_no_row_copies_where_memory_is_short(monkeypatch):
+    """The one-row kernel's weight copies are made only while they take a modest share of the
+    memory available: a model that would not fit twice is served by oneDNN alone."""
+    import exaflop.nn.packed as packed
+
+    assert pack_for_inference(_model(torch.bfloat16)).lm_head.row is not None
+    monkeypatch.setattr(packed, "ROW_COPY_MEMORY_SHARE", 1e-9)
+    m = pack_for_inference(_model(torch.bfloat16))
+    assert m.lm_head.row is None and m.lm_head.packed is not None
+    assert all(lin.row is None for lin in m.modules() if isinstance(lin, PackedLinear))
