@@ -195,3 +195,39 @@ def test_no_row_copies_where_memory_is_short(monkeypatch):
     m = pack_for_inference(_model(torch.bfloat16))
     assert m.lm_head.row is None and m.lm_head.packed is not None
     assert all(lin.row is None for lin in m.modules() if isinstance(lin, PackedLinear))
+
+
+@pytest.mark.skipif(not __import__("exaflop.nn.packed", fromlist=["int8_row_kernel"]).int8_row_kernel(),
+                    reason="the one-row int8 kernel needs AVX-512 (and PyTorch dispatching to it)")
+def test_one_row_int8_kernel_computes_the_int8_product():
+    """One row of an int8 matrix (K a multiple of 64) goes through exaflop's kernel: the same
+    product as `_weight_int8pack_mm` (which two rows still use) to bf16 rounding, a tail of
+    matrix rows included; a whole int8 model's one-row decode tracks its batched decode."""
+    from exaflop.nn.packed import quantize_int8
+
+    torch.manual_seed(6)
+    for n in (8, 21, 768):
+        w = torch.randn(n, 128).bfloat16()
+        lin = PackedLinear([w], quantize="int8")
+        assert lin.int8_row
+        q, scale = quantize_int8(w)
+        x = torch.randn(2, 128).bfloat16()
+        with torch.inference_mode():
+            one = lin(x[:1])
+            want = torch.ops.aten._weight_int8pack_mm(x[:1], q, scale)
+            both = lin(x)  # two rows: `_weight_int8pack_mm`
+        assert _ulps_bf16(one, want) <= 1 and torch.equal(both, torch.ops.aten._weight_int8pack_mm(x, q, scale))
+    assert not PackedLinear([torch.randn(64, 96).bfloat16()], quantize="int8").int8_row  # K % 64 != 0
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, d_model=128, n_head=4, n_kv_head=2, d_ff=256, vocab_size=500, seq_len=96,
+                      init_std=0.1, tie_embeddings=False)
+    m = pack_for_inference(LM(cfg).eval().to(torch.bfloat16), quantize="int8")
+    assert m.blocks[0].attn.fused.int8_row
+    seq = torch.randint(0, 500, (2, 12))
+    with torch.inference_mode():
+        batched = m.decode(seq, m.new_cache(2, 96))
+        cache = m.new_cache(1, 96)
+        m.decode(seq[:1, :11], cache)
+        alone = m.decode(seq[:1, 11:], cache)
+    torch.testing.assert_close(alone[0].float(), batched[0].float(), atol=0.1, rtol=0.05)

@@ -9,7 +9,8 @@ build. Where they cannot be built (no compiler) every caller has a slower path i
 PyTorch, and the reason is logged once.
 
 - `paged_decode` (csrc/paged_attention.cpp): decode attention over a paged KV cache (nn/paged.py).
-- `linear_bf16_row` (csrc/linear_row.cpp): one row times a bf16 matrix (nn/packed.py).
+- `linear_bf16_row`, `linear_int8_row` (csrc/linear_row.cpp): one row times a bf16 matrix, or an
+  int8 one with per-row scales (nn/packed.py).
 """
 
 from __future__ import annotations
@@ -75,4 +76,6 @@ def _build() -> bool:
     torch.library.register_fake("exaflop::paged_decode")(lambda q, keys, values, table, lens: torch.empty_like(q))
     torch.library.register_fake("exaflop::linear_bf16_row")(
         lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
+    torch.library.register_fake("exaflop::linear_int8_row")(
+        lambda x, q, scale: x.new_empty((*x.shape[:-1], q.shape[0])))
     return True

@@ -23,9 +23,11 @@ The one exception is opt-in: `quantize="int8"` keeps each matrix as int8 with on
 output row (weight-only, symmetric), half the bytes of bf16. Decoding a few rows is bound by
 reading the weights, and `aten._weight_int8pack_mm` (the CPU kernel torchao's int8
 weight-only path calls) reads half as much: 1.3-1.8x faster than packed bf16 at one row with
-the weights out of cache (lm-124m shapes, AMX CPU, 2 threads). That kernel does not use the
-matrix units, so from `INT8_KERNEL_ROWS` rows on (larger decode batches, every prefill) the
-int8 matrix is widened to the activations' dtype for a plain matmul instead.
+the weights out of cache (lm-124m shapes, AMX CPU, 2 threads); at exactly one row exaflop's
+own int8 kernel (csrc/linear_row.cpp, where the CPU has AVX-512) streams the same matrix in
+0.71x that kernel's time. `_weight_int8pack_mm` does not use the matrix units, so from
+`INT8_KERNEL_ROWS` rows on (larger decode batches, every prefill) the int8 matrix is widened
+to the activations' dtype for a plain matmul instead.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def row_kernel() -> bool:
     """Whether the single-row bf16 kernel runs here: a CPU with AVX512-BF16, PyTorch dispatching
     to AVX-512 (not capped below it), and exaflop's kernels built (nn/kernels.py)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_has("avx512_bf16") and cpu_kernels()
+
+
+def int8_row_kernel() -> bool:
+    """Whether the one-row int8 kernel runs here: PyTorch dispatching to AVX-512 on a CPU with
+    AVX-512 BW, and exaflop's kernels built."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_has("avx512bw") and cpu_kernels()
 
 
 @torch.library.custom_op("exaflop::packed_linear", mutates_args=())
@@ -143,6 +151,8 @@ class PackedLinear(nn.Module):
         # The row-major copy for one-row products (see the module's docstring), next to the packed one.
         row = single_row and self.packed is not None and w.shape[1] % 32 == 0 and row_kernel()
         self.register_buffer("row", w.contiguous() if row else None, persistent=False)
+        # int8: one row reads the same int8 matrix through exaflop's kernel (no copy needed).
+        self.int8_row = q is not None and w.shape[1] % 64 == 0 and int8_row_kernel()
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.qweight is not None:
@@ -159,7 +169,9 @@ class PackedLinear(nn.Module):
 
     def _int8(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] < INT8_KERNEL_ROWS:
+        if x2.shape[0] == 1 and self.int8_row:
+            y = torch.ops.exaflop.linear_int8_row(x2, self.qweight, self.scale)
+        elif x2.shape[0] < INT8_KERNEL_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:
             y = torch.nn.functional.linear(x2, self.qweight.to(x.dtype)) * self.scale

@@ -68,9 +68,67 @@ at::Tensor linear_bf16_row(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// The same pass over an int8 matrix with one scale per output row (nn/packed.py's weight-only
+// int8): y[n] = scale[n] * sum_k q[n, k] x[k], widening sixteen int8 weights at a time to fp32
+// against the row converted to fp32 once. Half the bytes of bf16 to stream.
+template <int R>
+__attribute__((target("avx512f,avx512bw")))
+inline void dot_rows_int8(const float* x, const int8_t* w, const int8_t* next, const at::BFloat16* scale,
+                          at::BFloat16* y, int64_t K) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(next + r * K + k), _MM_HINT_T0);
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = at::BFloat16(_mm512_reduce_add_ps(acc[r]) * static_cast<float>(scale[r]));
+}
+
+at::Tensor linear_int8_row(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bw"), "linear_int8_row: this CPU has no AVX-512 BW");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar && q.dim() == 2 &&
+              scale.scalar_type() == at::kBFloat16 && scale.numel() == q.size(0),
+              "linear_int8_row: expects bf16 x (..., K), int8 q (N, K) and bf16 scale (N)");
+  const int64_t K = q.size(1), N = q.size(0);
+  TORCH_CHECK(x.size(-1) == K && x.numel() == K && K % 64 == 0,
+              "linear_int8_row: one row of K = ", K, " (a multiple of 64) expected, got ", x.sizes());
+  auto xf = x.reshape({K}).to(at::kFloat).contiguous();
+  auto qc = q.contiguous();
+  auto sc = scale.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
+  const float* xp = xf.const_data_ptr<float>();
+  const int8_t* wp = qc.const_data_ptr<int8_t>();
+  const at::BFloat16* sp = sc.const_data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>();
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * ROWS;
+      if (n + 2 * ROWS <= N) {
+        dot_rows_int8<ROWS>(xp, wp + n * K, wp + (n + ROWS) * K, sp + n, yp + n, K);
+      } else if (n + ROWS <= N) {
+        dot_rows_int8<ROWS>(xp, wp + n * K, wp + n * K, sp + n, yp + n, K);
+      } else {
+        for (int64_t m = n; m < N; ++m) dot_rows_int8<1>(xp, wp + m * K, wp + m * K, sp + m, yp + m, K);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(exaflop, m) {
   m.def("linear_bf16_row(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8_row(Tensor x, Tensor q, Tensor scale) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(exaflop, CPU, m) { m.impl("linear_bf16_row", &linear_bf16_row); }
+TORCH_LIBRARY_IMPL(exaflop, CPU, m) {
+  m.impl("linear_bf16_row", &linear_bf16_row);
+  m.impl("linear_int8_row", &linear_int8_row);
+}
