@@ -24,7 +24,7 @@ LAST_WORDS = {
     "elastic": "extra time lost, restart / shrink:",
     "import_scale": "S3 / local disk loader:",
     "kv_layout": "paged / dense step time: median",
-    "linear_row": "one-row / oneDNN:",
+    "linear_row": "one-row / ",
     "moe_ep": "step-time ratio ep=2 / ep=1:",
     "moe_layer": "bf16: grouped",
     "pipeline": "PP=2 / DP=2 tokens/s:",
