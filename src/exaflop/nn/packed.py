@@ -25,7 +25,7 @@ reading the weights, and `aten._weight_int8pack_mm` (the CPU kernel torchao's in
 weight-only path calls) reads half as much: 1.3-1.8x faster than packed bf16 at one row with
 the weights out of cache (lm-124m shapes, AMX CPU, 2 threads); at exactly one row exaflop's
 own int8 kernel (csrc/linear_row.cpp, where the CPU has AVX-512) streams the same matrix in
-0.71x that kernel's time. `_weight_int8pack_mm` does not use the matrix units, so from
+0.66-0.71x that kernel's time. `_weight_int8pack_mm` does not use the matrix units, so from
 `INT8_KERNEL_ROWS` rows on (larger decode batches, every prefill) the int8 matrix is widened
 to the activations' dtype for a plain matmul instead.
 """
