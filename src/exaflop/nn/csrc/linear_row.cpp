@@ -1,14 +1,16 @@
-// One row times a bf16 matrix, y (1, N) = x (1, K) @ w (N, K)^T, for decoding a single sequence
-// (nn/packed.py). At one row the product is a pass over the weights, bound by how fast each
-// core streams them: here each thread reads its own contiguous range of the matrix's rows,
-// eight rows at a time (eight independent streams in flight), with AVX512-BF16's pairwise dot
-// product accumulating in fp32, and prefetches the next eight rows as it goes (the hardware
-// prefetcher does not run ahead across rows: measured 0.80-0.90x the time without). Against
-// oneDNN's kernel on its own prepacked layout: ~0.7x the time for the 49 matrices of an
-// lm-124m decode step (docs/benchmarks.md).
+// One row times a matrix, y (1, N) = x (1, K) @ w (N, K)^T, for decoding a single sequence
+// (nn/packed.py): `linear_bf16_row` for bf16 matrices, `linear_int8_row` for int8 ones with a
+// scale per output row. At one row the product is a pass over the weights, bound by how fast
+// each core streams them: here each thread reads its own contiguous range of the matrix's
+// rows, eight rows at a time (eight independent streams in flight), accumulating in fp32, and
+// prefetches the next eight rows as it goes (measured: 0.80-0.90x the time without). Against
+// the kernels these replace at one row (oneDNN's on its prepacked bf16 layout,
+// `_weight_int8pack_mm` for int8): 0.66-0.70x the time for the 49 matrices of an lm-124m
+// decode step (bench/linear_row.py, docs/benchmarks.md).
 //
-// Built with the other kernels (nn/kernels.py); its Python side calls it only where the CPU
-// has AVX512-BF16 and K is a multiple of 32 (it checks both again here).
+// Built with the other kernels (nn/kernels.py). The Python side calls them only where the CPU
+// has what they need (bf16: AVX512-BF16, K a multiple of 32; int8: AVX-512 BW, K a multiple
+// of 64); they check again here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
