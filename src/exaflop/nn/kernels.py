@@ -15,6 +15,7 @@ PyTorch, and the reason is logged once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -49,11 +50,17 @@ def cpu_kernels() -> bool:
 
 def cpu_has(flag: str) -> bool:
     """Whether /proc/cpuinfo lists `flag` (e.g. 'avx512_bf16'); False where there is none."""
+    return flag in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    # Read once: packing asks for every matrix of a model.
     try:
         with open("/proc/cpuinfo") as f:
-            return flag in next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
+        return frozenset()
 
 
 def _build() -> bool:

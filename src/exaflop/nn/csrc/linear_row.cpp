@@ -15,10 +15,33 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <type_traits>
 
 namespace {
 
 constexpr int ROWS = 8;  // matrix rows per pass
+
+// Splits the N matrix rows into passes of ROWS across the threads and calls
+// pass(rows_in_pass, first_row, first_row_of_the_next_pass): the next pass's rows are what to
+// prefetch (the pass itself for the last one); a tail of fewer than ROWS rows goes one by one.
+template <typename F>
+void over_passes(int64_t N, F&& pass) {
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  // Grain: at least 32 passes (256 rows) per task, so a small matrix is not split finer than
+  // what pays for waking a thread.
+  at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * ROWS;
+      if (n + 2 * ROWS <= N) {
+        pass(std::integral_constant<int, ROWS>{}, n, n + ROWS);
+      } else if (n + ROWS <= N) {
+        pass(std::integral_constant<int, ROWS>{}, n, n);
+      } else {
+        for (int64_t m = n; m < N; ++m) pass(std::integral_constant<int, 1>{}, m, m);
+      }
+    }
+  });
+}
 
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -52,20 +75,8 @@ at::Tensor linear_bf16_row(const at::Tensor& x, const at::Tensor& w) {
   const at::BFloat16* xp = xc.const_data_ptr<at::BFloat16>();
   const at::BFloat16* wp = wc.const_data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>();
-  const int64_t blocks = (N + ROWS - 1) / ROWS;
-  // Grain: at least 32 passes (256 rows) per task, so a small matrix is not split finer than
-  // what pays for waking a thread.
-  at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * ROWS;
-      if (n + 2 * ROWS <= N) {
-        dot_rows<ROWS>(xp, wp + n * K, wp + (n + ROWS) * K, yp + n, K);
-      } else if (n + ROWS <= N) {  // the last full pass: nothing after it to fetch
-        dot_rows<ROWS>(xp, wp + n * K, wp + n * K, yp + n, K);
-      } else {
-        for (int64_t m = n; m < N; ++m) dot_rows<1>(xp, wp + m * K, wp + m * K, yp + m, K);
-      }
-    }
+  over_passes(N, [&](auto rows, int64_t n, int64_t next) {
+    dot_rows<decltype(rows)::value>(xp, wp + n * K, wp + next * K, yp + n, K);
   });
   return y;
 }
@@ -108,18 +119,8 @@ at::Tensor linear_int8_row(const at::Tensor& x, const at::Tensor& q, const at::T
   const int8_t* wp = qc.const_data_ptr<int8_t>();
   const at::BFloat16* sp = sc.const_data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>();
-  const int64_t blocks = (N + ROWS - 1) / ROWS;
-  at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * ROWS;
-      if (n + 2 * ROWS <= N) {
-        dot_rows_int8<ROWS>(xp, wp + n * K, wp + (n + ROWS) * K, sp + n, yp + n, K);
-      } else if (n + ROWS <= N) {
-        dot_rows_int8<ROWS>(xp, wp + n * K, wp + n * K, sp + n, yp + n, K);
-      } else {
-        for (int64_t m = n; m < N; ++m) dot_rows_int8<1>(xp, wp + m * K, wp + m * K, sp + m, yp + m, K);
-      }
-    }
+  over_passes(N, [&](auto rows, int64_t n, int64_t next) {
+    dot_rows_int8<decltype(rows)::value>(xp, wp + n * K, wp + next * K, sp + n, yp + n, K);
   });
   return y;
 }
