@@ -171,12 +171,35 @@ def measure(port: int, model: str, streams: int, max_tokens: int, extra: dict) -
     return {"tokens_per_s": tokens / wall, "ttft_ms": 1000 * statistics.median(r[0] for r in results)}
 
 
+def wait_compiled(port: int, model: str, proc: subprocess.Popen, timeout: float = 900) -> str:
+    """exaflop's model card until its decode step is no longer "compiling" (`--compile auto`
+    compiles beside serving): serving speed is measured at the steady state. Returns the mode."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"exaflop serve exited with {proc.returncode} while compiling")
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", f"/v1/models/{model}")
+        mode = json.loads(c.getresponse().read()).get("decode", "eager")
+        if mode != "compiling":
+            return mode
+        time.sleep(0.5)
+    raise SystemExit(f"exaflop serve on port {port}: still compiling after {timeout}s")
+
+
 def serve_and_measure(cmd: list[str], port: int, model: str, streams: int, max_tokens: int,
-                      extra: dict, env: dict) -> dict[str, float]:
+                      extra: dict, env: dict, exaflop: bool) -> dict[str, float]:
+    """Start a server, measure it, stop it. Also returns its start-up: `ready_s` until /health
+    answers 200, `steady_s` until it serves at full speed (exaflop: its decode step compiled)."""
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_ready(port, proc, "/health")
-        return measure(port, model, streams, max_tokens, extra)
+        ready = time.perf_counter() - t0
+        if exaflop:
+            wait_compiled(port, model, proc)
+        steady = time.perf_counter() - t0
+        return {**measure(port, model, streams, max_tokens, extra), "ready_s": ready, "steady_s": steady}
     finally:
         proc.terminate()
         try:
@@ -196,7 +219,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3, help="runs per server and stream count (median reported)")
-    ap.add_argument("--compile", action="store_true", help="exaflop serve --compile")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="exaflop serve --compile (auto, its default: compiled beside serving; measured once compiled)")
     ap.add_argument("--quantize", default="none", choices=["none", "int8"],
                     help="int8: exaflop serve --quantize int8 against llama-server on a Q8_0 export "
                          "(run with --no-repack: its repacked Q8_0 path dies with SIGILL on this VM's CPU)")
@@ -209,6 +233,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.tiny:
         args.preset, args.vocab, args.max_tokens, args.repeat, args.streams = "lm-tiny", 512, 4, 1, "1,2"
+        args.compile = "off"  # a compile per server start is not a rehearsal's business
     llama = find_llama_server(args)
     if llama is None:
         sys.exit("serve_vs_llama_server: no llama-server found: pass --llama-server PATH, set $LLAMA_SERVER, or "
@@ -235,23 +260,25 @@ def main() -> int:
                 ours = [sys.executable, "-m", "exaflop", "serve", str(run), "--port", str(port),
                         "--threads", str(args.threads), "--reload-interval", "0", "--log-level", "warning",
                         "--max-running", str(n), "--dtype", precision, "--quantize", args.quantize]
-                ours += ["--compile"] if args.compile else []
+                ours += ["--compile", args.compile]
                 theirs = [str(llama), "-m", str(gguf), "--alias", name, "--port", str(port), "--host", "127.0.0.1",
                           "-t", str(args.threads), "-tb", str(args.threads), "-np", str(n), "-cb",
                           "-c", str(ctx * n), "--no-webui", "--log-disable"]
                 theirs += ["--no-repack"] if gguf_type == "q8_0" else []
                 order = [("exaflop", ours, {}), ("llama-server", theirs, {"ignore_eos": True})]
                 for who, cmd, extra in (order if rep % 2 == 0 else order[::-1]):  # alternate who goes first
-                    r = serve_and_measure(cmd, port, name, n, args.max_tokens, extra, env)
+                    r = serve_and_measure(cmd, port, name, n, args.max_tokens, extra, env, who == "exaflop")
                     results[who][n].append(r)
                     print(f"  rep {rep + 1} {who:<13} {n:>3} streams: {r['tokens_per_s']:8.1f} tok/s, "
-                          f"TTFT {r['ttft_ms']:7.1f} ms", flush=True)
-    med = {who: {n: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "ttft_ms")}
+                          f"TTFT {r['ttft_ms']:7.1f} ms; answering {r['ready_s']:5.1f} s, full speed "
+                          f"{r['steady_s']:5.1f} s after launch", flush=True)
+    med = {who: {n: {k: statistics.median(r[k] for r in runs)
+                     for k in ("tokens_per_s", "ttft_ms", "ready_s", "steady_s")}
                  for n, runs in per.items()} for who, per in results.items()}
     print(f"CPU: {cpu_capability()}, {args.threads} threads per server; model {run.name} "
           f"({args.preset if not args.run else 'given run'}), weights {precision} (GGUF {gguf_type}), "
           f"{args.max_tokens} greedy tokens per stream, median of {args.repeat}"
-          f"{', exaflop --compile' if args.compile else ''}"
+          f", exaflop --compile {args.compile}"
           f"{', exaflop --quantize int8 vs Q8_0 (llama-server --no-repack)' if args.quantize == 'int8' else ''}")
     # The two servers of one repetition run back to back, so their ratio shares the machine's
     # state of that minute (this VM's speed drifts by 2x over minutes): the median of those
@@ -266,6 +293,10 @@ def main() -> int:
         print(f"{n:>7} {a['tokens_per_s']:>14.1f} {b['tokens_per_s']:>13.1f} "
               f"{a['tokens_per_s'] / b['tokens_per_s']:>6.2f}x {paired[n]:>6.2f}x {a['ttft_ms']:>16.1f} "
               f"{b['ttft_ms']:>13.1f} {a['ttft_ms'] / b['ttft_ms']:>6.2f}x")
+    starts = {who: (statistics.median(r["ready_s"] for per in results[who].values() for r in per),
+                    statistics.median(r["steady_s"] for per in results[who].values() for r in per)) for who in results}
+    print("start-up (median over every start): " + "; ".join(
+        f"{who} answering after {a:.1f} s, at full speed after {b:.1f} s" for who, (a, b) in starts.items()))
     print(f"(tok/s ratio: of the medians, and the median of each repetition's own ratio (paired); higher is "
           f"better; TTFT ratio: lower is better; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     if args.json:

@@ -86,7 +86,9 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "exaflop", "serve", *map(str, runs), "--port", str(self.port),
                # fp32 unless a test asks otherwise: batched == one-at-a-time holds bit for bit
                # only in fp32 (bf16 matmuls round differently at different batch shapes).
-               "--threads", "1", "--dtype", "fp32", *args]
+               # Eager unless a test asks (`--compile` later on the line wins): a compile per server
+               # would cost every test seconds of CPU (tests/serve/test_serve_compile.py compiles).
+               "--threads", "1", "--dtype", "fp32", "--compile", "off", *args]
         self._logf = open(log, "w")
         full_env = {k: v for k, v in os.environ.items() if k != "EXAFLOP_API_KEYS"}
         full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})

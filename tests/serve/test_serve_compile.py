@@ -7,6 +7,7 @@ kept to one model and one server.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
@@ -23,10 +24,63 @@ NO_SPECIALS = {str(i): -100 for i in range(6)}
 pytestmark = pytest.mark.compile
 
 
+def serving_cache(w, slots: int):
+    """The cache the engine thread would make (under inference mode, as take_slot does): the
+    compile ran on a stand-in of the same sizes, never on it."""
+    with torch.inference_mode():
+        return w.ensure_cache(slots)
+
+
 def grow(cache, rows: list[int], n: int) -> None:
     """Blocks for n more positions in each of `rows` of the server's paged cache (Runner does this)."""
     lengths = cache.lengths.tolist()
     cache.reserve(rows, [lengths[r] + n for r in rows])
+
+
+def test_background_compile_beside_eager_decoding_switches_without_a_recompile(run_dir, tmp_path, monkeypatch):
+    """`--compile auto`: prepare() returns at once; the engine decodes eagerly in the serving cache
+    while the step compiles on a stand-in in another thread; the finished step then serves that
+    cache with no further compile, and gives the eager logits."""
+    # A cold on-disk cache, so the compile lasts long enough for eager steps beside it (and first in
+    # this file, before anything compiled the step in this process).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    w = load_weights(run_dir, run_dir, torch.device("cpu"), None)
+    engine = Engine("m", Metrics(), max_running=6, compile="auto")
+    t0 = time.perf_counter()
+    engine.prepare(w)
+    assert time.perf_counter() - t0 < 10 and engine.runner.decode_mode == "compiling"
+    compiling = engine.runner.compiling
+    cache = serving_cache(w, 6)
+    eager_cache = w.model.new_cache(cache.slots, cache.max_len)
+    torch.manual_seed(1)
+    steps_meanwhile = 0
+    with torch.inference_mode():
+        prompt = torch.randint(6, 300, (4, 5))
+        grow(cache, [0, 1, 2, 3], 5)
+        for c in (cache, eager_cache):
+            w.model.decode(prompt, c)
+        while engine.runner.compiling is not None and steps_meanwhile < 100_000:
+            x = torch.randint(6, 300, (4, 1))
+            grow(cache, [0, 1, 2, 3], 1)
+            got = w.model.decode(x, cache, step=engine._decode_step)  # None (eager) until the switch
+            want = w.model.decode(x, eager_cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            steps_meanwhile += 1
+            if cache.lengths.max() >= cache.max_len - 2:  # long wait: start the rows over
+                for c in (cache, eager_cache):
+                    c.lengths.zero_()
+    compiling.join()
+    assert engine.runner.decode_mode == "compiled", "torch.compile failed on this machine (see the warning)"
+    assert steps_meanwhile > 0  # the engine was not held up by the compile
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    with torch.inference_mode():
+        for batch in (4, 3, 1):
+            x = torch.randint(6, 300, (batch, 1))
+            grow(cache, list(range(batch)), 1)
+            got = w.model.decode(x, cache, step=engine._decode_step)
+            want = w.model.decode(x, eager_cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
 
 def test_compiled_decode_step_matches_eager(run_dir):
@@ -37,7 +91,7 @@ def test_compiled_decode_step_matches_eager(run_dir):
     graphs = dict(torch._dynamo.utils.counters["stats"])
     assert graphs.get("unique_graphs", 0) >= 1  # the counter below is not vacuous
     torch.manual_seed(0)
-    cache = w.cache
+    cache = serving_cache(w, 8)
     eager_cache = w.model.new_cache(cache.slots, cache.max_len)
     with torch.inference_mode():
         # Rows with prompts of different lengths, then decode steps with a batch that
@@ -93,6 +147,7 @@ def test_compiled_bf16_step_calls_the_packed_kernel_from_cpp(run_dir):
     packed = [m.packed is not None for m in w.model.modules() if isinstance(m, PackedLinear)]
     assert packed and (all(packed) or not any(packed))  # oneDNN packs all or (old CPU) none
     torch.manual_seed(0)
+    serving_cache(w, 4)
     eager_cache = w.model.new_cache(w.cache.slots, w.cache.max_len)
     with torch.inference_mode():
         prompt = torch.randint(6, 300, (3, 9))
@@ -127,6 +182,7 @@ def test_compiled_int8_step_matches_eager_int8_at_both_kernels(run_dir):
     graphs = dict(torch._dynamo.utils.counters["stats"])
     torch.manual_seed(0)
     rows = INT8_KERNEL_ROWS + 2
+    serving_cache(w, rows)
     eager_cache = w.model.new_cache(w.cache.slots, w.cache.max_len)
     with torch.inference_mode():
         prompt = torch.randint(6, 300, (rows, 9))
@@ -159,6 +215,29 @@ def test_server_with_compile_streams_concurrently(run_dir, start_server):
     m = s.metrics()
     assert m['exaflop_requests_running{model="m"}'] == 0
     assert m['exaflop_decode_batch_size_count{model="m"}'] > 0
+
+
+def test_server_by_default_answers_while_compiling_then_decodes_compiled(run_dir, start_server):
+    """The default (`--compile auto`): /health is 200 before the compile is done and requests are
+    answered eagerly meanwhile; once the model card says "compiled" the same greedy requests give
+    the same tokens."""
+    s = start_server([run_dir], "--compile", "auto", "--max-running", "4", timeout=120)
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+
+    def ask() -> list[str]:
+        return [client.completions.create(model=MODEL, prompt="def " * (1 + i), max_tokens=10, temperature=0,
+                                          logit_bias=NO_SPECIALS).choices[0].text for i in range(3)]
+
+    assert client.models.retrieve(MODEL).model_extra["decode"] in ("compiling", "compiled")
+    before = ask()
+    deadline = time.monotonic() + 300
+    while client.models.retrieve(MODEL).model_extra["decode"] == "compiling":
+        assert time.monotonic() < deadline, s.log.read_text()
+        time.sleep(0.5)
+    assert client.models.retrieve(MODEL).model_extra["decode"] == "compiled", s.log.read_text()
+    log = s.log.read_text()
+    assert "compiling the decode step in the background" in log and "decode step compiled" in log
+    assert ask() == before
 
 
 CAPPED_STEP = """

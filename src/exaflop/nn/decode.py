@@ -107,7 +107,7 @@ class DecodeStep:
         if self.key_pos is not None:
             # Given (a compiled step): its length is a dynamic size, so one graph serves every length.
             self.end, self.fresh = self.key_pos.shape[0], False
-        elif torch.compiler.is_compiling():
+        elif torch.compiler.is_dynamo_compiling():
             # Compiled without it, every row is read whole (masked): the filled length is data,
             # and slicing by it would make each new length a new graph.
             self.end, self.fresh = cache.max_len, False
@@ -180,7 +180,7 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """
     B, H, _, D = q.shape
     K = k.shape[1]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return _decode_attention_fused(q.reshape(B, K, H // K, D), k, v, mask).reshape(B, H, 1, D)
     if q.dtype == torch.bfloat16:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K < H)

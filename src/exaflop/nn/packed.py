@@ -159,7 +159,7 @@ class PackedLinear(nn.Module):
             y = self._int8(x)
         elif self.row is not None and x.numel() == x.shape[-1]:  # one row: a pass over the weights
             y = torch.ops.exaflop.linear_bf16_row(x, self.row)
-        elif self.packed is not None and torch.compiler.is_compiling():
+        elif self.packed is not None and torch.compiler.is_dynamo_compiling():
             y = _packed_linear(x, self.packed, sum(self.sizes))
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")

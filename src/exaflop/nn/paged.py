@@ -63,7 +63,7 @@ def paged_decode(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: T
     One opaque operator either way, so a compiled decode step calls it as one kernel."""
     # Resolved before a compiled step traces this (Runner.prepare builds the kernel): the lock in
     # paged_kernel() is not something to trace through.
-    ready = bool(_kernel) if torch.compiler.is_compiling() else paged_kernel()
+    ready = bool(_kernel) if torch.compiler.is_dynamo_compiling() else paged_kernel()
     if q.device.type == "cpu" and ready:
         return torch.ops.exaflop.paged_decode(q, keys, values, table, lens)
     return _paged_decode_gathered(q, keys, values, table, lens)
@@ -109,7 +109,7 @@ class PagedKVCache:
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  extra_blocks: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, block: int = BLOCK):
+                 dtype: torch.dtype = torch.float32, block: int = BLOCK, lazy: bool = False):
         self.block, self.max_len = block, max_len
         self.max_blocks = -(-max_len // block)
         # Every row at full length, plus block 0 (scratch): rows never wait for blocks. The extra
@@ -125,8 +125,12 @@ class PagedKVCache:
             vshape = (n_blocks, n_kv_head, block // 2, head_dim, 2)
         else:
             kshape, vshape = (n_blocks, n_kv_head, head_dim, block), (n_blocks, n_kv_head, block, head_dim)
-        self.keys = [torch.zeros(kshape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(vshape, device=device, dtype=dtype) for _ in range(n_layer)]
+        # lazy: pools left unwritten (torch.empty), so the OS backs only the pages a forward
+        # touches; for a stand-in with the real cache's every size, which compiling a decode
+        # step beside a serving engine uses (serve/runner.py). Its keys are garbage until written.
+        pool = torch.empty if lazy else torch.zeros
+        self.keys = [pool(kshape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [pool(vshape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.table = torch.zeros(slots, self.max_blocks, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.owned: list[list[int]] = [[] for _ in range(slots)]  # row -> its blocks, in order
@@ -243,7 +247,7 @@ class PagedStep:
             cos, sin = self._rope[0][pos][:, None], self._rope[1][pos][:, None]  # (B, 1, T, D/2)
             self.cos2, self.sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
         self.fresh = False
-        if T > 1 and not torch.compiler.is_compiling():
+        if T > 1 and not torch.compiler.is_dynamo_compiling():
             end = int(self.lens.max())
             self.fresh = end == T  # every row starts at 0: causal attention over the chunk
             if not self.fresh:

@@ -124,7 +124,9 @@ def create_app(server: Server) -> FastAPI:
                 "checkpoint_step": w.step if w else None, "context_length": w.ctx if w else None,
                 # What serves it: the weights' dtype and whether matrices are int8 (--quantize).
                 "dtype": str(next(w.model.parameters()).dtype).removeprefix("torch.") if w else None,
-                "quantization": getattr(w.model, "quantized", "none") if w else None}
+                "quantization": getattr(w.model, "quantized", "none") if w else None,
+                # "compiled", "compiling" (decoding eagerly until the compile is done) or "eager".
+                "decode": m.engine.runner.decode_mode if m else None}
 
     @app.get("/v1/models")
     async def list_models():

@@ -49,10 +49,11 @@ def add_parser(sub) -> None:
                         "changes outputs slightly). Faster at 1-4 concurrent streams, slower from 8 "
                         "(lm-124m, 2 CPU cores: docs/serving.md)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step at load (lm-124m on 2 CPU cores: ~70 s more start-up "
-                        "cold, ~8 s with inductor's on-disk cache warm; 1.3-1.9x eager's tokens/s "
-                        "at 1-32 streams, bf16)")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the decode step (1.3-1.9x eager's tokens/s at 1-32 streams, lm-124m bf16 on "
+                        "2 CPU cores). auto (default): serve eagerly at once and switch to the compiled step when "
+                        "it is ready, compiled beside serving (~70 s cold, ~8 s with inductor's on-disk cache "
+                        "warm); on (or bare --compile): compile before serving; off: never")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 

@@ -46,7 +46,7 @@ log = logging.getLogger("exaflop.serve")
 
 class Engine:
     def __init__(self, name: str, metrics: Metrics, max_running: int = 32, max_queue: int = 256,
-                 prefill_tokens: int = 4096, compile: bool = False, prefix_cache_mb: float = 0.0,
+                 prefill_tokens: int = 4096, compile: str | bool = "off", prefix_cache_mb: float = 0.0,
                  threads: int = 0, quantize: str = "none"):
         self.name, self.metrics = name, metrics
         self.threads = threads  # torch threads of the engine thread (0: the default); serve/threads.py
@@ -93,8 +93,8 @@ class Engine:
             self._cond.notify_all()
 
     def prepare(self, weights) -> None:
-        """Compile the decode step on `weights` before they serve (serve/runner.py)."""
-        self.runner.prepare(weights, self.scheduler.max_running)
+        """Pack `weights` and compile the decode step, before they serve or beside (serve/runner.py)."""
+        self.runner.prepare(weights, self.scheduler.max_running, self.threads)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (QueueFull when --max-queue is reached)."""

@@ -65,13 +65,22 @@ class Weights:
         blocks kept for prefix caching. Allocated on first use: an idle reloaded model costs no
         cache memory."""
         if self.cache is None:
-            c, p = self.cfg.model, self.model.tok_emb.weight
-            extra = self.prefix_bytes // PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, p.dtype)
-            cache = PagedKVCache(c.n_layer, slots, c.n_kv_head, self.ctx, c.head_dim, extra_blocks=extra,
-                                 device=p.device, dtype=p.dtype)
+            cache = self._new_cache(slots)
             self.prefix = PrefixCache(cache) if self.prefix_bytes > 0 else None
             self.cache = cache
         return self.cache
+
+    def stand_in_cache(self, slots: int) -> PagedKVCache:
+        """A cache of the same sizes as `ensure_cache`'s, its pools never written (no memory
+        beyond the pages a forward touches): what a decode step is compiled on while the real
+        one serves. Same sizes, so the compiled graph's guards hold for the real cache."""
+        return self._new_cache(slots, lazy=True)
+
+    def _new_cache(self, slots: int, lazy: bool = False) -> PagedKVCache:
+        c, p = self.cfg.model, self.model.tok_emb.weight
+        extra = self.prefix_bytes // PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, p.dtype)
+        return PagedKVCache(c.n_layer, slots, c.n_kv_head, self.ctx, c.head_dim, extra_blocks=extra,
+                            device=p.device, dtype=p.dtype, lazy=lazy)
 
     def take_slot(self, seq, slots: int) -> int:
         self.ensure_cache(slots)

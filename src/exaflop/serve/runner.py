@@ -4,12 +4,15 @@ point (`LM.decode`) and nothing else of the model.
 Prefill: the admitted prompts right-padded into one batch, their cache rows reset; the
 model advances each row by its real length. Decode: one token per running sequence. The
 decode step may be compiled (`serve --compile`); prefill stays eager: its shapes vary in
-two dimensions and compiling it measured no faster.
+two dimensions and compiling it measured no faster. By default (`--compile auto`) the step is
+compiled in a background thread while the engine decodes eagerly, so a server answers at once
+and is at full speed once the compile is done.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -25,29 +28,43 @@ from exaflop.serve.sequence import Sequence
 log = logging.getLogger("exaflop.serve")
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
 class Runner:
-    def __init__(self, name: str, metrics: Metrics, compile: bool = False, fault: ServeFault | None = None,
+    def __init__(self, name: str, metrics: Metrics, compile: str | bool = "off", fault: ServeFault | None = None,
                  prefix_bytes: int = 0, quantize: str = "none") -> None:
         self.name, self.metrics, self.fault = name, metrics, fault
         self.quantize = quantize  # "int8": weight-only int8 matrices (nn/packed.py)
         self.prefix_bytes = prefix_bytes  # prefix-cache budget per checkpoint (0: off)
-        self.compile = compile
-        self.decode_step = None  # a compiled LM.logits_at, once `prepare` made one
+        # "on": compile before serving; "auto": serve eagerly at once, compile beside it and
+        # switch when ready; "off": eager. (True / False: "on" / "off".)
+        self.compile = {True: "on", False: "off"}.get(compile, compile)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: one of {COMPILE_MODES}")
+        self.decode_step = None  # a compiled LM.logits_at, once one is ready
         self.compiled = False
-        self.cpp_wrapper = False  # whether the compiled step got a C++ wrapper (see prepare)
+        self.compiling: threading.Thread | None = None  # the background compile ("auto") while it runs
+        self.cpp_wrapper = False  # whether the compiled step got a C++ wrapper (see _compile_step)
 
-    def prepare(self, weights, max_running: int) -> None:
-        """Compile the decode step on `weights` before they serve (called off the engine thread).
+    @property
+    def decode_mode(self) -> str:
+        """What decodes now: "compiled", "compiling" (eager meanwhile) or "eager"."""
+        return "compiled" if self.compiled else "compiling" if self.compiling is not None else "eager"
 
-        One graph with a symbolic batch size serves every batch (plus one for a batch of
-        one, which the compiler specializes), so the compile happens here, at load, instead
-        of stalling the first requests. A hot reload of the same architecture reuses it.
-        If compiling fails (no C++ compiler, say), decode stays eager and serving goes on.
+    def prepare(self, weights, max_running: int, threads: int = 0) -> None:
+        """Make `weights` ready to serve (called off the engine thread): fuse and pack the
+        matrices (nn/packed.py: bit-identical, ~2x faster bf16 matmuls at decode's batch sizes),
+        build the CPU kernels, and compile the decode step (once: a hot reload of the same
+        architecture reuses it).
 
-        First the weights are fused and packed for inference (nn/packed.py: bit-identical,
-        ~2x faster bf16 matmuls at decode's batch sizes), compiled or not. The compiled step
-        reads only each row's filled prefix: the read length is a dynamic size of its inputs
-        (LM.decode), warmed here at lengths >= 2 so that no request compiles.
+        One graph with a symbolic batch size serves every batch (plus one for a batch of one,
+        which the compiler specializes). It reads only each row's filled prefix: the read
+        length is a dynamic size of its inputs (LM.decode), warmed at lengths >= 2 so that no
+        request compiles. "on" compiles here, before the weights serve (~70 s for lm-124m on
+        2 cores cold, ~8 s with inductor's on-disk cache warm); "auto" compiles in a thread of
+        its own while the engine decodes eagerly, and the engine takes the compiled step from
+        its next decode on. If compiling fails (no C++ compiler, say), decode stays eager.
         """
         t0 = time.perf_counter()
         pack_for_inference(weights.model, quantize=self.quantize)
@@ -57,8 +74,28 @@ class Runner:
             log.info("engine %s: CPU kernels ready (%s%s) in %.1f s", self.name,
                      torch.backends.cpu.get_cpu_capability(), ", one-row bf16 kernel" if one_row else "",
                      time.perf_counter() - t0)
-        if not self.compile or self.compiled:
+        if self.compile == "off" or self.compiled or self.compiling is not None:
             return
+        if self.compile == "on":
+            self._compile_step(weights, max_running)
+            return
+        log.info("engine %s: compiling the decode step in the background; decoding eagerly until it "
+                 "is ready (--compile off: never; --compile on: before serving)", self.name)
+        self.compiling = threading.Thread(target=self._compile_in_background, args=(weights, max_running, threads),
+                                          name=f"compile-{self.name}", daemon=True)
+        self.compiling.start()
+
+    def _compile_in_background(self, weights, max_running: int, threads: int) -> None:  # noqa: ANN001
+        # Its own thread, ended with the compile: its OpenMP team goes with it (serve/threads.py),
+        # and its kernels are built for the engine's thread count.
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self._compile_step(weights, max_running)
+        finally:
+            self.compiling = None
+
+    def _compile_step(self, weights, max_running: int) -> None:  # noqa: ANN001
         t0 = time.perf_counter()
         compile_cache_per_isa()
         # A C++ wrapper around the step's kernels (no Python between them) once the packed
@@ -74,10 +111,11 @@ class Runner:
                             str(e).splitlines()[0] if str(e) else "")
         else:
             log.warning("engine %s: decoding eagerly", self.name)
-            self.compile = False
+            self.compile = "off"
             return
-        self.decode_step, self.compiled, self.cpp_wrapper = compiled, True, cpp_wrapper
-        log.info("engine %s: decode step compiled%s in %.1f s", self.name,
+        # The engine thread reads `decode_step` once per decode: from its next step on, compiled.
+        self.cpp_wrapper, self.decode_step, self.compiled = cpp_wrapper, compiled, True
+        log.info("engine %s: decode step compiled%s in %.1f s; decoding with it", self.name,
                  " (C++ wrapper)" if cpp_wrapper else "", time.perf_counter() - t0)
 
     @staticmethod
@@ -85,20 +123,20 @@ class Runner:
         compiled = torch.compile(type(weights.model).logits_at, dynamic=True,
                                  options={"cpp_wrapper": True} if cpp_wrapper else None)
         with torch.inference_mode():
-            # The cache too is made under inference mode, as the engine thread makes
-            # every later one (take_slot): graphs are guarded on that tensor kind.
-            cache = weights.ensure_cache(max_running)
-            try:
-                batches = {1, min(2, cache.slots)}
-                if quantize == "int8":  # int8 matrices switch kernels at a batch size: its own graph
-                    batches.add(min(INT8_KERNEL_ROWS, cache.slots))
-                for batch in sorted(batches):
-                    cache.reserve(list(range(batch)), [3] * batch)
-                    cache.lengths[:batch] = 2  # a read length of 3: sizes 0 and 1 would specialize
-                    x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
-                    weights.model.decode(x, cache, None, step=compiled)
-            finally:
-                for row in range(cache.slots):
+            # Warmed on a stand-in for the serving cache, never on the cache itself: the engine
+            # may be decoding in it meanwhile. Every size is the real one's, so the graphs'
+            # guards hold for it (and for a hot-reloaded checkpoint's). Made under inference mode,
+            # as the engine thread makes the real one (take_slot): graphs are guarded on that.
+            cache = weights.stand_in_cache(max_running)
+            batches = {1, min(2, cache.slots)}
+            if quantize == "int8":  # int8 matrices switch kernels at a batch size: its own graph
+                batches.add(min(INT8_KERNEL_ROWS, cache.slots))
+            for batch in sorted(batches):
+                cache.reserve(list(range(batch)), [3] * batch)
+                cache.lengths[:batch] = 2  # a read length of 3: sizes 0 and 1 would specialize
+                x = torch.zeros(batch, 1, dtype=torch.long, device=weights.device)
+                weights.model.decode(x, cache, None, step=compiled)
+                for row in range(batch):
                     cache.release(row)
         return compiled
 
