@@ -44,6 +44,7 @@ CHEAP = [
     ("exaflop sample", ["--max-new-tokens", "8"]),
     ("exaflop plot", []),
     ("exaflop serve runs/lm-tiny", []),
+    ("exaflop serve runs/lm-small --compile off", []),
     ("exaflop export", []),
     ("exaflop import hf", []),
     ("exaflop plan data", ["--resolution", "320x240"]),  # measures a smaller drive: seconds
@@ -65,7 +66,6 @@ SKIP = {
     "s3://fleet/": "object storage and a Ray cluster: tests/drive/test_fleet.py runs these commands against a "
                    "moto S3 server and a two-node ray.cluster_utils.Cluster on 127.0.0.1",
     "EXAFLOP_API_KEYS=": "binds 0.0.0.0: tests/serve/ covers keys on 127.0.0.1",
-    "exaflop serve runs/lm-small --dtype bf16 --compile": "~30 s compile: tests/serve/test_serve_compile.py",
 }
 # Placeholders the README uses for the user's own files, and what stands in for them here.
 PLACEHOLDERS = {"path/to/llama-dir": "hf-out"}
