@@ -231,3 +231,47 @@ def test_one_row_int8_kernel_computes_the_int8_product():
         m.decode(seq[:1, :11], cache)
         alone = m.decode(seq[:1, 11:], cache)
     torch.testing.assert_close(alone[0].float(), batched[0].float(), atol=0.1, rtol=0.05)
+
+
+def _f32_kernel_runs() -> bool:
+    from exaflop.nn.kernels import cpu_has, cpu_kernels
+
+    return cpu_has("avx2") and cpu_has("fma") and cpu_kernels()
+
+
+@pytest.mark.skipif(not _f32_kernel_runs(), reason="the fp32 decode kernel needs AVX2 + FMA and a C++ compiler")
+def test_fp32_decode_kernel_is_the_product_and_batch_invariant(monkeypatch):
+    """exaflop's fp32 decode kernel (csrc/linear_f32.cpp): the product within fp32 rounding of
+    MKL's, for every tiling it picks (1, 2-8, 9+ rows; widths that leave tails), and each row's
+    result bit for bit the same whatever rows come with it; a model packed with it decodes a
+    sequence alone exactly as in a batch, and stays within rounding of MKL's decode."""
+    import exaflop.nn.packed as packed
+
+    torch.manual_seed(6)
+    for n, k in ((13, 768), (2304, 768), (50, 96)):
+        w = torch.randn(n, k)
+        x = torch.randn(32, 1, k)
+        got = torch.ops.exaflop.linear_f32_rows(x, w)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=1e-4, rtol=1e-5)
+        for rows in (1, 2, 3, 5, 8, 9, 17, 32):
+            part = torch.ops.exaflop.linear_f32_rows(x[:rows], w)
+            assert torch.equal(part, got[:rows]), (n, k, rows)
+        fused = torch.ops.exaflop.linear_f32_rows(x, torch.cat([w, w[:7]]))
+        assert torch.equal(fused[..., :n], got)  # a fused matrix's columns are the unfused ones
+
+    monkeypatch.setattr(packed, "f32_rows_kernel", lambda: True)  # AVX2 dispatch picks it; here forced
+    m = pack_for_inference(_model(torch.float32))
+    assert m.lm_head.f32_rows and m.blocks[0].attn.fused.f32_rows
+    ref = pack_for_inference(_model(torch.float32), pack=False)
+    ref.lm_head.f32_rows = False
+    for lin in ref.modules():
+        if isinstance(lin, PackedLinear):
+            lin.f32_rows = False
+    prompts = [torch.randint(0, 500, (n,)) for n in (5, 9, 3, 12)]
+    with torch.inference_mode():
+        batched = _serve_greedy(m, prompts, 12)
+        alone = torch.cat([_serve_greedy(m, [p], 12) for p in prompts])
+        assert torch.equal(batched, alone)
+        x = torch.randint(0, 500, (4, 1))
+        cache_a, cache_b = m.new_cache(4, 96), ref.new_cache(4, 96)
+        torch.testing.assert_close(m.decode(x, cache_a), ref.decode(x, cache_b), atol=1e-4, rtol=1e-4)

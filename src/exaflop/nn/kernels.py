@@ -11,6 +11,8 @@ PyTorch, and the reason is logged once.
 - `paged_decode` (csrc/paged_attention.cpp): decode attention over a paged KV cache (nn/paged.py).
 - `linear_bf16_row`, `linear_int8_row` (csrc/linear_row.cpp): one row times a bf16 matrix, or an
   int8 one with per-row scales (nn/packed.py).
+- `linear_f32_rows` (csrc/linear_f32.cpp): the fp32 decode step's few rows times an fp32 matrix
+  (nn/packed.py).
 """
 
 from __future__ import annotations
@@ -85,4 +87,5 @@ def _build() -> bool:
         lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
     torch.library.register_fake("exaflop::linear_int8_row")(
         lambda x, q, scale: x.new_empty((*x.shape[:-1], q.shape[0])))
+    torch.library.register_fake("exaflop::linear_f32_rows")(lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
     return True

@@ -19,6 +19,15 @@ outputs can differ from a batch's in the last bf16 bit; everything else here is 
 Nothing here changes what a model computes beyond that, only how fast; a packed model is for
 inference (serving), not for training or saving.
 
+fp32 where PyTorch dispatches to AVX2 (what `auto` serves on CPUs without fast bf16): a decode
+step's rows (one per running sequence) go through exaflop's own kernel (csrc/linear_f32.cpp),
+which reads each weight row once for all of them; MKL's AVX2 sgemm at those sizes neither
+streams the weights at the memory's speed nor keeps the FMAs busy (lm-124m's matrices, 2
+threads: 0.53-0.69x MKL's time at 2-8 rows, 0.90-0.94x at 16-32, equal at one). It computes
+each output as one dot product in a fixed order, so a sequence decodes bit for bit the same
+alone or batched, and its fused columns equal the unfused ones; prompts (prefill) stay on
+MKL, so a decode row differs from MKL's product of the same row by a few ulps.
+
 The one exception is opt-in: `quantize="int8"` keeps each matrix as int8 with one scale per
 output row (weight-only, symmetric), half the bytes of bf16. Decoding a few rows is bound by
 reading the weights, and `aten._weight_int8pack_mm` (the CPU kernel torchao's int8
@@ -59,6 +68,14 @@ def int8_row_kernel() -> bool:
     """Whether the one-row int8 kernel runs here: PyTorch dispatching to AVX-512 on a CPU with
     AVX-512 BW, and exaflop's kernels built."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_has("avx512bw") and cpu_kernels()
+
+
+def f32_rows_kernel() -> bool:
+    """Whether the fp32 decode kernel runs here: PyTorch dispatching to AVX2 (the CPUs where
+    `auto` serves fp32: no fast bf16) on a CPU with AVX2 + FMA, and exaflop's kernels built.
+    At AVX-512, MKL's own fp32 kernels are faster from 16 rows and the kernel is not used."""
+    return (torch.backends.cpu.get_cpu_capability() == "AVX2" and cpu_has("avx2") and cpu_has("fma")
+            and cpu_kernels())
 
 
 @torch.library.custom_op("exaflop::packed_linear", mutates_args=())
@@ -153,6 +170,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("row", w.contiguous() if row else None, persistent=False)
         # int8: one row reads the same int8 matrix through exaflop's kernel (no copy needed).
         self.int8_row = q is not None and w.shape[1] % 64 == 0 and int8_row_kernel()
+        # fp32 on AVX2: the decode step's rows through exaflop's kernel (see the module's docstring).
+        self.f32_rows = (self.weight is not None and w.dtype == torch.float32 and w.device.type == "cpu"
+                         and w.shape[1] % 8 == 0 and f32_rows_kernel())
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.qweight is not None:
@@ -163,6 +183,8 @@ class PackedLinear(nn.Module):
             y = _packed_linear(x, self.packed, sum(self.sizes))
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif self.f32_rows and x.dim() == 3 and x.shape[1] == 1:  # a decode step: one row per sequence
+            y = torch.ops.exaflop.linear_f32_rows(x, self.weight)
         else:
             y = torch.nn.functional.linear(x, self.weight)
         return y if len(self.sizes) == 1 else y.split(self.sizes, -1)
