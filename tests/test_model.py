@@ -189,6 +189,48 @@ def test_chunked_loss_over_many_chunks_both_weight_gradient_paths(whole, dtype, 
     assert gw.dtype == torch.float32  # the master weight's own dtype, no round trip
 
 
+@pytest.mark.skipif(not __import__("exaflop.nn.loss", fromlist=["xent_kernel"]).xent_kernel(),
+                    reason="exaflop's CPU kernels could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_matches_the_pytorch_path_and_ignores_the_thread_count(dtype, monkeypatch):
+    """The loss kernel (csrc/cross_entropy.cpp) gives the PyTorch path's loss and gradients within
+    rounding, the same bits at 1 and 2 threads, and refuses a target outside the vocabulary."""
+    from exaflop.nn.loss import linear_cross_entropy
+
+    torch.manual_seed(1)
+    h = (torch.randn(300, 48) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(1000, 48) * 0.2).requires_grad_()
+    y = torch.randint(0, 1000, (300,))
+    mask = torch.rand(300) > 0.2
+
+    def run(kernel: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("EXAFLOP_XENT_KERNEL", "1" if kernel else "0")
+        h.grad = w.grad = None
+        loss = linear_cross_entropy(h, w, y, mask, chunk=128)
+        loss.backward()
+        return [loss.detach(), h.grad.clone(), w.grad.clone()]
+
+    fast, ref = run(True), run(False)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-2}
+    for a, c in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, c, **tol)
+    # The kernel's own output (not the matmuls around it, whose blocking follows the thread count).
+    logits = (h @ w.to(dtype).t()).detach()
+    rw = mask.float() / mask.sum()
+    outs = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            outs.append(torch.ops.exaflop.xent_rows(logits, y, rw))
+        finally:
+            torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    monkeypatch.setenv("EXAFLOP_XENT_KERNEL", "1")
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        linear_cross_entropy(h, w, torch.full((300,), 1000), chunk=128)
+
+
 @pytest.mark.compile
 def test_chunked_loss_compiled_matches_eager():
     """Compiled, the loss takes its functional form (nn/loss.py): same loss and gradients."""

@@ -11,6 +11,8 @@ PyTorch, and the reason is logged once.
 - `paged_decode` (csrc/paged_attention.cpp): decode attention over a paged KV cache (nn/paged.py).
 - `linear_bf16_row`, `linear_int8_row` (csrc/linear_row.cpp): one row times a bf16 matrix, or an
   int8 one with per-row scales (nn/packed.py).
+- `xent_rows`, `xent_rows_` (csrc/cross_entropy.cpp): a chunk's cross-entropy and logit gradient
+  in one pass per row (nn/loss.py).
 - `linear_f32_rows` (csrc/linear_f32.cpp): the fp32 decode step's few rows times an fp32 matrix
   (nn/packed.py).
 """
@@ -88,4 +90,7 @@ def _build() -> bool:
     torch.library.register_fake("exaflop::linear_int8_row")(
         lambda x, q, scale: x.new_empty((*x.shape[:-1], q.shape[0])))
     torch.library.register_fake("exaflop::linear_f32_rows")(lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
+    torch.library.register_fake("exaflop::xent_rows")(
+        lambda logits, targets, rw: (rw.new_empty(()), torch.empty_like(logits)))
+    torch.library.register_fake("exaflop::xent_rows_")(lambda logits, targets, rw: rw.new_empty(()))
     return True

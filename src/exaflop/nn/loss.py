@@ -9,6 +9,8 @@ throughput on CPU for a vocab of 8192, and a much smaller peak memory.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -17,10 +19,23 @@ from torch import Tensor
 _WHOLE_GRAD_ELEMENTS = 1 << 25
 
 
+# A compiled step asks once, at trace time (building the kernels there if needed), and keeps the
+# answer: the lock in cpu_kernels() is nothing to trace through.
+@torch.compiler.assume_constant_result
+def xent_kernel() -> bool:
+    """Whether exaflop's CPU cross-entropy kernel is used (nn/kernels.py builds it with the others
+    on first use, ~30 s once per machine; EXAFLOP_XENT_KERNEL=0 keeps the PyTorch path)."""
+    if os.environ.get("EXAFLOP_XENT_KERNEL", "1") == "0":
+        return False
+    from exaflop.nn.kernels import cpu_kernels
+
+    return cpu_kernels()
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, row_weights: Tensor,
-                chunk: int) -> Tensor:
+                chunk: int, fused: bool) -> Tensor:
         # hidden (N, C) in the compute dtype, weight (V, C) as stored (fp32 master weights),
         # targets (N,), row_weights (N,) summing to the loss scale.
         w = weight.to(hidden.dtype)  # the compute copy, once per call (no-op in fp32)
@@ -45,19 +60,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             n = len(t)
             # Log-probabilities straight from the compute-dtype logits: the upcast to fp32 is fused
             # into log_softmax, so the chunk's fp32 logits are never written separately.
-            logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)  # (n, V)
-            rows = torch.arange(n, device=t.device)
-            total += (-logp[rows, t] * rw).sum()
-            # d(nll)/d(logits) = softmax - onehot, scaled by each row's weight: built in place in
-            # the log-probabilities' buffer; eager, the scaling writes the compute dtype in one pass.
-            p = logp.exp_()
-            p[rows, t] -= 1
-            if compiling:
-                g = (p * rw[:, None]).to(hidden.dtype)
-                ghs.append(g @ w)
+            if fused:
+                # exaflop's kernel (csrc/cross_entropy.cpp): each row's loss and gradient in one
+                # pass over the row, held in fp32 close to the core, written in the compute dtype.
+                # In place: the logits become their gradient (compiled, a fresh output per chunk
+                # measured 2x slower: its pages are faulted in on every call).
+                if compiling:
+                    g = h @ w.t()
+                    chunk_loss = torch.ops.exaflop.xent_rows_(g, t, rw)
+                    ghs.append(g @ w)
+                else:
+                    g = torch.matmul(h, w.t(), out=g_buf[s:s + n] if whole else g_buf[:n])
+                    chunk_loss = torch.ops.exaflop.xent_rows_(g, t, rw)
+                    torch.matmul(g, w, out=grad_hidden[s:s + n])
+                total += chunk_loss
             else:
-                g = torch.mul(p, rw[:, None], out=g_buf[s:s + n] if whole else g_buf[:n])
-                torch.matmul(g, w, out=grad_hidden[s:s + n])
+                logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)  # (n, V)
+                rows = torch.arange(n, device=t.device)
+                total += (-logp[rows, t] * rw).sum()
+                # d(nll)/d(logits) = softmax - onehot, scaled by each row's weight: built in place in
+                # the log-probabilities' buffer; eager, the scaling writes the compute dtype in one pass.
+                p = logp.exp_()
+                p[rows, t] -= 1
+                if compiling:
+                    g = (p * rw[:, None]).to(hidden.dtype)
+                    ghs.append(g @ w)
+                else:
+                    g = torch.mul(p, rw[:, None], out=g_buf[s:s + n] if whole else g_buf[:n])
+                    torch.matmul(g, w, out=grad_hidden[s:s + n])
             if whole:
                 gs.append(g)
             else:
@@ -72,11 +102,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, (grad_weight * grad_out), None, None, None
+        return grad_hidden * grad_out, (grad_weight * grad_out), None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None = None,
-                         chunk: int = 256) -> Tensor:
+                         chunk: int = 256, kernel: bool | None = None) -> Tensor:
     """Mean (or mask-weighted mean) cross-entropy of `hidden @ weight.T` against `targets`.
 
     hidden: (..., C) in the compute dtype; weight: (V, C); targets: (...,). Gradients are
@@ -92,4 +122,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask: 
     else:
         m = mask.reshape(-1).float()
         rw = m / m.sum().clamp(min=1)
-    return _ChunkedLinearCrossEntropy.apply(h, weight, t, rw, chunk)
+    # kernel: exaflop's CPU kernel for each chunk's loss and gradient where it is built (False: never).
+    fused = h.device.type == "cpu" and kernel is not False and xent_kernel()
+    return _ChunkedLinearCrossEntropy.apply(h, weight, t, rw, chunk, fused)
