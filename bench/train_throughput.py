@@ -15,7 +15,9 @@ Every model has the same matmul FLOPs per token (GPT-2's 4x GeLU MLP = SwiGLU wi
 so one FLOP count serves all MFUs. Prints tokens/s, MFU, the CPU's capability and the ratios.
 Usage:
     python bench/train_throughput.py [--steps 30] [--dtype auto] [--peers hf-gpt2,hf-llama,litgpt,torchtitan]
-        [--no-compile] [--threads 2]
+        [--no-compile] [--threads 2] [--repeat 3]
+`--repeat N` runs everyone N times, alternating the order, and reports medians and each
+repetition's own ratio (paired): this shared VM's speed drifts by up to 2x over minutes.
 """
 
 from __future__ import annotations
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile runs (each costs ~30 s of compilation)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run everyone this many times, alternating the order (medians, paired ratios)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
     args = ap.parse_args()
     sets = tuple(TINY_SETS) if args.tiny else ()
@@ -211,40 +215,61 @@ def main() -> None:
     dtype = torch.bfloat16 if precision.name == "bf16" else torch.float32
     m = _shape(sets)
     fpt = flops_per_token(m)
-    peak, rates = matmul_peak(dtype, 0.01, ((128, 128, 128),)) if args.tiny else matmul_peak(dtype)
-    results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        results["exaflop eager"] = exaflop_tokens_per_s(args.steps, Path(tmp), precision.name, sets=sets)
-        if args.compile:
-            results["exaflop compiled"] = exaflop_tokens_per_s(args.steps, Path(tmp), precision.name, True, sets)
-    missing = {}
-    for name in [p for p in args.peers.split(",") if p]:
+    peers = [p for p in args.peers.split(",") if p]
+    for name in peers:
         if name not in BUILDERS:
             raise SystemExit(f"--peers: unknown peer {name!r}; choose from {', '.join(PEERS)}")
-        for compiled in (False, True) if args.compile else (False,):
+    modes = (False, True) if args.compile else (False,)
+    runs: dict[str, list[float]] = {}  # label -> tokens/s of each repetition
+    peaks: list[float] = []
+    missing: dict[str, str] = {}
+    for rep in range(args.repeat):
+        # This VM's speed drifts over minutes: each repetition measures the peak again and runs
+        # everyone, exaflop first in even repetitions and last in odd ones.
+        peak, rates = matmul_peak(dtype, 0.01, ((128, 128, 128),)) if args.tiny else matmul_peak(dtype)
+        peaks.append(peak)
+        jobs = [("exaflop", c) for c in modes] + [(name, c) for name in peers for c in modes]
+        for name, compiled in (jobs if rep % 2 == 0 else jobs[::-1]):
             label = f"{name} {'compiled' if compiled else 'eager'}"
+            if name in missing or label in missing:
+                continue
             try:
-                results[label] = peer_tokens_per_s(name, m, args.steps, dtype, compiled)
+                if name == "exaflop":
+                    with tempfile.TemporaryDirectory() as tmp:
+                        tps = exaflop_tokens_per_s(args.steps, Path(tmp), precision.name, compiled, sets)
+                else:
+                    tps = peer_tokens_per_s(name, m, args.steps, dtype, compiled)
             except ImportError as e:
                 missing[name] = f"not installed ({e.name}): {BUILDERS[name][1]}"
-                break
+                continue
             except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
                 missing[label] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                continue
+            runs.setdefault(label, []).append(tps)
+            if args.repeat > 1:
+                print(f"  rep {rep + 1} {label:<22} {tps:9.0f} tokens/s", flush=True)
+    peak = statistics.median(peaks)
     print(f"CPU: {cpu_capability()}; threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"dtype {precision.name} ({precision.requested}), {fpt / 1e6:.1f} MFLOP/token, batch {BATCH} x {m.seq_len}")
-    print(f"{precision.name} matmul GFLOP/s by shape (M,K,N): "
+    print(f"{precision.name} matmul GFLOP/s by shape (M,K,N), last repetition: "
           + ", ".join(f"{s}: {r / 1e9:.0f}" for s, r in rates.items()))
-    print(f"{precision.name} matmul peak (best shape): {peak / 1e9:.1f} GFLOP/s")
-    for label, tps in results.items():
-        print(f"{label:<24} {tps:9.0f} tokens/s   MFU {100 * tps * fpt / peak:5.1f}%")
+    print(f"{precision.name} matmul peak (best shape): {peak / 1e9:.1f} GFLOP/s"
+          + (f" (median of {len(peaks)}: {', '.join(f'{x / 1e9:.0f}' for x in peaks)})" if len(peaks) > 1 else ""))
+    for label, tps in runs.items():
+        # MFU of each repetition against that repetition's own peak, then the median.
+        mfu = statistics.median(100 * t * fpt / pk for t, pk in zip(tps, peaks, strict=False))
+        print(f"{label:<24} {statistics.median(tps):9.0f} tokens/s   MFU {mfu:5.1f}%")
     for label, why in missing.items():
         print(f"{label:<24} {why}")
     for mode in ("eager", "compiled"):
-        ours = results.get(f"exaflop {mode}")
+        ours = runs.get(f"exaflop {mode}")
         if not ours:
             continue
-        ratios = [f"{name} {ours / results[f'{name} {mode}']:.2f}x" for name in PEERS if f"{name} {mode}" in results]
-        print(f"ratio exaflop {mode} / peer {mode}: {', '.join(ratios) or 'no peer ran'}")
+        # Paired: each repetition's own ratio (the two ran minutes apart, not hours), then the median.
+        ratios = [f"{name} {statistics.median(a / b for a, b in zip(ours, runs[f'{name} {mode}'], strict=False)):.2f}x"
+                  for name in PEERS if f"{name} {mode}" in runs]
+        print(f"ratio exaflop {mode} / peer {mode}: {', '.join(ratios) or 'no peer ran'}"
+              + (f" (median of {args.repeat} repetitions' own ratios)" if args.repeat > 1 else ""))
 
 
 if __name__ == "__main__":
