@@ -62,18 +62,19 @@ void check(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu() &&
               (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
               "xent_rows: contiguous fp32 / bf16 CPU logits (n, V) expected, got ", logits.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.numel() == logits.size(0) && targets.is_contiguous(),
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.numel() == logits.size(0),
               "xent_rows: int64 targets (n,) expected");
-  TORCH_CHECK(rw.scalar_type() == at::kFloat && rw.numel() == logits.size(0) && rw.is_contiguous(),
-              "xent_rows: fp32 row weights (n,) expected");
+  TORCH_CHECK(rw.scalar_type() == at::kFloat && rw.numel() == logits.size(0), "xent_rows: fp32 row weights (n,) expected");
   if (targets.numel() > 0) {
     TORCH_CHECK(targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < logits.size(1),
                 "xent_rows: a target is outside the vocabulary of ", logits.size(1));
   }
 }
 
-at::Tensor run(const at::Tensor& logits, at::Tensor& g, const at::Tensor& targets, const at::Tensor& rw) {
+at::Tensor run(const at::Tensor& logits, at::Tensor& g, const at::Tensor& targets_in, const at::Tensor& rw_in) {
   const int64_t n = logits.size(0), V = logits.size(1);
+  const auto targets = targets_in.contiguous();
+  const auto rw = rw_in.contiguous();
   auto row_loss = at::empty({n}, rw.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, logits.scalar_type(), "xent_rows", [&] {
     xent_kernel<scalar_t>(logits.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(),
