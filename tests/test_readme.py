@@ -44,7 +44,6 @@ CHEAP = [
     ("exaflop sample", ["--max-new-tokens", "8"]),
     ("exaflop plot", []),
     ("exaflop serve runs/lm-tiny", []),
-    ("exaflop serve runs/lm-small --compile off", []),
     ("exaflop export", []),
     ("exaflop import hf", []),
     ("exaflop plan data", ["--resolution", "320x240"]),  # measures a smaller drive: seconds
