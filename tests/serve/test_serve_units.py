@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jinja2
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,3 +132,21 @@ def test_in_fresh_thread_returns_raises_and_keeps_the_callers_threads():
 
     with pytest.raises(ValueError, match="broken"):
         in_fresh_thread(fails)
+
+
+def test_compile_flag_defaults_to_compiling_beside_serving():
+    """`--compile` is auto by default; bare it means on (before serving, as it used to); off never."""
+    import argparse
+
+    from exaflop.serve.cli import add_parser
+    from exaflop.serve.metrics import Metrics
+    from exaflop.serve.runner import Runner
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    for extra, want in (([], "auto"), (["--compile"], "on"), (["--compile", "off"], "off"), (["--compile", "on"], "on")):
+        assert parser.parse_args(["serve", "runs/x", *extra]).compile == want
+    assert Runner("m", Metrics(), True).compile == "on" and Runner("m", Metrics(), False).compile == "off"
+    assert Runner("m", Metrics(), "auto").decode_mode == "eager"  # nothing started before prepare()
+    with pytest.raises(ValueError, match="compile='fast'"):
+        Runner("m", Metrics(), "fast")
