@@ -54,12 +54,17 @@ def test_packed_weights_are_bit_identical(dtype):
 
 
 def test_packing_a_moe_model_leaves_its_experts_alone():
+    from exaflop.nn.packed import f32_rows_kernel
+
     m = _model(torch.float32, n_experts=4, top_k=2)
     packed = pack_for_inference(copy.deepcopy(m))
     x = torch.randint(0, 500, (2, 9))
+    # Bit for bit, except where the fp32 decode kernel (AVX2 dispatch) computes the head's rows: it
+    # sums in another order than MKL (within a few ulps).
+    tol = 1e-5 if f32_rows_kernel() else 0.0
     with torch.inference_mode():
         torch.testing.assert_close(packed.decode(x, packed.new_cache(2)), m.decode(x, m.new_cache(2)),
-                                   rtol=0, atol=0)
+                                   rtol=0, atol=tol)
 
 
 def test_serving_greedy_equals_the_full_forward_token_for_token():

@@ -25,8 +25,9 @@ which reads each weight row once for all of them; MKL's AVX2 sgemm at those size
 streams the weights at the memory's speed nor keeps the FMAs busy (lm-124m's matrices, 2
 threads: 0.53-0.69x MKL's time at 2-8 rows, 0.90-0.94x at 16-32, equal at one). It computes
 each output as one dot product in a fixed order, so a sequence decodes bit for bit the same
-alone or batched, and its fused columns equal the unfused ones; prompts (prefill) stay on
-MKL, so a decode row differs from MKL's product of the same row by a few ulps.
+alone or batched, and its fused columns equal the unfused ones. The LM head's rows (one per
+sequence, in prefill too) take it as well; prompts' other products stay on MKL. It differs
+from MKL's product of the same row by a few ulps.
 
 The one exception is opt-in: `quantize="int8"` keeps each matrix as int8 with one scale per
 output row (weight-only, symmetric), half the bytes of bf16. Decoding a few rows is bound by
@@ -183,7 +184,9 @@ class PackedLinear(nn.Module):
             y = _packed_linear(x, self.packed, sum(self.sizes))
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        elif self.f32_rows and x.dim() == 3 and x.shape[1] == 1:  # a decode step: one row per sequence
+        elif self.f32_rows and (x.dim() == 2 or x.shape[-2] == 1):
+            # One row per sequence: a decode step (B, 1, C), or the LM head's (B, C) (one position per
+            # row, in prefill too). Prompts' (B, T, C) stay on MKL.
             y = torch.ops.exaflop.linear_f32_rows(x, self.weight)
         else:
             y = torch.nn.functional.linear(x, self.weight)
