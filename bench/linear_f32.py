@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from linear_row import rounds  # noqa: E402
+from linear_row import decode_step, rounds  # noqa: E402
 
 from exaflop.config import load_config  # noqa: E402
 from exaflop.engine.precision import cpu_capability  # noqa: E402
 from exaflop.lm.model import LM  # noqa: E402
 from exaflop.nn.packed import PackedLinear, f32_rows_kernel, pack_for_inference  # noqa: E402
-from exaflop.nn.paged import PagedKVCache, paged_kernel  # noqa: E402
+from exaflop.nn.paged import paged_kernel  # noqa: E402
 
 
 def mkl_logits(*args):  # noqa: ANN002, ANN201 — one compiled step per model, as each server has one
@@ -42,22 +42,6 @@ def mkl_logits(*args):  # noqa: ANN002, ANN201 — one compiled step per model, 
 
 def kernel_logits(*args):  # noqa: ANN002, ANN201
     return LM.logits_at(*args)
-
-
-def decode_step(m: LM, step, cfg, rows: int, ctx: int):  # noqa: ANN001, ANN201
-    """One decode step of `rows` rows holding `ctx` positions each (kept there), with the block
-    reservation the runner makes every step."""
-    cache = PagedKVCache(cfg.n_layer, max(rows, 2), cfg.n_kv_head, ctx + 16, cfg.head_dim)
-    cache.reserve(list(range(rows)), [ctx + 1] * rows)
-    x = torch.full((rows, 1), 7)
-
-    def one() -> None:
-        cache.lengths[:rows] = ctx
-        lengths = cache.lengths.tolist()
-        cache.reserve(list(range(rows)), [lengths[i] + 1 for i in range(rows)])
-        m.decode(x, cache, None, step=step)
-
-    return one
 
 
 def report(name: str, t: dict[str, list[float]]) -> float:
@@ -115,7 +99,7 @@ def main() -> int:
                   f"{nbytes / statistics.median(t['MKL']) / 1e9:.1f} GB/s, "
                   f"{2 * rows * nbytes / 4 / statistics.median(t['MKL']) / 1e9:.0f} GFLOP/s")
             for mode, compiled in steps.items():
-                fns = {k: decode_step(models[k], compiled[k], cfg, rows, args.context) for k in models}
+                fns = {k: decode_step(models[k], compiled[k], cfg, args.context, rows, torch.float32) for k in models}
                 ratios.append(report(f"{rows} rows: step, {mode}", rounds(fns, args.rounds, args.calls)))
             summary.append(f"{rows} rows: products {ratios[0]:.2f}x, step {', '.join(f'{r:.2f}x' for r in ratios[1:])}")
     print(f"exaflop / MKL (paired medians; below 1: exaflop's kernel is faster): {'; '.join(summary)}")

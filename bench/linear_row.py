@@ -78,17 +78,17 @@ def report(name: str, t: dict[str, list[float]], unit: float = 1e3) -> float:
     return paired
 
 
-def decode_step(m: LM, step, cfg, ctx: int) -> Callable[[], None]:
-    """One decode step of one row holding `ctx` positions (kept there: each call decodes at the
-    same length), with the block reservation the runner makes every step."""
-    cache = PagedKVCache(cfg.n_layer, 2, cfg.n_kv_head, ctx + 16, cfg.head_dim, dtype=torch.bfloat16)
-    cache.reserve([0], [ctx + 1])
-    x = torch.full((1, 1), 7)
+def decode_step(m: LM, step, cfg, ctx: int, rows: int = 1, dtype: torch.dtype = torch.bfloat16) -> Callable[[], None]:
+    """One decode step of `rows` rows holding `ctx` positions each (kept there: each call decodes at
+    the same length), with the block reservation the runner makes every step."""
+    cache = PagedKVCache(cfg.n_layer, max(rows, 2), cfg.n_kv_head, ctx + 16, cfg.head_dim, dtype=dtype)
+    cache.reserve(list(range(rows)), [ctx + 1] * rows)
+    x = torch.full((rows, 1), 7)
 
     def one() -> None:
-        cache.lengths[:1] = ctx
+        cache.lengths[:rows] = ctx
         lengths = cache.lengths.tolist()
-        cache.reserve([0], [lengths[0] + 1])
+        cache.reserve(list(range(rows)), [lengths[i] + 1 for i in range(rows)])
         m.decode(x, cache, None, step=step)
 
     return one
