@@ -18,12 +18,19 @@ Usage:
         [--no-compile] [--threads 2] [--repeat 3]
 `--repeat N` runs everyone N times, alternating the order, and reports medians and each
 repetition's own ratio (paired): this shared VM's speed drifts by up to 2x over minutes.
+Each measurement runs in a fresh process, so none inherits another's allocator state,
+compiled graphs or thread pools. exaflop's trainer keeps freed host buffers for reuse
+(engine/host_memory.py); the peers run as they ship, with glibc's default malloc, unless
+`--same-malloc` gives them the same setting (to see how much of a gap is the allocator).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -33,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from exaflop.engine.host_memory import keep_freed_memory
 from exaflop.engine.precision import cpu_capability
 
 warnings.filterwarnings("ignore")
@@ -190,6 +198,39 @@ def peer_tokens_per_s(name: str, m, steps: int, dtype: torch.dtype, compile: boo
     return BATCH * m.seq_len / statistics.median(times)
 
 
+def measure_in_child(name: str, compiled: bool, args: argparse.Namespace, dtype: str) -> dict:
+    """One measurement in a fresh Python process (this script with --one): {"tps": tokens/s},
+    or {"missing": why} for a peer that is not installed (whole=True) or cannot run."""
+    cmd = [sys.executable, __file__, "--one", f"{name}:{int(compiled)}", "--steps", str(args.steps),
+           "--dtype", dtype, "--threads", str(args.threads)]
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--same-malloc"] if args.same_malloc else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"missing": f"failed (exit {proc.returncode}): {last[:160]}"}
+    return json.loads(lines[-1])
+
+
+def measure_one(job: str, args: argparse.Namespace) -> dict:
+    """The child's side of measure_in_child."""
+    name, compiled = job.split(":")[0], job.split(":")[1] == "1"
+    sets = tuple(TINY_SETS) if args.tiny else ()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    try:
+        if name == "exaflop":
+            with tempfile.TemporaryDirectory() as tmp:
+                return {"tps": exaflop_tokens_per_s(args.steps, Path(tmp), args.dtype, compiled, sets)}
+        if args.same_malloc:
+            keep_freed_memory()
+        return {"tps": peer_tokens_per_s(name, _shape(sets), args.steps, dtype, compiled)}
+    except ImportError as e:
+        return {"missing": f"not installed ({e.name}): {BUILDERS[name][1]}", "whole": True}
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+        return {"missing": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -201,13 +242,19 @@ def main() -> None:
                     help="skip the torch.compile runs (each costs ~30 s of compilation)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run everyone this many times, alternating the order (medians, paired ratios)")
+    ap.add_argument("--same-malloc", action="store_true",
+                    help="give the peers exaflop's allocator setting too (freed host buffers kept)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long rehearsal (smoke test); numbers mean nothing")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: NAME:COMPILED, one measurement, JSON out
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure_one(args.one, args)))
+        return
     sets = tuple(TINY_SETS) if args.tiny else ()
     if args.tiny:
         args.steps, args.compile, args.peers = 5, False, "hf-gpt2"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from exaflop.engine.precision import resolve
     from exaflop.lm.model import flops_per_token
 
@@ -223,6 +270,9 @@ def main() -> None:
     runs: dict[str, list[float]] = {}  # label -> tokens/s of each repetition
     peaks: list[float] = []
     missing: dict[str, str] = {}
+    # The peak probe's outputs are fresh buffers too: measured with freed memory kept, as the
+    # trainer runs, so the peak (the MFU denominator) is not understated by page faults.
+    keep_freed_memory()
     for rep in range(args.repeat):
         # This VM's speed drifts over minutes: each repetition measures the peak again and runs
         # everyone, exaflop first in even repetitions and last in odd ones.
@@ -233,18 +283,11 @@ def main() -> None:
             label = f"{name} {'compiled' if compiled else 'eager'}"
             if name in missing or label in missing:
                 continue
-            try:
-                if name == "exaflop":
-                    with tempfile.TemporaryDirectory() as tmp:
-                        tps = exaflop_tokens_per_s(args.steps, Path(tmp), precision.name, compiled, sets)
-                else:
-                    tps = peer_tokens_per_s(name, m, args.steps, dtype, compiled)
-            except ImportError as e:
-                missing[name] = f"not installed ({e.name}): {BUILDERS[name][1]}"
+            out = measure_in_child(name, compiled, args, precision.name)
+            if "missing" in out:
+                missing[name if out.get("whole") else label] = out["missing"]
                 continue
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
-                missing[label] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                continue
+            tps = out["tps"]
             runs.setdefault(label, []).append(tps)
             if args.repeat > 1:
                 print(f"  rep {rep + 1} {label:<22} {tps:9.0f} tokens/s", flush=True)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from exaflop.engine.host_memory import keep_freed_memory
+
 
 @dataclass
 class Runtime:
@@ -56,6 +58,7 @@ def setup(cfg) -> Runtime:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # a step's large temporaries reused, not faulted in again (engine/host_memory.py)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     elastic = None
