@@ -6,9 +6,8 @@ maps large blocks afresh (`mmap` above a threshold that starts at 128 KB and ada
 32 MB) and gives them back on free (`munmap`, or by trimming the heap's top), so every step
 page-faults and zero-fills those buffers again. Kept, lm-small (AMX, 2 threads) trained compiled
 1.05-1.20x faster (paired median 1.18x) and eager ~3% faster, with the same peak RSS
-(docs/benchmarks.md). This is the
-allocator tuning PyTorch's CPU performance guides reach with jemalloc / tcmalloc preloads;
-glibc's own `mallopt` does it without a dependency or a restart.
+(docs/benchmarks.md). This is the allocator tuning PyTorch's CPU performance guides reach with
+jemalloc / tcmalloc preloads; glibc's own `mallopt` does it without a dependency or a restart.
 """
 
 from __future__ import annotations

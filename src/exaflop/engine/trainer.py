@@ -121,7 +121,7 @@ def _train(cfg: Config, rt: rtm.Runtime, heartbeat: rtm.Heartbeat, resume: bool,
     if cfg.run.compile:
         compile_cache_per_isa()
         # On CPU the graph's wrapper in C++ rather than Python: ~200 kernel calls a step without the
-        # interpreter between them (lm-small, AMX bf16: 7-10% more tokens/s; ~7 s more to compile).
+        # interpreter between them (lm-small, AMX bf16: ~5% more tokens/s, paired; ~7 s more to compile).
         model = torch.compile(model, options={"cpp_wrapper": True} if rt.device.type == "cpu" else None)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
