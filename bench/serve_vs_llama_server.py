@@ -18,7 +18,8 @@ builds llama-server without AVX-512 / AMX (in build-avx2/), and the caps go on e
     MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
         python bench/serve_vs_llama_server.py --build SDIST --build-isa avx2
 Usage:
-    python bench/serve_vs_llama_server.py [--run RUN | --preset lm-124m] [--dtype auto] [--streams 1,8,32] [--repeat 3]
+    python bench/serve_vs_llama_server.py [--run RUN | --preset lm-124m] [--dtype auto] [--kv-dtype auto]
+                                          [--streams 1,8,32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def main() -> int:
     ap.add_argument("--quantize", default="none", choices=["none", "int8"],
                     help="int8: exaflop serve --quantize int8 against llama-server on a Q8_0 export "
                          "(run with --no-repack: its repacked Q8_0 path dies with SIGILL on this VM's CPU)")
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="exaflop serve --kv-dtype (auto: the weights' dtype; llama-server's KV cache is f16, "
+                         "its default, whatever the weights)")
     ap.add_argument("--llama-server", help="path of a llama-server binary (also $LLAMA_SERVER, PATH)")
     ap.add_argument("--build", help="build llama-server from a llama-cpp-python sdist (.tar.gz or unpacked dir)")
     ap.add_argument("--build-isa", default="native", choices=["native", "avx2"],
@@ -259,7 +263,8 @@ def main() -> int:
                 port = free_port()
                 ours = [sys.executable, "-m", "exaflop", "serve", str(run), "--port", str(port),
                         "--threads", str(args.threads), "--reload-interval", "0", "--log-level", "warning",
-                        "--max-running", str(n), "--dtype", precision, "--quantize", args.quantize]
+                        "--max-running", str(n), "--dtype", precision, "--quantize", args.quantize,
+                        "--kv-dtype", args.kv_dtype]
                 ours += ["--compile", args.compile]
                 theirs = [str(llama), "-m", str(gguf), "--alias", name, "--port", str(port), "--host", "127.0.0.1",
                           "-t", str(args.threads), "-tb", str(args.threads), "-np", str(n), "-cb",
@@ -278,7 +283,7 @@ def main() -> int:
     print(f"CPU: {cpu_capability()}, {args.threads} threads per server; model {run.name} "
           f"({args.preset if not args.run else 'given run'}), weights {precision} (GGUF {gguf_type}), "
           f"{args.max_tokens} greedy tokens per stream, median of {args.repeat}"
-          f", exaflop --compile {args.compile}"
+          f", exaflop --compile {args.compile} --kv-dtype {args.kv_dtype} (llama-server's KV cache: f16)"
           f"{', exaflop --quantize int8 vs Q8_0 (llama-server --no-repack)' if args.quantize == 'int8' else ''}")
     # The two servers of one repetition run back to back, so their ratio shares the machine's
     # state of that minute (this VM's speed drifts by 2x over minutes): the median of those

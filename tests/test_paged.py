@@ -120,3 +120,48 @@ def test_bf16_paged_decoding_tracks_the_dense_cache(path):
             paged_cache.reserve([0, 1], [n + 1 for n in paged_cache.lengths.tolist()])
             a, b = m.decode(tok, dense), m.decode(tok, paged_cache)
             assert (a - b).abs().max() <= 0.05 * a.abs().max()
+
+
+def test_bf16_cache_of_an_fp32_model_is_read_exactly(path):
+    """An fp32 model's bf16 cache (`serve --kv-dtype bf16`) keeps the fp32 layout in half the
+    bytes: attention over it is bit for bit attention over fp32 pools holding the same rounded
+    keys and values (widening bf16 is exact), through the kernel and the gather path alike."""
+    g = torch.Generator().manual_seed(0)
+    B, H, K, D = 3, 6, 2, 64
+    lens = torch.tensor([5, 40, 17])
+    nb = -(-int(lens.max()) // BLOCK)
+    keys = torch.randn(1 + B * nb, K, D, BLOCK, generator=g).bfloat16()
+    values = torch.randn(1 + B * nb, K, BLOCK, D, generator=g).bfloat16()
+    table = 1 + torch.randperm(B * nb, generator=g).view(B, nb)
+    q = torch.randn(B, H, D, generator=g)
+    got = paged_decode(q, keys, values, table, lens)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, paged_decode(q, keys.float(), values.float(), table, lens))
+
+
+def test_fp32_model_decodes_through_a_bf16_cache(path):
+    """`PagedKVCache(dtype=bf16, compute_dtype=fp32)`: the fp32 layout in bf16 (not the pair
+    layout, which is for bf16 queries), half the bytes per block; the model's logits over a
+    prefill and 30 decode steps stay within the keys' and values' rounding of an fp32 cache's."""
+    m = pack_for_inference(_model())
+    c = m.cfg
+    caches = [PagedKVCache(c.n_layer, 2, c.n_kv_head, 96, c.head_dim, dtype=dt, compute_dtype=torch.float32)
+              for dt in (torch.float32, torch.bfloat16)]
+    assert not caches[1].pairs and caches[1].keys[0].dtype == torch.bfloat16
+    assert caches[1].keys[0].shape == caches[0].keys[0].shape
+    assert (PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, torch.bfloat16) * 2
+            == PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, torch.float32))
+    torch.manual_seed(3)
+    x = torch.randint(0, 500, (2, 21))
+    lens = torch.tensor([21, 9])
+    with torch.inference_mode():
+        for cache in caches:
+            cache.reserve([0, 1], lens.tolist())
+        a, b = (m.decode(x, cache, torch.arange(2), lens) for cache in caches)
+        assert a.dtype == b.dtype == torch.float32
+        for _ in range(30):
+            tok = a.argmax(-1, keepdim=True)
+            for cache in caches:
+                cache.reserve([0, 1], [n + 1 for n in cache.lengths.tolist()])
+            a, b = m.decode(tok, caches[0]), m.decode(tok, caches[1])
+            assert 0 < (a - b).abs().max() <= 0.02 * a.abs().max()  # rounded (not equal), and close

@@ -37,3 +37,18 @@ def test_int8_refuses_fp32(run_dir):
     args = parser.parse_args(["serve", str(run_dir), "--dtype", "fp32", "--quantize", "int8"])
     with pytest.raises(UserError, match=r"^--quantize int8: needs bf16"):
         args.func(args)
+
+
+def test_bf16_kv_cache_serves_an_fp32_model(run_dir, start_server):
+    """`--kv-dtype bf16` beside fp32 weights: the server completes and streams the same text, and
+    says what it serves (start-up log, model card)."""
+    s = start_server([run_dir], "--dtype", "fp32", "--kv-dtype", "bf16", "--max-running", "4")
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model=MODEL, prompt="import json\n", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kw)
+    assert whole.usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+    assert "KV cache bfloat16" in s.log.read_text()
+    card = client.models.retrieve(MODEL)
+    assert (card.dtype, card.kv_cache_dtype) == ("float32", "bfloat16")

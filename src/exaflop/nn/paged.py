@@ -109,17 +109,21 @@ class PagedKVCache:
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  extra_blocks: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, block: int = BLOCK, lazy: bool = False):
+                 dtype: torch.dtype = torch.float32, block: int = BLOCK, lazy: bool = False,
+                 compute_dtype: torch.dtype | None = None):
         self.block, self.max_len = block, max_len
         self.max_blocks = -(-max_len // block)
         # Every row at full length, plus block 0 (scratch): rows never wait for blocks. The extra
         # blocks hold what a prefix cache keeps after its rows end (serve/prefix.py).
         n_blocks = 1 + slots * self.max_blocks + extra_blocks
         self.n_blocks = n_blocks
-        # bf16: the pair layout (keys (N, K, D/2, BLOCK, 2), values (N, K, BLOCK/2, D, 2)), which
-        # the kernel multiplies with AVX512-BF16 dot products where the CPU has them; fp32 keeps
-        # keys (N, K, D, BLOCK) and values (N, K, BLOCK, D).
-        self.pairs = dtype == torch.bfloat16 and block % 2 == 0 and head_dim % 2 == 0
+        # A bf16 model's bf16 cache: the pair layout (keys (N, K, D/2, BLOCK, 2), values (N, K,
+        # BLOCK/2, D, 2)), which the kernel multiplies with AVX512-BF16 dot products where the CPU
+        # has them. Otherwise keys (N, K, D, BLOCK) and values (N, K, BLOCK, D), in fp32 or — an
+        # fp32 model's bf16 cache (`compute_dtype` fp32) — bf16 widened to fp32 as it is read.
+        compute_dtype = dtype if compute_dtype is None else compute_dtype
+        self.pairs = (dtype == torch.bfloat16 and compute_dtype == torch.bfloat16 and block % 2 == 0
+                      and head_dim % 2 == 0)
         if self.pairs:
             kshape = (n_blocks, n_kv_head, head_dim // 2, block, 2)
             vshape = (n_blocks, n_kv_head, block // 2, head_dim, 2)
@@ -285,7 +289,8 @@ class PagedView:
         if st.fresh:
             return attend(q, k, v, None, causal=True)
         if T == 1:
-            y = paged_decode(q.reshape(B, H, D).to(kt.dtype), kt, vp, st.table, st.lens)
+            qd = kt.dtype if cache.pairs else torch.float32  # the kernel's two layouts (csrc/paged_attention.cpp)
+            y = paged_decode(q.reshape(B, H, D).to(qd), kt, vp, st.table, st.lens)
             return y.reshape(B, H, 1, D).to(q.dtype)
         keys, vals = gather(kt, vp, st.table, st.nb)
         return attend(q, keys.to(q.dtype), vals.to(q.dtype), st.mask, causal=False)

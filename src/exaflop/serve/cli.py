@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights and KV cache (auto: bf16 where the device runs bf16 matmuls fast -- CUDA, "
                         "CPUs with AMX / AVX-512 BF16, measured at start -- fp32 elsewhere)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="KV cache precision (auto: the weights'). bf16 with fp32 weights (what --dtype auto picks "
+                        "on CPUs without fast bf16) halves the cache's memory and what decode attention reads, "
+                        "as llama.cpp's default 16-bit cache does; outputs change by the keys' and values' rounding")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 matrices, one scale per output row (half bf16's memory; "
                         "changes outputs slightly). Faster at 1-4 concurrent streams, slower from 8 "
@@ -126,8 +130,11 @@ def build_server(args):
         raise UserError(f"--quantize int8: needs bf16 activations, but the precision is {precision.name} "
                         "(--dtype auto picks fp32 where the CPU lacks fast bf16); pass --dtype bf16 on a CPU "
                         "with AVX-512 BF16 / AMX, or drop --quantize")
-    logging.getLogger("exaflop.serve").info("precision: %s%s", precision.describe(),
-                                            ", int8 weight-only matrices" if args.quantize == "int8" else "")
+    kv_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.kv_dtype]
+    logging.getLogger("exaflop.serve").info(
+        "precision: %s%s, KV cache %s", precision.describe(),
+        ", int8 weight-only matrices" if args.quantize == "int8" else "",
+        str(kv_dtype or dtype or torch.float32).removeprefix("torch."))
     metrics = Metrics()
     models: dict[str, ServedModel] = {}
     drives: dict[str, DrivePredictor] = {}
@@ -143,7 +150,8 @@ def build_server(args):
             drives[name] = DrivePredictor(name, path, watch, device, precision.dtype, recorder, threads)
             continue
         engine = Engine(name, metrics, args.max_running, args.max_queue, args.prefill_tokens, args.compile,
-                        prefix_cache_mb=args.prefix_cache_mb, threads=threads, quantize=args.quantize)
+                        prefix_cache_mb=args.prefix_cache_mb, threads=threads, quantize=args.quantize,
+                        kv_dtype=kv_dtype)
         models[name] = ServedModel(name, path, engine, watch)
     reloader = Reloader(list(models.values()), metrics, device, dtype, args.reload_interval,
                         drives=list(drives.values()), threads=threads)

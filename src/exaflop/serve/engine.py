@@ -47,13 +47,13 @@ log = logging.getLogger("exaflop.serve")
 class Engine:
     def __init__(self, name: str, metrics: Metrics, max_running: int = 32, max_queue: int = 256,
                  prefill_tokens: int = 4096, compile: str | bool = "off", prefix_cache_mb: float = 0.0,
-                 threads: int = 0, quantize: str = "none"):
+                 threads: int = 0, quantize: str = "none", kv_dtype: torch.dtype | None = None):
         self.name, self.metrics = name, metrics
         self.threads = threads  # torch threads of the engine thread (0: the default); serve/threads.py
         self.fault = ServeFault.from_env()  # drills only: EXAFLOP_SERVE_FAULT (engine/faults.py)
         self.scheduler = Scheduler(name, metrics, max_running, max_queue, prefill_tokens, self.fault)
         self.runner = Runner(name, metrics, compile, self.fault, prefix_bytes=int(prefix_cache_mb * (1 << 20)),
-                             quantize=quantize)
+                             quantize=quantize, kv_dtype=kv_dtype)
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)

@@ -55,6 +55,7 @@ class Weights:
         self.cache: PagedKVCache | None = None
         self.prefix: PrefixCache | None = None  # shared prompt blocks (serve/prefix.py); None: off
         self.prefix_bytes = 0  # the pool's room for them, set by the engine (Runner.prepare)
+        self.kv_dtype: torch.dtype | None = None  # the cache's dtype (None: the weights'), set there too
         self.owners: list = []  # owners[slot] = the sequence in that slot; slots 0..len-1 are in use
 
     def token_bytes(self, token: int) -> bytes:
@@ -78,9 +79,10 @@ class Weights:
 
     def _new_cache(self, slots: int, lazy: bool = False) -> PagedKVCache:
         c, p = self.cfg.model, self.model.tok_emb.weight
-        extra = self.prefix_bytes // PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, p.dtype)
+        kv = self.kv_dtype or p.dtype
+        extra = self.prefix_bytes // PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, kv)
         return PagedKVCache(c.n_layer, slots, c.n_kv_head, self.ctx, c.head_dim, extra_blocks=extra,
-                            device=p.device, dtype=p.dtype, lazy=lazy)
+                            device=p.device, dtype=kv, lazy=lazy, compute_dtype=p.dtype)
 
     def take_slot(self, seq, slots: int) -> int:
         self.ensure_cache(slots)

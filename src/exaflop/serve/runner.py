@@ -33,9 +33,10 @@ COMPILE_MODES = ("auto", "on", "off")
 
 class Runner:
     def __init__(self, name: str, metrics: Metrics, compile: str | bool = "off", fault: ServeFault | None = None,
-                 prefix_bytes: int = 0, quantize: str = "none") -> None:
+                 prefix_bytes: int = 0, quantize: str = "none", kv_dtype: torch.dtype | None = None) -> None:
         self.name, self.metrics, self.fault = name, metrics, fault
         self.quantize = quantize  # "int8": weight-only int8 matrices (nn/packed.py)
+        self.kv_dtype = kv_dtype  # the KV cache's dtype (None: the weights')
         self.prefix_bytes = prefix_bytes  # prefix-cache budget per checkpoint (0: off)
         # "on": compile before serving; "auto": serve eagerly at once, compile beside it and
         # switch when ready; "off": eager. (True / False: "on" / "off".)
@@ -69,6 +70,7 @@ class Runner:
         t0 = time.perf_counter()
         pack_for_inference(weights.model, quantize=self.quantize)
         weights.prefix_bytes = self.prefix_bytes
+        weights.kv_dtype = self.kv_dtype
         if weights.device.type == "cpu" and paged_kernel():  # built here, not by the first request
             one_row = any(getattr(m, "row", None) is not None for m in weights.model.modules())
             log.info("engine %s: CPU kernels ready (%s%s) in %.1f s", self.name,

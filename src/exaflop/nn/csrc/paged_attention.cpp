@@ -22,32 +22,37 @@ using namespace at::vec;
 using fV = Vectorized<float>;
 
 static inline fV load_f(const float* p) { return fV::loadu(p); }
+// bf16 pools in the fp32 layout (an fp32 model with a bf16 cache): widened on load, exactly.
+static inline fV load_f(const at::BFloat16* p) { fV v; load_fp32_from_bf16(p, v); return v; }
 
 // Ask for a block's keys or values (one head: 4 KB at head dim 64, fp32) while the block before
 // it is computed. A block is one page, and the hardware prefetcher neither crosses pages nor
 // knows which block the table names next: without this each block started with cache misses.
-static inline void prefetch_block(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(p + i, 0, 3);
+template <typename T>
+static inline void prefetch_block(const T* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i, 0, 3);
 }
 
-static inline void axpy(float* a, float p, const float* v, int64_t D) {
+template <typename T>
+static inline void axpy(float* a, float p, const T* v, int64_t D) {
   fV pv(p); int64_t d = 0;
-  for (; d + fV::size() <= D; d += fV::size()) fmadd(pv, fV::loadu(v + d), fV::loadu(a + d)).store(a + d);
-  for (; d < D; ++d) a[d] += p * v[d];
+  for (; d + fV::size() <= D; d += fV::size()) fmadd(pv, load_f(v + d), fV::loadu(a + d)).store(a + d);
+  for (; d < D; ++d) a[d] += p * float(v[d]);
 }
 
 // The BLK scores of one block whose keys are (D, BLK). Four partial sums over the head dim, and
 // two vectors of positions at a time (AVX2: a block of 16 is two): eight independent chains of
 // FMAs, not one chain of D dependent ones (that waited on each FMA's latency: 2.3x slower for
 // the whole kernel at 32 rows, fp32 AVX2). Summed in a fixed order, whatever the batch.
-static inline void block_scores(const float* q, const float* kt, int64_t D, int64_t BLK, float* out) {
+template <typename T>
+static inline void block_scores(const float* q, const T* kt, int64_t D, int64_t BLK, float* out) {
   const int64_t W = fV::size();
   if (BLK % W == 0 && D % 4 == 0) {
     for (int64_t c = 0; c < BLK; c += 2 * W) {
       const bool two = c + W < BLK;
       fV a0(0.f), a1(0.f), a2(0.f), a3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
       for (int64_t d = 0; d < D; d += 4) {
-        const float* k = kt + d * BLK + c;
+        const T* k = kt + d * BLK + c;
         const fV q0(q[d]), q1(q[d + 1]), q2(q[d + 2]), q3(q[d + 3]);
         a0 = fmadd(q0, load_f(k), a0);
         a1 = fmadd(q1, load_f(k + BLK), a1);
@@ -67,33 +72,34 @@ static inline void block_scores(const float* q, const float* kt, int64_t D, int6
   }
   for (int64_t c = 0; c < BLK; ++c) {
     float s = 0.f;
-    for (int64_t d = 0; d < D; ++d) s += q[d] * kt[d * BLK + c];
+    for (int64_t d = 0; d < D; ++d) s += q[d] * float(kt[d * BLK + c]);
     out[c] = s;
   }
 }
 
 // out (NV vectors) = sum over the row's first L positions of p[j] * value[j]: the sum stays in
 // NV registers (head dim 64: 4 on AVX-512, 8 on AVX2) instead of a load and store per position.
-template <int NV>
-static inline void weighted_sum(const float* p, const float* pv, const int64_t* tb, int64_t K, int64_t kh,
+template <int NV, typename T>
+static inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, int64_t K, int64_t kh,
                                 int64_t BLK, int64_t L, float* out) {
   fV a[NV];
   for (int i = 0; i < NV; ++i) a[i] = fV(0.f);
   const int64_t D = NV * fV::size();
   for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-    const float* vb = pv + (tb[j0 / BLK] * K + kh) * BLK * D;
+    const T* vb = pv + (tb[j0 / BLK] * K + kh) * BLK * D;
     const int64_t n = std::min(BLK, L - j0);
     if (j0 + BLK < L) prefetch_block(pv + (tb[j0 / BLK + 1] * K + kh) * BLK * D, BLK * D);
     for (int64_t j = 0; j < n; ++j) {
       const fV pj(p[j0 + j]);
-      const float* vp = vb + j * D;
+      const T* vp = vb + j * D;
       for (int i = 0; i < NV; ++i) a[i] = fmadd(pj, load_f(vp + i * fV::size()), a[i]);
     }
   }
   for (int i = 0; i < NV; ++i) a[i].store(out + i * fV::size());
 }
 
-static void run(const float* q, const float* pk, const float* pv, const int64_t* table, const int64_t* lens, float* out,
+template <typename T>
+static void run(const float* q, const T* pk, const T* pv, const int64_t* table, const int64_t* lens, float* out,
                 int64_t B, int64_t H, int64_t K, int64_t D, int64_t BLK, int64_t NBMAX, float scale) {
   const int64_t G = H / K;
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
@@ -105,7 +111,7 @@ static void run(const float* q, const float* pk, const float* pv, const int64_t*
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = q[(b * H + kh * G + g) * D + d] * scale;
       for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-        const float* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
+        const T* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
         if (j0 + BLK < L) prefetch_block(pk + (tb[j0 / BLK + 1] * K + kh) * D * BLK, D * BLK);
         else prefetch_block(pv + (tb[0] * K + kh) * BLK * D, BLK * D);  // the values' first block, next
         for (int64_t g = 0; g < G; ++g) {
@@ -141,7 +147,7 @@ static void run(const float* q, const float* pk, const float* pv, const int64_t*
         }
       } else {
         for (int64_t j = 0; j < L; ++j) {
-          const float* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
+          const T* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
           for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, sc[g * L + j], vp, D);
         }
       }
@@ -285,21 +291,30 @@ at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& keys_t, const at
   TORCH_CHECK(keys_t.is_contiguous() && values.is_contiguous(), "paged_decode: contiguous pools expected");
   const at::Tensor q = q_.contiguous(), table = table_.contiguous(), lens = lens_.contiguous();
   const double scale = 1.0 / std::sqrt(double(q.size(2)));
-  TORCH_CHECK(q.scalar_type() == keys_t.scalar_type() && q.scalar_type() == values.scalar_type(),
-              "paged_decode: q, keys and values must share a dtype");
+  TORCH_CHECK(keys_t.scalar_type() == values.scalar_type(), "paged_decode: keys and values must share a dtype");
   auto out = at::empty_like(q);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = values.size(1);
   const int64_t NBMAX = table.size(1);
   if (keys_t.dim() == 5) {  // bf16 pair layout: keys (N, K, D/2, BLK, 2), values (N, K, BLK/2, D, 2)
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode: the pair layout is for bf16");
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
+                "paged_decode: the pair layout is for bf16 q, keys and values");
     run_pairs(q.data_ptr<at::BFloat16>(), keys_t.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
               table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(),
               B, H, K, D, keys_t.size(3), NBMAX, scale);
     return out;
   }
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: fp32 pools are (N, K, D, BLK) and (N, K, BLK, D)");
+  // The fp32 layout, keys (N, K, D, BLK) and values (N, K, BLK, D): fp32 q, pools in fp32 or (an
+  // fp32 model's bf16 cache, half the bytes to read) bf16.
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: the (N, K, D, BLK) layout takes an fp32 q");
+  if (keys_t.scalar_type() == at::kBFloat16) {
+    run(q.data_ptr<float>(), keys_t.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(),
+        table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, values.size(2),
+        NBMAX, scale);
+    return out;
+  }
+  TORCH_CHECK(keys_t.scalar_type() == at::kFloat, "paged_decode: pools in fp32 or bf16 expected");
   run(q.data_ptr<float>(), keys_t.data_ptr<float>(), values.data_ptr<float>(), table.data_ptr<int64_t>(),
-             lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, values.size(2), NBMAX, scale);
+      lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, values.size(2), NBMAX, scale);
   return out;
 }
 
