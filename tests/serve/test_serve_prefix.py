@@ -36,7 +36,8 @@ def test_second_turn_reuses_the_first_turns_blocks(server, client):
     prompt2 = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": turn2()}).json()["tokens"]
     shared = next(i for i, (a, b) in enumerate(zip(prompt1 + [-1], prompt2, strict=False)) if a != b)
     assert shared == len(prompt1) > 300  # turn 1's whole prompt starts turn 2
-    assert r2.usage.prompt_tokens_details.cached_tokens == shared // BLOCK * BLOCK
+    # All of it: its full blocks shared, the partial last one copied (turn 1's reply continued it).
+    assert shared % BLOCK and shared <= r2.usage.prompt_tokens_details.cached_tokens < len(prompt2)
     assert r1.usage.prompt_tokens == len(prompt1) and r2.usage.prompt_tokens == len(prompt2)
     metrics = {line.split(" ")[0]: float(line.split(" ")[1])
                for line in httpx.get(server.url + "/metrics").text.splitlines() if line and line[0] != "#"}
@@ -106,20 +107,57 @@ def fill(c: PagedKVCache, row: int, n: int) -> None:
     c.lengths[row] = n
 
 
-def test_attach_shares_the_longest_indexed_chain_without_copying_and_leaves_a_token():
+def test_attach_shares_the_longest_indexed_chain_copies_the_tail_and_leaves_a_token():
     c, pc = pool()
     ids = list(range(70))
     fill(c, 0, 70)
+    for layer in range(2):
+        c.keys[layer].normal_(), c.values[layer].normal_()
     pc.register(0, ids)  # 4 full blocks of 16
     assert len(pc.entries) == 4
-    assert pc.attach(1, ids[:64]) == 48  # 64 tokens: at most 63 reusable -> 3 blocks
-    assert int(c.lengths[1]) == 48
-    assert c.owned[1] == c.owned[0][:3] and torch.equal(c.table[1, :3], c.table[0, :3])  # the same blocks
-    assert [c.refs[b] for b in c.owned[0]] == [2, 2, 2, 1, 1]
+    # 64 tokens: at most 63 reusable -> 3 blocks shared, 15 positions of the 4th copied
+    assert pc.attach(1, ids[:64]) == 63 and pc.copied == 15
+    assert int(c.lengths[1]) == 63
+    assert c.owned[1][:3] == c.owned[0][:3] and torch.equal(c.table[1, :3], c.table[0, :3])  # the same blocks
+    own, src = c.owned[1][3], c.owned[0][3]
+    assert own not in c.owned[0] and int(c.table[1, 3]) == own  # the 4th: a copy of the row's own
+    assert all(torch.equal(pool[own], pool[src]) for pool in (*c.keys, *c.values))
+    assert [c.refs[b] for b in c.owned[0]] == [2, 2, 2, 1, 1] and c.refs[own] == 1
     c.release(1)
-    assert pc.attach(1, [*ids[:20], 999, *ids[21:]]) == 16  # a change in block 2 ends the chain
+    assert pc.attach(1, [*ids[:20], 999, *ids[21:]]) == 20  # block 1's first 4 tokens, then a change
     c.release(1)
-    assert pc.attach(1, [5, *ids[1:]]) == 0
+    assert pc.attach(1, [5, *ids[1:]]) == 0  # nothing indexed starts with 5
+    c.release(1)
+    assert pc.attach(1, ids[:2]) == 1  # one token reusable, copied from block 0
+
+
+def test_a_copied_tail_decodes_like_a_computed_one():
+    """A prompt that ends mid-block, seen before as the start of a longer sequence: its last
+    partial block comes from the cache (copied) and one token is computed; the logits are the
+    ones the whole prompt's prefill gives, and the block it was copied from is left as it was."""
+    from exaflop.lm.config import ModelConfig
+    from exaflop.lm.model import LM
+    from exaflop.nn.packed import pack_for_inference
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128, vocab_size=300, seq_len=96,
+                      init_std=0.1, tie_embeddings=False)
+    m = pack_for_inference(LM(cfg).eval())
+    c = PagedKVCache(cfg.n_layer, 2, cfg.n_kv_head, 96, cfg.head_dim, extra_blocks=8)
+    pc = PrefixCache(c)
+    seq = torch.randint(0, 300, (40,))
+    with torch.inference_mode():
+        c.reserve([0], [40])
+        m.decode(seq[None], c, torch.tensor([0]), torch.tensor([40]))
+        pc.register(0, seq.tolist())  # blocks 0-1 (32 tokens) indexed
+        before = [p[c.owned[0][1]].clone() for p in (*c.keys, *c.values)]
+        prompt = seq[:27].tolist()  # ends mid-block 1
+        assert pc.attach(1, prompt) == 26
+        c.reserve([1], [27])
+        got = m.decode(torch.tensor([prompt[26:]]), c, torch.tensor([1]), torch.tensor([1]))
+        want, _ = m(torch.tensor([prompt]))
+    torch.testing.assert_close(got[0], want[0, -1], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p[c.owned[0][1]], b) for p, b in zip((*c.keys, *c.values), before, strict=True))
 
 
 def test_a_shared_block_outlives_its_first_row_and_unindexed_blocks_are_freed():

@@ -167,8 +167,10 @@ class PagedKVCache:
             raise RuntimeError("paged KV cache: out of blocks")  # sized so this cannot happen
         return self.free.pop()
 
-    def attach(self, row: int, blocks: list[int]) -> None:
-        """Start row `row` with shared `blocks` (full blocks of its prefix), refcounted."""
+    def attach(self, row: int, blocks: list[int], tail: tuple[int, int] | None = None) -> None:
+        """Start row `row` with shared `blocks` (full blocks of its prefix), refcounted; then, with
+        `tail` = (block, n), the first n positions of that block, copied into a block of the row's
+        own (a row writes past its length, so only full blocks are shared)."""
         assert not self.owned[row], "attach to a fresh row"
         for b in blocks:
             if self.refs[b] == 0:
@@ -178,6 +180,17 @@ class PagedKVCache:
             self.table[row, :len(blocks)] = torch.tensor(blocks, device=self.table.device)
         self.owned[row] = list(blocks)
         self.lengths[row] = len(blocks) * self.block
+        if tail is not None:
+            src, n = tail
+            self.refs[src] += 1  # not the block a full pool evicts to make room for the copy
+            b = self._take()
+            self.refs[src] -= 1
+            for pool in (*self.keys, *self.values):
+                pool[b].copy_(pool[src])  # the whole block: the row reads only its first n positions
+            self.refs[b] = 1
+            self.table[row, len(blocks)] = b
+            self.owned[row].append(b)
+            self.lengths[row] += n
 
     def reserve(self, rows: list[int], upto: list[int]) -> None:
         """Allocate blocks so row rows[i] holds positions [0, upto[i])."""
