@@ -70,7 +70,8 @@ class PrefixCache:
         """The indexed block after `parent` whose tokens start with the longest run of `rest`."""
         best, n = None, 0
         for e in self.starts.get((parent, rest[0]), {}).values() if rest else ():
-            m = next((i for i, (a, b) in enumerate(zip(e.key[1], rest)) if a != b), min(len(rest), self.block))
+            pairs = enumerate(zip(e.key[1], rest, strict=False))  # the shorter of block and rest
+            m = next((i for i, (a, b) in pairs if a != b), min(len(rest), self.block))
             if m > n:
                 best, n = e, m
         return best, n
