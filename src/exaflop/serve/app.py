@@ -125,8 +125,7 @@ def create_app(server: Server) -> FastAPI:
                 # What serves it: the weights' dtype and whether matrices are int8 (--quantize).
                 "dtype": str(next(w.model.parameters()).dtype).removeprefix("torch.") if w else None,
                 "quantization": getattr(w.model, "quantized", "none") if w else None,
-                "kv_cache_dtype": str(w.kv_dtype or next(w.model.parameters()).dtype).removeprefix("torch.")
-                if w else None,
+                "kv_cache_dtype": str(w.cache_dtype).removeprefix("torch.") if w else None,
                 # "compiled", "compiling" (decoding eagerly until the compile is done) or "eager".
                 "decode": m.engine.runner.decode_mode if m else None}
 

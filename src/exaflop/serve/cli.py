@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--drive-record-mb", type=float, default=64.0, help="rotate the record file at this size")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="weights and KV cache (auto: bf16 where the device runs bf16 matmuls fast -- CUDA, "
+                   help="weights, and the KV cache unless --kv-dtype (auto: bf16 where the device runs bf16 matmuls fast -- CUDA, "
                         "CPUs with AMX / AVX-512 BF16, measured at start -- fp32 elsewhere)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="KV cache precision (auto: the weights'). bf16 with fp32 weights (what --dtype auto picks "

@@ -77,9 +77,14 @@ class Weights:
         one serves. Same sizes, so the compiled graph's guards hold for the real cache."""
         return self._new_cache(slots, lazy=True)
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: `--kv-dtype`, or the weights'."""
+        return self.kv_dtype or self.model.tok_emb.weight.dtype
+
     def _new_cache(self, slots: int, lazy: bool = False) -> PagedKVCache:
         c, p = self.cfg.model, self.model.tok_emb.weight
-        kv = self.kv_dtype or p.dtype
+        kv = self.cache_dtype
         extra = self.prefix_bytes // PagedKVCache.block_bytes(c.n_layer, c.n_kv_head, c.head_dim, kv)
         return PagedKVCache(c.n_layer, slots, c.n_kv_head, self.ctx, c.head_dim, extra_blocks=extra,
                             device=p.device, dtype=kv, lazy=lazy, compute_dtype=p.dtype)
