@@ -170,3 +170,59 @@ def test_a_model_decodes_through_a_cache_of_the_other_dtype(path, model_dtype, k
             assert (a.float() - b.float()).abs().max() <= tol * a.float().abs().max()
         if model_dtype == torch.float32:
             assert not torch.equal(a, b)  # the bf16 cache rounds: not the same logits, only close
+
+
+def _fused_vs_unfused_run(m: LM, kv_dtype: torch.dtype, compiled: bool = False) -> tuple[torch.Tensor, list]:
+    """Logits of a prefill, a one-token prefill of a row attached to shared blocks, and 20 decode
+    steps (packed rows, then rows given), with the pools at the end."""
+    c = m.cfg
+    cache = PagedKVCache(c.n_layer, 3, c.n_kv_head, 96, c.head_dim, dtype=kv_dtype, compute_dtype=torch.float32)
+    step = torch.compile(LM.logits_at, dynamic=True) if compiled else None
+    torch.manual_seed(2)
+    x = torch.randint(0, 500, (2, 35))
+    lens = torch.tensor([35, 18])
+    out = []
+    with torch.inference_mode():
+        cache.reserve([0, 1], lens.tolist())
+        out.append(m.decode(x, cache, torch.arange(2), lens))
+        cache.attach(2, cache.owned[0][:2])  # row 2 starts on row 0's first 32 positions
+        cache.reserve([2], [33])
+        out.append(m.decode(x[:1, 32:33], cache, torch.tensor([2])))  # a one-token prefill
+        tok = out[0].argmax(-1, keepdim=True)
+        for t in range(20):
+            rows = None if t < 10 else torch.tensor([1, 0])  # packed (the compiled step), then gathered
+            order = [0, 1] if rows is None else [1, 0]
+            cache.reserve(order, [int(cache.lengths[r]) + 1 for r in order])
+            lg = m.decode(tok if rows is None else tok[[1, 0]], cache, rows, step=step if rows is None else None)
+            out.append(lg if rows is None else lg[[1, 0]])
+            tok = out[-1].argmax(-1, keepdim=True)
+    return torch.cat(out), [p.clone() for p in cache.keys + cache.values]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_attention_is_the_unfused_one_bit_for_bit(monkeypatch, kv_dtype):
+    """The fp32 step's RoPE, cache write and attention in one kernel (`paged_decode_rope`) give
+    the logits and the pools of RoPE, the indexed write and `paged_decode` run one after the
+    other, bit for bit: grouped heads, a one-token prefill on shared blocks, packed and gathered
+    rows, fp32 and bf16 pools."""
+    assert paged_kernel(), "the kernel must build here (g++ and ninja are installed)"
+    m = pack_for_inference(_model())
+    fused, pools = _fused_vs_unfused_run(m, kv_dtype)
+    monkeypatch.setattr(paged, "_fused_ready", lambda: False)
+    unfused, pools_unfused = _fused_vs_unfused_run(m, kv_dtype)
+    assert torch.equal(fused, unfused)
+    assert all(torch.equal(a, b) for a, b in zip(pools, pools_unfused, strict=True))
+
+
+@pytest.mark.compile
+def test_compiled_fused_decode_attention_is_the_unfused_one_bit_for_bit(monkeypatch):
+    """The same through a compiled decode step (what `serve` runs): the operator mutates the
+    pools in place, and the compiled step's logits and pools are the unfused step's."""
+    assert paged_kernel()
+    m = pack_for_inference(_model())
+    fused, pools = _fused_vs_unfused_run(m, torch.float32, compiled=True)
+    monkeypatch.setattr(paged, "_fused_ready", lambda: False)
+    torch._dynamo.reset()
+    unfused, pools_unfused = _fused_vs_unfused_run(m, torch.float32, compiled=True)
+    assert torch.equal(fused, unfused)
+    assert all(torch.equal(a, b) for a, b in zip(pools, pools_unfused, strict=True))

@@ -8,7 +8,8 @@ and source hash, so a process capped with ATEN_CPU_CAPABILITY=avx2 builds and ru
 build. Where they cannot be built (no compiler) every caller has a slower path in plain
 PyTorch, and the reason is logged once.
 
-- `paged_decode` (csrc/paged_attention.cpp): decode attention over a paged KV cache (nn/paged.py).
+- `paged_decode` (csrc/paged_attention.cpp): decode attention over a paged KV cache (nn/paged.py);
+  `paged_decode_rope`, the fp32 step's RoPE, cache write and attention in one.
 - `linear_bf16_row`, `linear_int8_row` (csrc/linear_row.cpp): one row times a bf16 matrix, or an
   int8 one with per-row scales (nn/packed.py).
 - `xent_rows`, `xent_rows_` (csrc/cross_entropy.cpp): a chunk's cross-entropy and logit gradient
@@ -85,6 +86,8 @@ def _build() -> bool:
                     "single-row bf16 products use oneDNN", type(e).__name__, first[:200])
         return False
     torch.library.register_fake("exaflop::paged_decode")(lambda q, keys, values, table, lens: torch.empty_like(q))
+    torch.library.register_fake("exaflop::paged_decode_rope")(
+        lambda q, k, v, cos, sin, keys, values, table, lens, blk, off: q.new_empty((q.shape[0], q.shape[1], q.shape[3])))
     torch.library.register_fake("exaflop::linear_bf16_row")(
         lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
     torch.library.register_fake("exaflop::linear_int8_row")(

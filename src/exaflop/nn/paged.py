@@ -69,6 +69,12 @@ def paged_decode(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: T
     return _paged_decode_gathered(q, keys, values, table, lens)
 
 
+def _fused_ready() -> bool:
+    """Whether `paged_decode_rope` (csrc/paged_attention.cpp) is there: resolved before a compiled
+    step traces it, as in paged_decode."""
+    return bool(_kernel) if torch.compiler.is_dynamo_compiling() else paged_kernel()
+
+
 def gather(keys: Tensor, values: Tensor, table: Tensor, nb: int) -> tuple[Tensor, Tensor]:
     """Contiguous keys and values (B, K, nb*BLOCK, D) of the first `nb` blocks of each table row."""
     ids = table[:, :nb]
@@ -288,9 +294,15 @@ class PagedView:
         B, H, T, D = q.shape
         if not st._ready:
             st._prepare(B)
+        kt, vp = cache.keys[self.layer], cache.values[self.layer]
+        if (T == 1 and rope is not None and not cache.pairs and q.dtype == torch.float32 and q.device.type == "cpu"
+                and _fused_ready()):
+            # The fp32 decode step: RoPE, the cache write and attention in one kernel.
+            y = torch.ops.exaflop.paged_decode_rope(q, k, v, st.cos2, st.sin2, kt, vp, st.table, st.lens,
+                                                    st.blk, st.off)
+            return y.reshape(B, H, 1, D)
         if rope is not None:
             q, k = _rope_qk(q, k, st.cos2, st.sin2)
-        kt, vp = cache.keys[self.layer], cache.values[self.layer]
         # Advanced indices separated by slices put (B, T) first: the values are (B, T, K, D).
         kw, vw = k.transpose(1, 2).to(kt.dtype), v.transpose(1, 2).to(vp.dtype)
         if cache.pairs:

@@ -11,6 +11,7 @@ and is at full speed once the compile is done.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -115,6 +116,11 @@ class Runner:
             log.warning("engine %s: decoding eagerly", self.name)
             self.compile = "off"
             return
+        # Compiling leaves ~10^5 objects of garbage among ~10^6 live ones (traced graphs, guards):
+        # collected here, in this thread, rather than by whichever allocation next trips a full
+        # collection, mid-request (measured: a 285 ms pause of every stream in the first requests
+        # after the background compile, fp32 lm-124m, AVX2).
+        gc.collect()
         # The engine thread reads `decode_step` once per decode: from its next step on, compiled.
         self.cpp_wrapper, self.decode_step, self.compiled = cpp_wrapper, compiled, True
         log.info("engine %s: decode step compiled%s in %.1f s; decoding with it", self.name,

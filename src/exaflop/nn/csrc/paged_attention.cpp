@@ -98,6 +98,58 @@ static inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, 
   for (int i = 0; i < NV; ++i) a[i].store(out + i * fV::size());
 }
 
+// One (row, KV head) task: softmax(qf k) v over the row's first L positions, for the G query
+// heads of qf (G x D, already scaled); sc (G x L) and acc (G x D) are the caller's scratch.
+template <typename T>
+static void attend_task(const float* qf, const T* pk, const T* pv, const int64_t* tb, int64_t L, int64_t kh,
+                        int64_t G, int64_t K, int64_t D, int64_t BLK, std::vector<float>& sc, std::vector<float>& acc,
+                        std::vector<float>& blk, float* out) {
+  sc.assign(G * L, 0.f);
+  for (int64_t j0 = 0; j0 < L; j0 += BLK) {
+    const T* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
+    if (j0 + BLK < L) prefetch_block(pk + (tb[j0 / BLK + 1] * K + kh) * D * BLK, D * BLK);
+    else prefetch_block(pv + (tb[0] * K + kh) * BLK * D, BLK * D);  // the values' first block, next
+    for (int64_t g = 0; g < G; ++g) {
+      block_scores(qf + g * D, kt, D, BLK, blk.data());
+      for (int64_t j = j0; j < std::min(L, j0 + BLK); ++j) sc[g * L + j] = blk[j - j0];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc.data() + g * L;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j]);
+    fV vs(0.f), vm(m);
+    int64_t j = 0;
+    for (; j + fV::size() <= L; j += fV::size()) {
+      fV e = (fV::loadu(s + j) - vm).exp_u20();
+      e.store(s + j);
+      vs = vs + e;
+    }
+    float sum = vec_reduce_all<float>([](fV& a, fV& b) { return a + b; }, vs);
+    for (; j < L; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+    const float inv = 1.f / sum;
+    for (j = 0; j < L; ++j) s[j] *= inv;
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  const int64_t NV = D / fV::size();
+  if (D % fV::size() == 0 && (NV == 2 || NV == 4 || NV == 8)) {
+    for (int64_t g = 0; g < G; ++g) {
+      float* a = acc.data() + g * D;
+      const float* p = sc.data() + g * L;
+      if (NV == 2) weighted_sum<2>(p, pv, tb, K, kh, BLK, L, a);
+      else if (NV == 4) weighted_sum<4>(p, pv, tb, K, kh, BLK, L, a);
+      else weighted_sum<8>(p, pv, tb, K, kh, BLK, L, a);
+    }
+  } else {
+    for (int64_t j = 0; j < L; ++j) {
+      const T* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
+      for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, sc[g * L + j], vp, D);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d];
+}
+
 template <typename T>
 static void run(const float* q, const T* pk, const T* pv, const int64_t* table, const int64_t* lens, float* out,
                 int64_t B, int64_t H, int64_t K, int64_t D, int64_t BLK, int64_t NBMAX, float scale) {
@@ -105,56 +157,68 @@ static void run(const float* q, const T* pk, const T* pv, const int64_t* table, 
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), sc, blk(BLK);
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / K, kh = idx % K, L = lens[b];
-      const int64_t* tb = table + b * NBMAX;
-      sc.assign(G * L, 0.f);
+      const int64_t b = idx / K, kh = idx % K;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = q[(b * H + kh * G + g) * D + d] * scale;
-      for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-        const T* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
-        if (j0 + BLK < L) prefetch_block(pk + (tb[j0 / BLK + 1] * K + kh) * D * BLK, D * BLK);
-        else prefetch_block(pv + (tb[0] * K + kh) * BLK * D, BLK * D);  // the values' first block, next
-        for (int64_t g = 0; g < G; ++g) {
-          block_scores(qf.data() + g * D, kt, D, BLK, blk.data());
-          for (int64_t j = j0; j < std::min(L, j0 + BLK); ++j) sc[g * L + j] = blk[j - j0];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = sc.data() + g * L;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j]);
-        fV vs(0.f), vm(m);
-        int64_t j = 0;
-        for (; j + fV::size() <= L; j += fV::size()) {
-          fV e = (fV::loadu(s + j) - vm).exp_u20();
-          e.store(s + j);
-          vs = vs + e;
-        }
-        float sum = vec_reduce_all<float>([](fV& a, fV& b) { return a + b; }, vs);
-        for (; j < L; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
-        const float inv = 1.f / sum;
-        for (j = 0; j < L; ++j) s[j] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t NV = D / fV::size();
-      if (D % fV::size() == 0 && (NV == 2 || NV == 4 || NV == 8)) {
-        for (int64_t g = 0; g < G; ++g) {
-          float* a = acc.data() + g * D;
-          const float* p = sc.data() + g * L;
-          if (NV == 2) weighted_sum<2>(p, pv, tb, K, kh, BLK, L, a);
-          else if (NV == 4) weighted_sum<4>(p, pv, tb, K, kh, BLK, L, a);
-          else weighted_sum<8>(p, pv, tb, K, kh, BLK, L, a);
-        }
-      } else {
-        for (int64_t j = 0; j < L; ++j) {
-          const T* vp = pv + ((tb[j / BLK] * K + kh) * BLK + j % BLK) * D;
-          for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, sc[g * L + j], vp, D);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) out[(b * H + kh * G + g) * D + d] = acc[g * D + d];
+      attend_task(qf.data(), pk, pv, table + b * NBMAX, lens[b], kh, G, K, D, BLK, sc, acc, blk,
+                  out + (b * H + kh * G) * D);
     }
   });
+}
+
+// x (D) rotated by the half-split RoPE (nn/layers.py apply_rope) into out: out = x * c + rot(x) * s
+// with rot(x) = (-x2, x1), c and s the row's (cos, cos) and (sin, sin). Each product rounded
+// before the sum, as the unfused ops do (the empty asm keeps the compiler from contracting the
+// pair into one FMA, which would round once and change the bits).
+static inline void rope_into(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    float a = x[d] * c[d];
+    float b = (d < h ? -x[d + h] : x[d - h]) * s[d];
+    asm("" : "+x"(a), "+x"(b));
+    out[d] = a + b;
+  }
+}
+
+// The fp32 decode step's attention for one new position per row, fused: rotate the row's new
+// key and query (RoPE), write the key and value into the pools at (blk[b], off[b]), then attend
+// over lens[b] positions (the new one included). One kernel instead of inductor's scatter (which
+// wrote a key's D values a cache line each, then the attention read those lines again) and the
+// attention after it; the same numbers as the two, bit for bit (tests/test_paged.py).
+template <typename T>
+static void run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* cos, const float* sin,
+                     T* pk, T* pv, const int64_t* table, const int64_t* lens, const int64_t* blk, const int64_t* off,
+                     float* out, int64_t B, int64_t H, int64_t K, int64_t D, int64_t BLK, int64_t NBMAX, float scale) {
+  const int64_t G = H / K;
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  const int64_t qb = q.stride(0), qh = q.stride(1), kb = k.stride(0), khs = k.stride(1), vb = v.stride(0),
+                vh = v.stride(1);
+  auto body = [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), sc, blkbuf(BLK), kr(D);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / K, kh = idx % K;
+      const float* c = cos + b * D;
+      const float* s = sin + b * D;
+      rope_into(kp + b * kb + kh * khs, c, s, D, kr.data());
+      const float* vrow = vp + b * vb + kh * vh;
+      T* kdst = pk + (blk[b] * K + kh) * D * BLK + off[b];
+      T* vdst = pv + ((blk[b] * K + kh) * BLK + off[b]) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        kdst[d * BLK] = T(kr[d]);
+        vdst[d] = T(vrow[d]);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* qg = qf.data() + g * D;
+        rope_into(qp + b * qb + (kh * G + g) * qh, c, s, D, qg);
+        for (int64_t d = 0; d < D; ++d) qg[d] *= scale;
+      }
+      attend_task(qf.data(), pk, pv, table + b * NBMAX, lens[b], kh, G, K, D, BLK, sc, acc, blkbuf,
+                  out + (b * H + kh * G) * D);
+    }
+  };
+  at::parallel_for(0, B * K, 1, body);
 }
 
 // ---- bf16 pools in pair layout -------------------------------------------------------------
@@ -318,9 +382,51 @@ at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& keys_t, const at
   return out;
 }
 
+// q (B, H, 1, D), k and v (B, K, 1, D): fp32, the step's projections before RoPE (any strides
+// but the last, e.g. views of the fused q/k/v product); cos, sin (B, 1, 1, D): each row's angles
+// as (cos, cos) and (sin, sin); keys (N, K, D, BLK) and values (N, K, BLK, D) in fp32 or bf16,
+// written at block blk[b], offset off[b] (both (B, 1)); lens (B,) positions to attend, the new
+// one included. Returns (B, H, D).
+at::Tensor paged_decode_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_,
+                             const at::Tensor& sin_, at::Tensor& keys_t, at::Tensor& values, const at::Tensor& table_,
+                             const at::Tensor& lens_, const at::Tensor& blk_, const at::Tensor& off_) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 && k.size(2) == 1,
+              "paged_decode_rope: q (B, H, 1, D) and k, v (B, K, 1, D) expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "paged_decode_rope: fp32 q, k, v expected");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "paged_decode_rope: unit stride in D expected");
+  TORCH_CHECK(keys_t.dim() == 4 && keys_t.is_contiguous() && values.is_contiguous() &&
+              keys_t.scalar_type() == values.scalar_type(), "paged_decode_rope: the (N, K, D, BLK) layout expected");
+  const at::Tensor cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
+  const at::Tensor table = table_.contiguous(), lens = lens_.contiguous(), blk = blk_.contiguous(),
+                   off = off_.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), K = values.size(1), BLK = values.size(2);
+  TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D && blk.numel() == B && off.numel() == B,
+              "paged_decode_rope: one angle row and one slot per row expected");
+  const float scale = float(1.0 / std::sqrt(double(D)));
+  auto out = at::empty({B, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (keys_t.scalar_type() == at::kBFloat16) {
+    run_step(q, k, v, cos.data_ptr<float>(), sin.data_ptr<float>(), keys_t.data_ptr<at::BFloat16>(),
+             values.data_ptr<at::BFloat16>(), table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+             blk.data_ptr<int64_t>(), off.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, BLK,
+             table.size(1), scale);
+  } else {
+    TORCH_CHECK(keys_t.scalar_type() == at::kFloat, "paged_decode_rope: pools in fp32 or bf16 expected");
+    run_step(q, k, v, cos.data_ptr<float>(), sin.data_ptr<float>(), keys_t.data_ptr<float>(),
+             values.data_ptr<float>(), table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), blk.data_ptr<int64_t>(),
+             off.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, D, BLK, table.size(1), scale);
+  }
+  return out;
+}
+
 // An operator of the dispatcher, not a Python function: a compiled decode step (and its C++
 // wrapper) calls it without going through Python, once per layer per step.
 TORCH_LIBRARY_FRAGMENT(exaflop, m) {
   m.def("paged_decode(Tensor q, Tensor keys_t, Tensor values, Tensor table, Tensor lens) -> Tensor");
+  m.def("paged_decode_rope(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) keys_t, "
+        "Tensor(b!) values, Tensor table, Tensor lens, Tensor blk, Tensor off) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(exaflop, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(exaflop, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("paged_decode_rope", &paged_decode_rope);
+}
