@@ -6,6 +6,8 @@
 //        multiply-add per dimension with no horizontal sums — and values (block, head,
 //        position, dim), summed in registers;
 //  bf16: pairs side by side (below, `run_pairs`), for AVX512-BF16's dot product.
+// `paged_decode_rope` is the fp32 layout's decode step with RoPE and the cache write in front
+// (one operator per layer for the fp32 model, which `auto` serves on AVX2-only CPUs).
 // Compiled for the CPU capability PyTorch dispatches to (nn/paged.py passes the flags), with
 // ATen's Vectorized types, so one source serves AVX-512, AVX2 and plain builds.
 #include <ATen/ATen.h>
