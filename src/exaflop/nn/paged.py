@@ -61,18 +61,21 @@ def paged_decode(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, lens: T
     """Attention of one query per row, q (B, H, D), over its first lens[b] cached positions, in
     the pools of a PagedKVCache (either layout), through table (B, NB) of block ids. (B, H, D).
     One opaque operator either way, so a compiled decode step calls it as one kernel."""
-    # Resolved before a compiled step traces this (Runner.prepare builds the kernel): the lock in
-    # paged_kernel() is not something to trace through.
-    ready = bool(_kernel) if torch.compiler.is_dynamo_compiling() else paged_kernel()
-    if q.device.type == "cpu" and ready:
+    if q.device.type == "cpu" and _kernel_ready():
         return torch.ops.exaflop.paged_decode(q, keys, values, table, lens)
     return _paged_decode_gathered(q, keys, values, table, lens)
 
 
-def _fused_ready() -> bool:
-    """Whether `paged_decode_rope` (csrc/paged_attention.cpp) is there: resolved before a compiled
-    step traces it, as in paged_decode."""
+def _kernel_ready() -> bool:
+    """paged_kernel(), resolved before a compiled step traces its caller (Runner.prepare builds
+    the kernels): the lock in paged_kernel() is not something to trace through."""
     return bool(_kernel) if torch.compiler.is_dynamo_compiling() else paged_kernel()
+
+
+def _fused_ready() -> bool:
+    """Whether the fp32 decode step takes `paged_decode_rope` (csrc/paged_attention.cpp); tests
+    turn it off to compare with the unfused ops."""
+    return _kernel_ready()
 
 
 def gather(keys: Tensor, values: Tensor, table: Tensor, nb: int) -> tuple[Tensor, Tensor]:
