@@ -19,7 +19,10 @@ builds llama-server without AVX-512 / AMX (in build-avx2/), and the caps go on e
         python bench/serve_vs_llama_server.py --build SDIST --build-isa avx2
 Usage:
     python bench/serve_vs_llama_server.py [--run RUN | --preset lm-124m] [--dtype auto] [--kv-dtype auto]
-                                          [--streams 1,8,32] [--repeat 3]
+                                          [--peer-kv f16] [--streams 1,8,32] [--repeat 3]
+llama-server keeps its KV cache in f16 by default whatever the weights; exaflop keeps it in the
+weights' dtype (fp32 where `auto` serves fp32). `--peer-kv f32` gives llama-server an fp32 cache
+too (like for like); `--kv-dtype bf16` gives exaflop a 16-bit one.
 """
 
 from __future__ import annotations
@@ -228,6 +231,9 @@ def main() -> int:
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="exaflop serve --kv-dtype (auto: the weights' dtype; llama-server's KV cache is f16, "
                          "its default, whatever the weights)")
+    ap.add_argument("--peer-kv", default="f16", choices=["f16", "f32", "bf16"],
+                    help="llama-server's KV cache type (-ctk/-ctv; f16 is its default): f32 matches exaflop's "
+                         "fp32 cache, for a like-for-like row beside the default one")
     ap.add_argument("--llama-server", help="path of a llama-server binary (also $LLAMA_SERVER, PATH)")
     ap.add_argument("--build", help="build llama-server from a llama-cpp-python sdist (.tar.gz or unpacked dir)")
     ap.add_argument("--build-isa", default="native", choices=["native", "avx2"],
@@ -268,7 +274,7 @@ def main() -> int:
                 ours += ["--compile", args.compile]
                 theirs = [str(llama), "-m", str(gguf), "--alias", name, "--port", str(port), "--host", "127.0.0.1",
                           "-t", str(args.threads), "-tb", str(args.threads), "-np", str(n), "-cb",
-                          "-c", str(ctx * n), "--no-webui", "--log-disable"]
+                          "-c", str(ctx * n), "--no-webui", "--log-disable", "-ctk", args.peer_kv, "-ctv", args.peer_kv]
                 theirs += ["--no-repack"] if gguf_type == "q8_0" else []
                 order = [("exaflop", ours, {}), ("llama-server", theirs, {"ignore_eos": True})]
                 for who, cmd, extra in (order if rep % 2 == 0 else order[::-1]):  # alternate who goes first
@@ -283,7 +289,7 @@ def main() -> int:
     print(f"CPU: {cpu_capability()}, {args.threads} threads per server; model {run.name} "
           f"({args.preset if not args.run else 'given run'}), weights {precision} (GGUF {gguf_type}), "
           f"{args.max_tokens} greedy tokens per stream, median of {args.repeat}"
-          f", exaflop --compile {args.compile} --kv-dtype {args.kv_dtype} (llama-server's KV cache: f16)"
+          f", exaflop --compile {args.compile} --kv-dtype {args.kv_dtype} (llama-server's KV cache: {args.peer_kv})"
           f"{', exaflop --quantize int8 vs Q8_0 (llama-server --no-repack)' if args.quantize == 'int8' else ''}")
     # The two servers of one repetition run back to back, so their ratio shares the machine's
     # state of that minute (this VM's speed drifts by 2x over minutes): the median of those
