@@ -229,8 +229,7 @@ def main() -> int:
                     help="int8: exaflop serve --quantize int8 against llama-server on a Q8_0 export "
                          "(run with --no-repack: its repacked Q8_0 path dies with SIGILL on this VM's CPU)")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="exaflop serve --kv-dtype (auto: the weights' dtype; llama-server's KV cache is f16, "
-                         "its default, whatever the weights)")
+                    help="exaflop serve --kv-dtype (auto: the weights' dtype; llama-server's is --peer-kv)")
     ap.add_argument("--peer-kv", default="f16", choices=["f16", "f32", "bf16"],
                     help="llama-server's KV cache type (-ctk/-ctv; f16 is its default): f32 matches exaflop's "
                          "fp32 cache, for a like-for-like row beside the default one")
