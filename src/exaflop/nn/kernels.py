@@ -33,6 +33,7 @@ import torch
 log = logging.getLogger("exaflop.serve")
 
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
+HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))  # in the build's hash: the sources include them
 # The vector types compile for the capability named here; the flags match it (not -march=native,
 # so a capped process builds what it will run). Functions that need more (AVX512-BF16) carry a
 # target attribute and check the CPU at run time.
@@ -72,7 +73,7 @@ def _build() -> bool:
     cap = torch.backends.cpu.get_cpu_capability()
     cap = cap if cap in _FLAGS else "DEFAULT"
     macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
     try:
         from torch.utils.cpp_extension import load
         if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated venv

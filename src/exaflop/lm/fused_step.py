@@ -1,0 +1,63 @@
+"""The fp32 decode step as one operator (`exaflop::decode_f32`, nn/csrc/decode_f32.cpp): what
+`serve` decodes with where `auto` serves fp32, i.e. where PyTorch dispatches to AVX2 (CPUs
+without fast bf16).
+
+A drop-in for a compiled `LM.logits_at` (the `step` LM.decode takes): one new token per packed
+row of a paged cache goes through the operator; anything else (a prompt, gathered rows, a dense
+cache) through `LM.logits_at` itself. Against the compiled step it removes what a decode step
+spends outside the products and attention — entering and leaving ~100 parallel regions, the
+wrapper, the guards — and needs no compile (docs/benchmarks.md, issue 24).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from exaflop.lm.model import LM
+from exaflop.nn.packed import PackedLinear, f32_rows_kernel
+from exaflop.nn.paged import PagedKVCache
+
+
+def _weights(model: LM) -> list[Tensor] | None:
+    """The operator's weight list for `model` (per layer: attention norm, q/k/v, output, MLP
+    norm, gate/up, down; then the final norm and the head), or None where it does not apply."""
+    cfg = model.cfg
+    if cfg.n_experts > 1 or model.tok_emb.weight.dtype != torch.float32 or model.tok_emb.weight.device.type != "cpu":
+        return None
+    out: list[Tensor] = []
+    for b in model.blocks:
+        a, m = b.attn, b.mlp
+        mats = [a.fused, a.wo, getattr(m, "fused", None), getattr(m, "w2", None)]
+        if not all(isinstance(x, PackedLinear) and x.f32_rows for x in mats):
+            return None
+        if b.attn_norm.eps != cfg.norm_eps or b.mlp_norm.eps != cfg.norm_eps:
+            return None
+        out += [b.attn_norm.weight.detach(), a.fused.weight, a.wo.weight, b.mlp_norm.weight.detach(),
+                m.fused.weight, m.w2.weight]
+    head = model.lm_head
+    if not (isinstance(head, PackedLinear) and head.f32_rows) or model.norm.eps != cfg.norm_eps:
+        return None
+    return [*out, model.norm.weight.detach(), head.weight]
+
+
+def fused_step_applies(model: LM) -> bool:
+    """Whether `model` (packed for inference, nn/packed.py) decodes through the operator here: a
+    dense fp32 model on a CPU where PyTorch dispatches to AVX2, its matrices on exaflop's fp32
+    kernel. Builds exaflop's kernels on first call (nn/kernels.py)."""
+    return f32_rows_kernel() and _weights(model) is not None
+
+
+def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,  # noqa: ANN001
+               key_pos: Tensor | None = None) -> Tensor:
+    """`LM.logits_at`'s arguments and result: fp32 logits (B, V) after each row's chunk."""
+    B, T = idx.shape
+    if T != 1 or rows is not None or not isinstance(cache, PagedKVCache) or cache.pairs:
+        return LM.logits_at(model, idx, cache, rows, last, key_pos)
+    weights = model.__dict__.get("_decode_f32_weights")
+    if weights is None:  # once per model object (a hot reload brings a new one)
+        weights = model.__dict__["_decode_f32_weights"] = _weights(model)
+    cfg = model.cfg
+    return torch.ops.exaflop.decode_f32(idx.reshape(B), model.tok_emb.weight, weights, model.rope_cos,
+                                        model.rope_sin, cache.keys, cache.values, cache.table, cache.lengths[:B],
+                                        cfg.n_head, cfg.n_kv_head, cfg.norm_eps)
