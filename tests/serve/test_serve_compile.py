@@ -45,6 +45,11 @@ def test_background_compile_beside_eager_decoding_switches_without_a_recompile(r
     # this file, before anything compiled the step in this process).
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     w = load_weights(run_dir, run_dir, torch.device("cpu"), None)
+    from exaflop.lm.fused_step import fused_step_applies
+    from exaflop.nn.packed import pack_for_inference
+
+    if fused_step_applies(pack_for_inference(load_weights(run_dir, run_dir, torch.device("cpu"), None).model)):
+        pytest.skip("auto decodes an fp32 model with the step operator here (tests/serve/test_serve_fused.py)")
     engine = Engine("m", Metrics(), max_running=6, compile="auto")
     t0 = time.perf_counter()
     engine.prepare(w)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from exaflop.lm.model import LM
+from exaflop.nn.kernels import cpu_kernels
 from exaflop.nn.packed import PackedLinear, f32_rows_kernel
 from exaflop.nn.paged import PagedKVCache
 
@@ -29,34 +30,39 @@ def _weights(model: LM) -> list[Tensor] | None:
     for b in model.blocks:
         a, m = b.attn, b.mlp
         mats = [a.fused, a.wo, getattr(m, "fused", None), getattr(m, "w2", None)]
-        if not all(isinstance(x, PackedLinear) and x.f32_rows for x in mats):
+        if not all(isinstance(x, PackedLinear) and _f32(x.weight) for x in mats):
             return None
         if b.attn_norm.eps != cfg.norm_eps or b.mlp_norm.eps != cfg.norm_eps:
             return None
         out += [b.attn_norm.weight.detach(), a.fused.weight, a.wo.weight, b.mlp_norm.weight.detach(),
                 m.fused.weight, m.w2.weight]
     head = model.lm_head
-    if not (isinstance(head, PackedLinear) and head.f32_rows) or model.norm.eps != cfg.norm_eps:
+    if not (isinstance(head, PackedLinear) and _f32(head.weight)) or model.norm.eps != cfg.norm_eps:
         return None
     return [*out, model.norm.weight.detach(), head.weight]
 
 
+def _f32(w: Tensor | None) -> bool:
+    return w is not None and w.dtype == torch.float32 and w.shape[1] % 8 == 0
+
+
 def fused_step_applies(model: LM) -> bool:
-    """Whether `model` (packed for inference, nn/packed.py) decodes through the operator here: a
-    dense fp32 model on a CPU where PyTorch dispatches to AVX2, its matrices on exaflop's fp32
-    kernel. Builds exaflop's kernels on first call (nn/kernels.py)."""
+    """Whether `model` (packed for inference, nn/packed.py) should decode through the operator
+    here: a dense fp32 model where PyTorch dispatches to AVX2 (where its matrices take exaflop's
+    fp32 kernel; at AVX-512, MKL's). Builds exaflop's kernels on first call (nn/kernels.py)."""
     return f32_rows_kernel() and _weights(model) is not None
 
 
 def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,  # noqa: ANN001
                key_pos: Tensor | None = None) -> Tensor:
-    """`LM.logits_at`'s arguments and result: fp32 logits (B, V) after each row's chunk."""
+    """`LM.logits_at`'s arguments and result: fp32 logits (B, V) after each row's chunk. Runs on
+    any CPU with AVX2 + FMA (the operator checks); `fused_step_applies` says where it pays."""
     B, T = idx.shape
-    if T != 1 or rows is not None or not isinstance(cache, PagedKVCache) or cache.pairs:
-        return LM.logits_at(model, idx, cache, rows, last, key_pos)
     weights = model.__dict__.get("_decode_f32_weights")
-    if weights is None:  # once per model object (a hot reload brings a new one)
-        weights = model.__dict__["_decode_f32_weights"] = _weights(model)
+    if weights is None:  # once per model object (a hot reload brings a new one); False: not this model
+        weights = model.__dict__["_decode_f32_weights"] = (cpu_kernels() and _weights(model)) or False
+    if T != 1 or rows is not None or not isinstance(cache, PagedKVCache) or cache.pairs or weights is False:
+        return LM.logits_at(model, idx, cache, rows, last, key_pos)
     cfg = model.cfg
     return torch.ops.exaflop.decode_f32(idx.reshape(B), model.tok_emb.weight, weights, model.rope_cos,
                                         model.rope_sin, cache.keys, cache.values, cache.table, cache.lengths[:B],

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
                    help="torch.compile the decode step (1.3-1.9x eager's tokens/s at 1-32 streams, lm-124m bf16 on "
                         "2 CPU cores). auto (default): serve eagerly at once and switch to the compiled step when "
                         "it is ready, compiled beside serving (~70 s cold, ~8 s with inductor's on-disk cache "
-                        "warm); on (or bare --compile): compile before serving; off: never")
+                        "warm), or, where the fp32 step operator applies (fp32 on CPUs without fast bf16), decode "
+                        "with it at full speed at once; on (or bare --compile): compile before serving; off: never")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 

@@ -6,7 +6,9 @@ model advances each row by its real length. Decode: one token per running sequen
 decode step may be compiled (`serve --compile`); prefill stays eager: its shapes vary in
 two dimensions and compiling it measured no faster. By default (`--compile auto`) the step is
 compiled in a background thread while the engine decodes eagerly, so a server answers at once
-and is at full speed once the compile is done.
+and is at full speed once the compile is done — except where the fp32 step operator applies
+(lm/fused_step.py: fp32 where PyTorch dispatches to AVX2, what `auto` precision serves on CPUs
+without fast bf16): it is faster than the compiled step and needs no compile.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from exaflop.engine.faults import ServeFault
 from exaflop.engine.precision import compile_cache_per_isa
+from exaflop.lm.fused_step import fused_step, fused_step_applies
 from exaflop.nn.packed import INT8_KERNEL_ROWS, lower_packed_linear, pack_for_inference
 from exaflop.nn.paged import paged_kernel
 from exaflop.serve.metrics import Metrics
@@ -48,10 +51,14 @@ class Runner:
         self.compiled = False
         self.compiling: threading.Thread | None = None  # the background compile ("auto") while it runs
         self.cpp_wrapper = False  # whether the compiled step got a C++ wrapper (see _compile_step)
+        self.fused = False  # decoding through the fp32 step operator (lm/fused_step.py) instead
 
     @property
     def decode_mode(self) -> str:
-        """What decodes now: "compiled", "compiling" (eager meanwhile) or "eager"."""
+        """What decodes now: "fused" (the fp32 step operator), "compiled", "compiling" (eager
+        meanwhile) or "eager"."""
+        if self.fused:
+            return "fused"
         return "compiled" if self.compiled else "compiling" if self.compiling is not None else "eager"
 
     def prepare(self, weights, max_running: int, threads: int = 0) -> None:
@@ -77,7 +84,16 @@ class Runner:
             log.info("engine %s: CPU kernels ready (%s%s) in %.1f s", self.name,
                      torch.backends.cpu.get_cpu_capability(), ", one-row bf16 kernel" if one_row else "",
                      time.perf_counter() - t0)
-        if self.compile == "off" or self.compiled or self.compiling is not None:
+        if (self.compile == "auto" and weights.device.type == "cpu" and not self.compiled and self.compiling is None
+                and fused_step_applies(weights.model)):
+            # fp32 where PyTorch dispatches to AVX2: the step operator, faster than the compiled
+            # step and ready at once (lm/fused_step.py). A reload of another kind of model (MoE,
+            # say) falls back to LM.logits_at inside it, eagerly.
+            if not self.fused:
+                log.info("engine %s: decoding with the fused fp32 step (no compile needed)", self.name)
+            self.decode_step, self.fused = fused_step, True
+            return
+        if self.compile == "off" or self.compiled or self.fused or self.compiling is not None:
             return
         if self.compile == "on":
             self._compile_step(weights, max_running)
