@@ -16,6 +16,8 @@ PyTorch, and the reason is logged once.
   in one pass per row (nn/loss.py).
 - `linear_f32_rows` (csrc/linear_f32.cpp): the fp32 decode step's few rows times an fp32 matrix
   (nn/packed.py).
+- `decode_f32` (csrc/decode_f32.cpp): the fp32 model's whole decode step, with the two kernels above
+  (shared through csrc/*.h) and the norms and SwiGLU between them (lm/fused_step.py).
 """
 
 from __future__ import annotations

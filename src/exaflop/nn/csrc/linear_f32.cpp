@@ -38,11 +38,7 @@ at::Tensor linear_f32_rows(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = xc.const_data_ptr<float>();
   const float* wp = wc.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  // Tiles, by measurement (AVX2, lm-124m's matrices): one row, eight weight rows (eight streams
-  // in flight, as the bf16 one-row kernel); more, four weight rows x three x rows: twelve
-  // accumulators of AVX2's sixteen registers, seven loads per twelve FMAs, so the FMAs set the
-  // pace where the product is compute-bound (with K in chunks, as fast as two x four at 2-8 rows).
-  // (Any tiling gives the same bits: see the header.)
+  // Tiles of tile_rows(M) weight rows (linear_f32.h); any tiling gives the same bits (see above).
   const int64_t tiles_n = N / tile_rows(M);
   // Grain: at least 256 weight rows per task (waking a thread costs more than a smaller share).
   at::parallel_for(0, tiles_n, 256 / tile_rows(M),

@@ -92,9 +92,14 @@ inline void all_rows(const float* x, const float* w, float* y, int64_t M, int64_
   }
 }
 
-// Weight-row tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T: WR rows a tile (eight for one x
-// row, four otherwise; see linear_f32_rows); the caller splits the tiles between threads.
+// Tiles, by measurement (AVX2, lm-124m's matrices): one row, eight weight rows (eight streams in
+// flight, as the bf16 one-row kernel); more, four weight rows x three x rows: twelve accumulators
+// of AVX2's sixteen registers, seven loads per twelve FMAs, so the FMAs set the pace where the
+// product is compute-bound (with K in chunks, as fast as two x four at 2-8 rows).
 inline int64_t tile_rows(int64_t M) { return M == 1 ? 8 : 4; }
+
+// Weight-row tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T, tile_rows(M) rows a tile; the
+// caller splits the tiles between threads.
 
 inline void tiles(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1) {
   const int64_t WR = tile_rows(M);
