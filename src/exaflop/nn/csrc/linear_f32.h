@@ -100,7 +100,6 @@ inline int64_t tile_rows(int64_t M) { return M == 1 ? 8 : 4; }
 
 // Weight-row tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T, tile_rows(M) rows a tile; the
 // caller splits the tiles between threads.
-
 inline void tiles(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1) {
   const int64_t WR = tile_rows(M);
   for (int64_t t = t0; t < t1; ++t) {
