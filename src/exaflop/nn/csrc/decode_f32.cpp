@@ -103,9 +103,11 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
         }
         const float* row = qkv.data() + b * QKV;
         const int64_t* tb = table + b * NBMAX;
+        const T* after = nullptr;  // the next task's first key block
+        if (idx + 1 < i1) after = pk[l] + (table[((idx + 1) / K) * NBMAX] * K + (idx + 1) % K) * D * BLK;
         step_task(row + kh * G * D, D, row + H * D + kh * D, row + (H + K) * D + kh * D, c2.data(), s2.data(),
                   pk[l], pv[l], tb, pos + 1, tb[pos / BLK], pos % BLK, kh, G, K, D, BLK, scale, kr, qf, sc, acc,
-                  blkbuf, att.data() + (b * H + kh * G) * D);
+                  blkbuf, att.data() + (b * H + kh * G) * D, after);
       }
 #pragma omp barrier
       {

@@ -74,9 +74,10 @@ inline void block_scores(const float* q, const T* kt, int64_t D, int64_t BLK, fl
 
 // out (NV vectors) = sum over the row's first L positions of p[j] * value[j]: the sum stays in
 // NV registers (head dim 64: 4 on AVX-512, 8 on AVX2) instead of a load and store per position.
+// `after`: a block (BLK * D values) to prefetch while the last one is summed, or nullptr.
 template <int NV, typename T>
-inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, int64_t K, int64_t kh,
-                                int64_t BLK, int64_t L, float* out) {
+inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, int64_t K, int64_t kh, int64_t BLK,
+                         int64_t L, float* out, const T* after = nullptr) {
   fV a[NV];
   for (int i = 0; i < NV; ++i) a[i] = fV(0.f);
   const int64_t D = NV * fV::size();
@@ -84,6 +85,7 @@ inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, int64_t
     const T* vb = pv + (tb[j0 / BLK] * K + kh) * BLK * D;
     const int64_t n = std::min(BLK, L - j0);
     if (j0 + BLK < L) prefetch_block(pv + (tb[j0 / BLK + 1] * K + kh) * BLK * D, BLK * D);
+    else if (after != nullptr) prefetch_block(after, BLK * D);
     for (int64_t j = 0; j < n; ++j) {
       const fV pj(p[j0 + j]);
       const T* vp = vb + j * D;
@@ -95,10 +97,12 @@ inline void weighted_sum(const float* p, const T* pv, const int64_t* tb, int64_t
 
 // One (row, KV head) task: softmax(qf k) v over the row's first L positions, for the G query
 // heads of qf (G x D, already scaled); sc (G x L) and acc (G x D) are the caller's scratch.
+// `after`: the next task's first key block, prefetched while this task's last values are summed
+// (nullptr: none).
 template <typename T>
 inline void attend_task(const float* qf, const T* pk, const T* pv, const int64_t* tb, int64_t L, int64_t kh,
                         int64_t G, int64_t K, int64_t D, int64_t BLK, std::vector<float>& sc, std::vector<float>& acc,
-                        std::vector<float>& blk, float* out) {
+                        std::vector<float>& blk, float* out, const T* after = nullptr) {
   sc.assign(G * L, 0.f);
   for (int64_t j0 = 0; j0 < L; j0 += BLK) {
     const T* kt = pk + (tb[j0 / BLK] * K + kh) * D * BLK;
@@ -131,9 +135,10 @@ inline void attend_task(const float* qf, const T* pk, const T* pv, const int64_t
     for (int64_t g = 0; g < G; ++g) {
       float* a = acc.data() + g * D;
       const float* p = sc.data() + g * L;
-      if (NV == 2) weighted_sum<2>(p, pv, tb, K, kh, BLK, L, a);
-      else if (NV == 4) weighted_sum<4>(p, pv, tb, K, kh, BLK, L, a);
-      else weighted_sum<8>(p, pv, tb, K, kh, BLK, L, a);
+      const T* nxt = g == G - 1 ? after : nullptr;
+      if (NV == 2) weighted_sum<2>(p, pv, tb, K, kh, BLK, L, a, nxt);
+      else if (NV == 4) weighted_sum<4>(p, pv, tb, K, kh, BLK, L, a, nxt);
+      else weighted_sum<8>(p, pv, tb, K, kh, BLK, L, a, nxt);
     }
   } else {
     for (int64_t j = 0; j < L; ++j) {
@@ -169,7 +174,7 @@ inline void step_task(const float* qin, int64_t qstride, const float* kin, const
                       const float* s, T* pk, T* pv, const int64_t* tb, int64_t L, int64_t blk, int64_t off,
                       int64_t kh, int64_t G, int64_t K, int64_t D, int64_t BLK, float scale, std::vector<float>& kr,
                       std::vector<float>& qf, std::vector<float>& sc, std::vector<float>& acc,
-                      std::vector<float>& blkbuf, float* out) {
+                      std::vector<float>& blkbuf, float* out, const T* after = nullptr) {
   rope_into(kin, c, s, D, kr.data());
   T* kdst = pk + (blk * K + kh) * D * BLK + off;
   T* vdst = pv + ((blk * K + kh) * BLK + off) * D;
@@ -182,7 +187,7 @@ inline void step_task(const float* qin, int64_t qstride, const float* kin, const
     rope_into(qin + g * qstride, c, s, D, qg);
     for (int64_t d = 0; d < D; ++d) qg[d] *= scale;
   }
-  attend_task(qf.data(), pk, pv, tb, L, kh, G, K, D, BLK, sc, acc, blkbuf, out);
+  attend_task(qf.data(), pk, pv, tb, L, kh, G, K, D, BLK, sc, acc, blkbuf, out, after);
 }
 
 }  // namespace exaflop_attn
