@@ -32,11 +32,11 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t nt) {
 }
 
 // This thread's part of y (M, N) = x (M, K) @ w (N, K)^T: the tiles `linear_f32_rows` gives it
-// (threads only for 256 weight rows each or more, its grain). Returns its columns [c0, c1).
+// (as at::parallel_for splits them with its grain, GRAIN_ROWS). Returns its columns [c0, c1).
 inline std::pair<int64_t, int64_t> product(const float* x, const at::Tensor& w, float* y, int64_t M, int64_t t,
                                            int64_t nt) {
   const int64_t N = w.size(0), K = w.size(1), WR = exaflop_f32::tile_rows(M), tiles = N / WR;
-  const int64_t grain = 256 / WR;
+  const int64_t grain = exaflop_f32::GRAIN_ROWS / WR;
   const int64_t users = std::max<int64_t>(1, std::min(nt, (tiles + grain - 1) / grain));
   if (t >= users) return {0, 0};
   const float* wp = w.const_data_ptr<float>();

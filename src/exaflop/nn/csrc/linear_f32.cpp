@@ -40,8 +40,7 @@ at::Tensor linear_f32_rows(const at::Tensor& x, const at::Tensor& w) {
   float* yp = y.mutable_data_ptr<float>();
   // Tiles of tile_rows(M) weight rows (linear_f32.h); any tiling gives the same bits (see above).
   const int64_t tiles_n = N / tile_rows(M);
-  // Grain: at least 256 weight rows per task (waking a thread costs more than a smaller share).
-  at::parallel_for(0, tiles_n, 256 / tile_rows(M),
+  at::parallel_for(0, tiles_n, GRAIN_ROWS / tile_rows(M),
                    [&](int64_t t0, int64_t t1) { tiles(xp, wp, yp, M, K, N, t0, t1); });
   tail_rows(xp, wp, yp, M, K, N);
   return y.view(shape);

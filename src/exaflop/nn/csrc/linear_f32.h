@@ -98,6 +98,9 @@ inline void all_rows(const float* x, const float* w, float* y, int64_t M, int64_
 // product is compute-bound (with K in chunks, as fast as two x four at 2-8 rows).
 inline int64_t tile_rows(int64_t M) { return M == 1 ? 8 : 4; }
 
+// A thread takes at least this many weight rows of a product (waking one costs more than a smaller share).
+constexpr int64_t GRAIN_ROWS = 256;
+
 // Weight-row tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T, tile_rows(M) rows a tile; the
 // caller splits the tiles between threads.
 inline void tiles(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1) {
