@@ -8,7 +8,10 @@ fp32 is what `--dtype auto` serves on CPUs without fast bf16. Where PyTorch disp
   products  the step's 49 matrices (fused q/k/v, out, fused gate/up, down per layer, and the
             head; 352 MB of fp32), R rows each, through either;
   step      the whole decode step as the server runs it (paged cache, the block reservation
-            per step), eager and (--compile) compiled, one model per kernel.
+            per step), eager and (--compile) compiled, one model per kernel;
+  operator  what `serve --compile auto` decodes with there: the whole step as one operator
+            (lm/fused_step.py, nn/csrc/decode_f32.cpp) against MKL's step (compiled with --compile,
+            else eager).
 The two alternate in rounds (medians over rounds, and the median of each round's own ratio).
 Below 1: exaflop's kernel is faster. On an AVX-512 machine, hold it to AVX2 as an AVX2-only CPU:
     MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \\
@@ -31,6 +34,7 @@ from linear_row import decode_step, rounds  # noqa: E402
 
 from exaflop.config import load_config  # noqa: E402
 from exaflop.engine.precision import cpu_capability  # noqa: E402
+from exaflop.lm.fused_step import fused_step  # noqa: E402
 from exaflop.lm.model import LM  # noqa: E402
 from exaflop.nn.packed import PackedLinear, f32_rows_kernel, pack_for_inference  # noqa: E402
 from exaflop.nn.paged import paged_kernel  # noqa: E402
@@ -101,7 +105,12 @@ def main() -> int:
             for mode, compiled in steps.items():
                 fns = {k: decode_step(models[k], compiled[k], cfg, args.context, rows, torch.float32) for k in models}
                 ratios.append(report(f"{rows} rows: step, {mode}", rounds(fns, args.rounds, args.calls)))
-            summary.append(f"{rows} rows: products {ratios[0]:.2f}x, step {', '.join(f'{r:.2f}x' for r in ratios[1:])}")
+            fns = {"MKL": decode_step(models["MKL"], steps["compiled" if args.compile else "eager"]["MKL"], cfg,
+                                      args.context, rows, torch.float32),
+                   "exaflop": decode_step(models["exaflop"], fused_step, cfg, args.context, rows, torch.float32)}
+            ratios.append(report(f"{rows} rows: operator", rounds(fns, args.rounds, args.calls)))
+            summary.append(f"{rows} rows: products {ratios[0]:.2f}x, step {', '.join(f'{r:.2f}x' for r in ratios[1:-1])}, "
+                           f"operator {ratios[-1]:.2f}x")
     print(f"exaflop / MKL (paired medians; below 1: exaflop's kernel is faster): {'; '.join(summary)}")
     return 0
 
