@@ -48,7 +48,7 @@ def test_background_compile_beside_eager_decoding_switches_without_a_recompile(r
     from exaflop.lm.fused_step import fused_step_applies
     from exaflop.nn.packed import pack_for_inference
 
-    if fused_step_applies(pack_for_inference(load_weights(run_dir, run_dir, torch.device("cpu"), None).model)):
+    if fused_step_applies(pack_for_inference(w.model)):  # prepare() packs it too (idempotent)
         pytest.skip("auto decodes an fp32 model with the step operator here (tests/serve/test_serve_fused.py)")
     engine = Engine("m", Metrics(), max_running=6, compile="auto")
     t0 = time.perf_counter()

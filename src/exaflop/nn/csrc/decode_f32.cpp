@@ -49,6 +49,12 @@ inline std::pair<int64_t, int64_t> product(const float* x, const at::Tensor& w, 
   return {t0 * WR, t1 * WR};
 }
 
+// The residual: x (B, C) += y in this thread's columns (a product's share, `product`'s result).
+inline void add_into(float* x, const float* y, int64_t B, int64_t C, std::pair<int64_t, int64_t> cols) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = cols.first; c < cols.second; ++c) x[b * C + c] += y[b * C + c];
+}
+
 // out = x * rsqrt(mean(x^2) + eps) * w over one row of C (nn/layers.py RMSNorm).
 inline void rms_norm(const float* x, const float* w, float* out, int64_t C, float eps) {
   fV acc(0.f);
@@ -110,11 +116,7 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
                   blkbuf, att.data() + (b * H + kh * G) * D, after);
       }
 #pragma omp barrier
-      {
-        auto [c0, c1] = product(att.data(), L.wo, tmp.data(), B, t, n);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t c = c0; c < c1; ++c) x[b * C + c] += tmp[b * C + c];
-      }
+      add_into(x.data(), tmp.data(), B, C, product(att.data(), L.wo, tmp.data(), B, t, n));
 #pragma omp barrier
       for (int64_t b = r0; b < r1; ++b) rms_norm(x.data() + b * C, L.mlp_norm, h.data() + b * C, C, eps);
 #pragma omp barrier
@@ -126,7 +128,7 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
         const fV one(1.f);
         for (int64_t e = e0; e < e1;) {
           const int64_t b = e / F, end = std::min(e1, (b + 1) * F);
-          const float* g = gu.data() + b * 2 * F - b * F;  // gate of element e at g[e], up at g[e + F]
+          const float* g = gu.data() + b * F;  // row b's gate of element e at g[e], its up at g[e + F]
           int64_t i = e;
           for (; i + fV::size() <= end; i += fV::size()) {
             const fV gv = fV::loadu(g + i);
@@ -137,11 +139,7 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
         }
       }
 #pragma omp barrier
-      {
-        auto [c0, c1] = product(act.data(), L.down, tmp.data(), B, t, n);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t c = c0; c < c1; ++c) x[b * C + c] += tmp[b * C + c];
-      }
+      add_into(x.data(), tmp.data(), B, C, product(act.data(), L.down, tmp.data(), B, t, n));
 #pragma omp barrier
     }
     for (int64_t b = r0; b < r1; ++b) rms_norm(x.data() + b * C, final_norm, h.data() + b * C, C, eps);
