@@ -247,18 +247,19 @@ def _f32_kernel_runs() -> bool:
 @pytest.mark.skipif(not _f32_kernel_runs(), reason="the fp32 decode kernel needs AVX2 + FMA and a C++ compiler")
 def test_fp32_decode_kernel_is_the_product_and_batch_invariant(monkeypatch):
     """exaflop's fp32 decode kernel (csrc/linear_f32.cpp): the product within fp32 rounding of
-    MKL's, for every tiling it picks (1, 2-8, 9+ rows; widths that leave tails), and each row's
-    result bit for bit the same whatever rows come with it; a model packed with it decodes a
-    sequence alone exactly as in a batch, and stays within rounding of MKL's decode."""
+    MKL's, for every tiling and scheme it picks (1, 2-23, 24+ rows, one or two panels of x rows,
+    K in one chunk or several; widths that leave tails), and each row's result bit for bit the
+    same whatever rows come with it; a model packed with it decodes a sequence alone exactly as
+    in a batch, and stays within rounding of MKL's decode."""
     import exaflop.nn.packed as packed
 
     torch.manual_seed(6)
-    for n, k in ((13, 768), (2304, 768), (50, 96)):
+    for n, k in ((13, 768), (2304, 768), (50, 96), (20, 2048)):
         w = torch.randn(n, k)
-        x = torch.randn(32, 1, k)
+        x = torch.randn(50, 1, k)
         got = torch.ops.exaflop.linear_f32_rows(x, w)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=1e-4, rtol=1e-5)
-        for rows in (1, 2, 3, 5, 8, 9, 17, 32):
+        for rows in (1, 2, 3, 5, 8, 9, 17, 23, 24, 32, 49):
             part = torch.ops.exaflop.linear_f32_rows(x[:rows], w)
             assert torch.equal(part, got[:rows]), (n, k, rows)
         fused = torch.ops.exaflop.linear_f32_rows(x, torch.cat([w, w[:7]]))

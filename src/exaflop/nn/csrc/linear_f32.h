@@ -18,74 +18,124 @@ __attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
 }
 
 // WR weight rows (from w, N apart in y) against XR x rows (x, K apart; y rows N apart), over
-// the k range [k0, k1): the accumulators start at zero (first), continue from `carry` (a
-// chunk after the first), and end as sums written to y (last) or back into `carry`. Loading
+// the k range [k0, k1): the accumulators start at zero (FIRST), continue from `carry` (a
+// chunk after the first), and end as sums written to y (LAST) or back into `carry`. Loading
 // and storing an accumulator is exact, so chunking K leaves every sum's order (k ascending in
-// each lane, lanes summed by lane_sum) as one pass over K has it.
-// `ahead`: WR rows (K apart) to prefetch over the same k range, one line per row every 16
-// floats (nullptr: none).
-template <int WR, int XR>
-__attribute__((target("avx2,fma")))
-inline void tile(const float* x, const float* w, const float* ahead, float* y, int64_t K, int64_t N, int64_t k0,
-                 int64_t k1, __m256* carry, bool first, bool last) {
+// each lane, lanes summed by lane_sum) as one pass over K has it. FIRST and LAST are template
+// arguments and the tile is always inlined: as a called function with run-time flags the
+// compiler kept the accumulators on the stack between chunks (fp32 AVX2, 32 rows, lm-124m's
+// matrices in L2: 163 -> 218 GFLOP/s with whole-K chunks).
+// Prefetch, two kinds: `ahead`, WR rows (K apart) over the same k range, one line per row every
+// 16 floats (nullptr: none); and [pl, pe), a byte range asked for one line a step (pl == pe: none).
+template <int WR, int XR, bool FIRST, bool LAST, bool AHEAD>
+__attribute__((target("avx2,fma"), always_inline))
+inline void tile(const float* __restrict x, const float* __restrict w, const float* ahead, const char* pl,
+                 const char* pe, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1, __m256* carry) {
   __m256 acc[WR][XR];
   for (int r = 0; r < WR; ++r)
-    for (int i = 0; i < XR; ++i) acc[r][i] = first ? _mm256_setzero_ps() : carry[r * XR + i];
+    for (int i = 0; i < XR; ++i) acc[r][i] = FIRST ? _mm256_setzero_ps() : carry[r * XR + i];
   for (int64_t k = k0; k < k1; k += 8) {
     __m256 xv[XR];
     for (int i = 0; i < XR; ++i) xv[i] = _mm256_loadu_ps(x + i * K + k);
+    if (pl < pe) {
+      _mm_prefetch(pl, _MM_HINT_T1);
+      pl += 64;
+    }
     for (int r = 0; r < WR; ++r) {
-      if (ahead != nullptr && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
+      if (AHEAD && (k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
       __m256 wv = _mm256_loadu_ps(w + r * K + k);
       for (int i = 0; i < XR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
     }
   }
   for (int r = 0; r < WR; ++r)
     for (int i = 0; i < XR; ++i) {
-      if (last) y[i * N + r] = lane_sum(acc[r][i]);
+      if (LAST) y[i * N + r] = lane_sum(acc[r][i]);
       else carry[r * XR + i] = acc[r][i];
     }
 }
 
+// tile<> with FIRST / LAST / AHEAD (ahead != nullptr) chosen at run time: a test of `ahead` in
+// the loop, never taken in the wide scheme, cost 10% of the time at 32 rows.
+template <int WR, int XR, bool AHEAD>
+__attribute__((target("avx2,fma"), always_inline))
+inline void tile_fl(bool first, bool last, const float* x, const float* w, const float* ahead, const char* pl,
+                    const char* pe, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1, __m256* carry) {
+  if (first && last) tile<WR, XR, true, true, AHEAD>(x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
+  else if (first) tile<WR, XR, true, false, AHEAD>(x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
+  else if (last) tile<WR, XR, false, true, AHEAD>(x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
+  else tile<WR, XR, false, false, AHEAD>(x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
+}
+template <int WR, int XR>
+__attribute__((target("avx2,fma"), always_inline))
+inline void tile_at(bool first, bool last, const float* x, const float* w, const float* ahead, const char* pl,
+                    const char* pe, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1, __m256* carry) {
+  if (ahead != nullptr) tile_fl<WR, XR, true>(first, last, x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
+  else tile_fl<WR, XR, false>(first, last, x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
+}
+
 // Weight rows [n, n + WR) against every x row: panels of up to PANEL x rows, and for each panel
-// K in chunks of KC, every group of XR rows taking the chunk before the next chunk starts. The
-// tile's weights then arrive from memory a chunk at a time while the groups multiply the chunk
-// before (in L1), instead of in one burst per tile with the multiply-adds of the other groups
-// after it: fp32 AVX2, lm-124m's 49 matrices out of cache, 8 rows 76 -> 84 GFLOP/s, 16 rows
-// 98 -> 117, 32 rows 138 -> 142 (docs/benchmarks.md).
-// Prefetch: while the first group takes a chunk, the chunk PF_CHUNKS after it in this order
-// (this tile's next chunks, then the next tile's) is asked for, WR x 512 bytes each: far enough
-// ahead to hide the memory's latency, near enough to stay in L1 until used. Two chunks ahead
-// measured 0.97-0.98x the time of one whole tile ahead (the earlier scheme: 12-32 KB ahead,
-// more than L1 holds for the 2048-wide matrices) at 1, 8 and 16 rows, and the same at 32
-// (lm-124m's fused decode step, AVX2).
-constexpr int64_t KC = 128, PANEL = 48, PF_CHUNKS = 2;
+// K in chunks, every group of XR rows taking the chunk before the next chunk starts. Two ways
+// of keeping the memory busy, by the rows there are:
+//  - Few rows (the product bound by the memory's speed: at 8 rows the weights stream at 22 of
+//    this machine's 25 GB/s): chunks of KC, and while the first group takes a chunk, the chunk
+//    PF_CHUNKS after it in this order (this tile's next chunks, then the next tile's) is asked
+//    for, WR x 512 bytes each: far enough ahead to hide the memory's latency, near enough to
+//    stay in L1 until used. The tile's weights then arrive a chunk at a time while the groups
+//    multiply the chunk before: fp32 AVX2, lm-124m's 49 matrices out of cache, 8 rows 76 -> 84
+//    GFLOP/s, 16 rows 98 -> 117 against one whole chunk (docs/benchmarks.md); two chunks ahead
+//    measured 0.97-0.98x the time of one whole tile ahead at 1 and 8 rows.
+//  - From ROWS_WIDE rows on (bound by the multiply-adds): chunks of up to KC_WIDE (fewer carries),
+//    and the next tile of this thread's range (WR * K * 4 contiguous bytes) asked for into L2,
+//    spread evenly over every group of this tile, so the memory works while all the groups
+//    compute, not only while the first one does (before, 32 rows streamed the weights at 9.5
+//    GB/s and ran the FMAs at half their peak). lm-124m's 49 matrices, 2 threads: 32 rows
+//    37-38 -> 31-32 ms (149 -> 180 GFLOP/s; the FMAs' peak here is 258), 24 rows 28-31 -> 27-29
+//    ms; at 12-16 rows it is 5-10% slower (bound by the memory: asking for L1 one chunk ahead
+//    keeps more lines in flight), at 20 even.
+constexpr int64_t KC = 128, PANEL = 48, PF_CHUNKS = 2, KC_WIDE = 1024, ROWS_WIDE = 24;
 
 template <int WR, int XR>
-inline void all_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
+__attribute__((target("avx2,fma"))) inline void all_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
+                     int64_t n_end) {
   alignas(32) __m256 carry[PANEL / XR + 1][WR * XR];
-  const int64_t chunks = (K + KC - 1) / KC;
+  const bool wide = M >= ROWS_WIDE;
+  const int64_t chunks = wide ? (K + KC_WIDE - 1) / KC_WIDE : (K + KC - 1) / KC;
+  const int64_t kc = wide ? ((K + chunks - 1) / chunks + 7) / 8 * 8 : KC;
+  // wide: the next tile's bytes, one part per group call of this tile (`calls` of them).
+  const char* next = reinterpret_cast<const char*>(w + (n + WR) * K);
+  const int64_t next_bytes = wide && n + WR < n_end ? WR * K * int64_t(sizeof(float)) : 0;
+  const int64_t calls = (M / PANEL * ((PANEL + XR - 1) / XR) + (M % PANEL + XR - 1) / XR) * chunks;
+  int64_t call = 0;
+  auto part = [&](const char*& pl, const char*& pe) {
+    pl = next + next_bytes * call / calls / 64 * 64;
+    pe = next + next_bytes * (call + 1) / calls / 64 * 64;
+    ++call;
+  };
   for (int64_t p = 0; p < M; p += PANEL) {
     const int64_t pm = std::min(PANEL, M - p);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t k1 = std::min(K, k0 + KC);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = std::min(K, k0 + kc);
       const bool first = k0 == 0, last = k1 == K;
       const float* ahead = nullptr;
-      if (p == 0) {  // later panels find the weights in cache
+      if (!wide && p == 0) {  // later panels find the weights in cache
         const int64_t c = k0 / KC + PF_CHUNKS, n2 = n + c / chunks * WR;
         // Rows n2.. at chunk c % chunks, addressed relative to this chunk's k range.
         if (n2 + WR <= N) ahead = w + n2 * K + (c % chunks) * KC - k0;
       }
+      const float* xp = x + p * K;
+      float* yp = y + p * N + n;
+      const char *pl, *pe;
       int64_t m = 0, g = 0;
-      for (; m + XR <= pm; m += XR, ++g)
-        tile<WR, XR>(x + (p + m) * K, w + n * K, m == 0 ? ahead : nullptr, y + (p + m) * N + n, K, N, k0, k1,
-                     carry[g], first, last);
-      const float* xr = x + (p + m) * K;
-      float* yr = y + (p + m) * N + n;
+      for (; m + XR <= pm; m += XR, ++g) {
+        part(pl, pe);
+        tile_at<WR, XR>(first, last, xp + m * K, w + n * K, m == 0 ? ahead : nullptr, pl, pe, yp + m * N, K, N, k0,
+                        k1, carry[g]);
+      }
+      const float* a = m == 0 ? ahead : nullptr;
       switch (pm - m) {
-        case 3: tile<WR, 3>(xr, w + n * K, m == 0 ? ahead : nullptr, yr, K, N, k0, k1, carry[g], first, last); break;
-        case 2: tile<WR, 2>(xr, w + n * K, m == 0 ? ahead : nullptr, yr, K, N, k0, k1, carry[g], first, last); break;
-        case 1: tile<WR, 1>(xr, w + n * K, m == 0 ? ahead : nullptr, yr, K, N, k0, k1, carry[g], first, last); break;
+        case 3: part(pl, pe); tile_at<WR, 3>(first, last, xp + m * K, w + n * K, a, pl, pe, yp + m * N, K, N, k0, k1, carry[g]); break;
+        case 2: part(pl, pe); tile_at<WR, 2>(first, last, xp + m * K, w + n * K, a, pl, pe, yp + m * N, K, N, k0, k1, carry[g]); break;
+        case 1: part(pl, pe); tile_at<WR, 1>(first, last, xp + m * K, w + n * K, a, pl, pe, yp + m * N, K, N, k0, k1, carry[g]); break;
         default: break;
       }
     }
@@ -108,16 +158,16 @@ inline void tiles(const float* x, const float* w, float* y, int64_t M, int64_t K
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t * WR;
     if (WR == 8) {
-      all_rows<8, 1>(x, w, y, M, K, N, n);
+      all_rows<8, 1>(x, w, y, M, K, N, n, t1 * WR);
     } else {
-      all_rows<4, 3>(x, w, y, M, K, N, n);
+      all_rows<4, 3>(x, w, y, M, K, N, n, t1 * WR);
     }
   }
 }
 
 // The rows past the last whole tile (N not a multiple of the tile).
 inline void tail_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
-  for (int64_t n = N / tile_rows(M) * tile_rows(M); n < N; ++n) all_rows<1, 3>(x, w, y, M, K, N, n);
+  for (int64_t n = N / tile_rows(M) * tile_rows(M); n < N; ++n) all_rows<1, 3>(x, w, y, M, K, N, n, N);
 }
 
 }  // namespace exaflop_f32
