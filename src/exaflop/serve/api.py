@@ -298,7 +298,10 @@ async def _next_event(queue: asyncio.Queue, engine) -> Event | None:
         return queue.get_nowait()
     while True:
         try:
-            return await asyncio.wait_for(queue.get(), timeout=1.0)
+            # A timer on this task, not wait_for's extra task per event (that was ~10% of the
+            # HTTP thread's time when streaming).
+            async with asyncio.timeout(1.0):
+                return await queue.get()
         except TimeoutError:
             if not engine.alive:
                 return Event(-1, finish_reason="error", error="the model's engine has stopped")
