@@ -1,4 +1,5 @@
-"""engine/host_memory.py: freed host buffers are reused instead of being faulted in again.
+"""engine/host_memory.py: freed host buffers are reused instead of being faulted in again, and
+large tensors are backed by huge pages where asked.
 
 Each case runs in a fresh interpreter: the setting is process-wide and once per process.
 """
@@ -58,3 +59,42 @@ def test_the_users_choice_wins():
     user = _probe(True, MALLOC_ARENA_MAX="2")
     assert user["state"] == "user"
     assert user["faults"] > 10 * 12000  # left as glibc's default
+
+
+# Allocate and touch a 64 MB tensor; report the process's memory in transparent huge pages.
+_THP_PROBE = r"""
+import json, sys
+import torch
+from exaflop.engine.host_memory import huge_pages_for_large_tensors
+state = huge_pages_for_large_tensors() if sys.argv[1] == "1" else "not called"
+x = torch.ones(16 << 20)
+huge = [int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0]
+print(json.dumps({"state": state, "huge_kb": huge, "sum": float(x.sum())}))
+"""
+
+
+def _thp_probe(call: bool, **env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", _THP_PROBE, "1" if call else "0"], env={**base, **env},
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _thp_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_large_tensors_get_huge_pages_when_asked():
+    on = _thp_probe(True)
+    assert on["sum"] == 16 << 20
+    if not _thp_available():
+        assert on["state"] == "unsupported"
+        pytest.skip("this kernel has transparent huge pages off")
+    assert on["state"] == "on"
+    assert on["huge_kb"] >= 32 << 10, on  # most of the 64 MB in 2 MB pages
+    user = _thp_probe(True, THP_MEM_ALLOC_ENABLE="0")  # the user's setting is left alone
+    assert user["state"] == "user" and user["huge_kb"] < on["huge_kb"], user

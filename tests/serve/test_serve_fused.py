@@ -37,6 +37,10 @@ def test_fused_step_serves_what_the_eager_server_serves(run_dir, server, start_s
     assert client.models.retrieve(MODEL).decode == "fused"
     assert "decoding with the fused fp32 step" in s.log.read_text()
     assert client.models.retrieve(MODEL).dtype == "float32"
+    assert "huge pages for large tensors: " in s.log.read_text()
+    if "huge pages for large tensors: on" in s.log.read_text():  # the weights in 2 MB pages
+        with open(f"/proc/{s.proc.pid}/smaps_rollup") as f:
+            assert [int(x.split()[1]) for x in f if x.startswith("AnonHugePages")][0] > 0
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True) if c.choices)
     assert streamed == one.choices[0].text

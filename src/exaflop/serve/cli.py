@@ -108,6 +108,11 @@ def build_server(args):
     from exaflop.serve.reload import Reloader, ServedModel, resolve_run
 
     _check(args)
+    from exaflop.engine.host_memory import huge_pages_for_large_tensors
+
+    # Before the first large tensor (the precision probe's, the weights): PyTorch reads it once.
+    pages = huge_pages_for_large_tensors() if args.device != "cuda" else "not asked"
+    logging.getLogger("exaflop.serve").info("host memory: huge pages for large tensors: %s", pages)
     keys = load_keys(args.api_key_file)
     check_bind(args.host, keys)
     if args.device == "cuda" and not torch.cuda.is_available():
