@@ -67,3 +67,6 @@ def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,
     return torch.ops.exaflop.decode_f32(idx.reshape(B), model.tok_emb.weight, weights, model.rope_cos,
                                         model.rope_sin, cache.keys, cache.values, cache.table, cache.lengths[:B],
                                         cfg.n_head, cfg.n_kv_head, cfg.norm_eps)
+
+
+fused_step.needs_key_pos = False  # LM.decode then skips making it; the fallback makes its own
