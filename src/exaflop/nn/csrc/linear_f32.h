@@ -73,7 +73,8 @@ inline void tile_at(bool first, bool last, const float* x, const float* w, const
   else tile_fl<WR, XR, false>(first, last, x, w, ahead, pl, pe, y, K, N, k0, k1, carry);
 }
 
-// Weight rows [n, n + WR) against every x row: panels of up to PANEL x rows, and for each panel
+// Weight rows [n, n + WR) against every x row (n_end: the end of this thread's rows, the last
+// tile whose weights the wide scheme asks for ahead): panels of up to PANEL x rows, and for each panel
 // K in chunks, every group of XR rows taking the chunk before the next chunk starts. Two ways
 // of keeping the memory busy, by the rows there are:
 //  - Few rows (the product bound by the memory's speed: at 8 rows the weights stream at 22 of
@@ -95,8 +96,8 @@ inline void tile_at(bool first, bool last, const float* x, const float* w, const
 constexpr int64_t KC = 128, PANEL = 48, PF_CHUNKS = 2, KC_WIDE = 1024, ROWS_WIDE = 24;
 
 template <int WR, int XR>
-__attribute__((target("avx2,fma"))) inline void all_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
-                     int64_t n_end) {
+__attribute__((target("avx2,fma"))) inline void all_rows(const float* x, const float* w, float* y, int64_t M,
+                                                         int64_t K, int64_t N, int64_t n, int64_t n_end) {
   alignas(32) __m256 carry[PANEL / XR + 1][WR * XR];
   const bool wide = M >= ROWS_WIDE;
   const int64_t chunks = wide ? (K + KC_WIDE - 1) / KC_WIDE : (K + KC - 1) / KC;
