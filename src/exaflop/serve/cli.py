@@ -108,11 +108,6 @@ def build_server(args):
     from exaflop.serve.reload import Reloader, ServedModel, resolve_run
 
     _check(args)
-    from exaflop.engine.host_memory import huge_pages_for_large_tensors
-
-    # Before the first large tensor (the precision probe's, the weights): PyTorch reads it once.
-    pages = huge_pages_for_large_tensors() if args.device != "cuda" else "not asked"
-    logging.getLogger("exaflop.serve").info("host memory: huge pages for large tensors: %s", pages)
     keys = load_keys(args.api_key_file)
     check_bind(args.host, keys)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -177,6 +172,12 @@ def run(args) -> int:
 
     # Configured first: building the server logs what it chose (the precision, for one).
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from exaflop.engine.host_memory import huge_pages_for_large_tensors
+
+    # Process-wide, and before the first large tensor (the precision probe's, the weights): PyTorch
+    # reads the switch once. Here rather than in build_server, which tests call in their own process.
+    pages = huge_pages_for_large_tensors() if args.device != "cuda" else "not asked"
+    logging.getLogger("exaflop.serve").info("host memory: huge pages for large tensors: %s", pages)
     server = build_server(args)
     # The engine thread needs the GIL back between torch kernels while the event loop
     # thread writes streams; Python's default 5 ms switch interval would stall it.
