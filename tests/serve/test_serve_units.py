@@ -150,3 +150,25 @@ def test_compile_flag_defaults_to_compiling_beside_serving():
     assert Runner("m", Metrics(), "auto").decode_mode == "eager"  # nothing started before prepare()
     with pytest.raises(ValueError, match="compile='fast'"):
         Runner("m", Metrics(), "fast")
+
+
+def test_greedy_argmax_is_torchs_for_every_row():
+    """sampling._argmax (numpy's serial argmax for CPU fp32 logits) picks what torch.argmax picks:
+    the first of equal maxima, a NaN as the largest, a row of -inf but one allowed token (a
+    grammar's mask), +inf; bf16 logits go through torch itself."""
+    import torch
+
+    from exaflop.serve.sampling import _argmax
+
+    torch.manual_seed(3)
+    x = torch.randn(7, 4096)
+    x[1, 7] = x[1, 3] = float("nan")
+    x[2] = float("-inf")
+    x[3, 5] = x[3, 9] = x[3].max() + 1
+    x[4] = float("-inf")
+    x[4, 11] = 0.0
+    x[5, 2] = float("inf")
+    want = x.argmax(-1).tolist()
+    assert _argmax(x) == want == [want[0], 3, 0, 5, 11, 2, want[6]]
+    assert _argmax(x[:, :100].t().contiguous().t()) == x[:, :100].argmax(-1).tolist()  # strided rows
+    assert _argmax(x[[0, 6]].bfloat16()) == x[[0, 6]].bfloat16().argmax(-1).tolist()
