@@ -5,6 +5,7 @@ plain full forward, the same keys and values written, on grouped heads, tied emb
 and bf16 caches, shared prefix blocks and batches that change size."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -96,6 +97,38 @@ def test_fused_step_greedy_equals_the_full_forward_token_for_token():
                 nxt = m(seq[None])[0][0, -1].argmax()
                 assert int(got[r, t]) == int(nxt), f"row {r} step {t}"
                 seq = torch.cat([seq, nxt[None]])
+
+
+@pytest.mark.parametrize("rows", [3, 4, 8, 16, 20, 24])
+def test_products_streamed_for_huge_pages_give_the_same_bits(rows):
+    """The operator's two ways of streaming its weights (nn/csrc/linear_f32.h wide_scheme: as for
+    2 MB pages, as for 4 KB ones) give the same logits and caches, bit for bit. The shapes make
+    the 2 MB-page way take the long single-chunk products (gate/up: 2048 rows, the head: 2048, K
+    64) at 4-12 and 20+ rows, with one thread or two."""
+    m = pack_for_inference(_model(d_model=64, n_head=4, n_kv_head=2, d_ff=1024, vocab_size=2048))
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 2048, (int(n),)) for n in torch.randint(1, 40, (rows,))]
+    with torch.inference_mode():
+        caches = {huge: _paged(m, rows) for huge in (False, True)}
+        for cache in caches.values():
+            _prefill(m, cache, prompts)
+        x = torch.randint(0, 2048, (rows, 1))
+        for _ in range(3):
+            out = {}
+            for huge, cache in caches.items():
+                cache.reserve(list(range(rows)), (cache.lengths[:rows] + 1).tolist())
+                out[huge] = m.decode(x, cache, step=functools.partial(fused_step, huge_pages=huge))
+            assert torch.equal(out[False], out[True])
+            x = out[True].argmax(-1, keepdim=True)
+        a, b = caches[False], caches[True]
+        assert torch.equal(a.lengths, b.lengths)
+        nb = -(-int(a.lengths.max()) // a.block)
+        for layer in range(m.cfg.n_layer):
+            ka, va = gather(a.keys[layer], a.values[layer], a.table[:rows], nb)
+            kb, vb = gather(b.keys[layer], b.values[layer], b.table[:rows], nb)
+            for r, length in enumerate(a.lengths[:rows].tolist()):
+                assert torch.equal(ka[r, :, :length], kb[r, :, :length])
+                assert torch.equal(va[r, :, :length], vb[r, :, :length])
 
 
 def test_fused_step_reads_shared_prefix_blocks():

@@ -67,11 +67,12 @@ def test_the_users_choice_wins():
 _THP_PROBE = r"""
 import json, sys
 import torch
-from exaflop.engine.host_memory import huge_pages_for_large_tensors
+from exaflop.engine.host_memory import huge_page_share, huge_pages_for_large_tensors
 state = huge_pages_for_large_tensors() if sys.argv[1] == "1" else "not called"
 x = torch.ones(16 << 20)
 huge = [int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0]
-print(json.dumps({"state": state, "huge_kb": huge, "sum": float(x.sum())}))
+print(json.dumps({"state": state, "huge_kb": huge, "sum": float(x.sum()), "share": huge_page_share([x]),
+                  "meta": huge_page_share([torch.ones(4, device="meta")])}))
 """
 
 
@@ -98,5 +99,10 @@ def test_large_tensors_get_huge_pages_when_asked():
         pytest.skip("this kernel has transparent huge pages off")
     assert on["state"] == "on"
     assert on["huge_kb"] >= 32 << 10, on  # most of the 64 MB in 2 MB pages
+    assert on["share"] == 1.0 and on["meta"] == 0.0, on  # and huge_page_share sees it (no CPU bytes: 0)
     user = _thp_probe(True, THP_MEM_ALLOC_ENABLE="0")  # the user's setting is left alone
     assert user["state"] == "user" and user["huge_kb"] < on["huge_kb"], user
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        always = "[always]" in f.read()
+    if not always:  # where every large mapping gets huge pages anyway, the tensor has them too
+        assert user["share"] == 0.0, user

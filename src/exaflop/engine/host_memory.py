@@ -1,6 +1,7 @@
 """Host memory: keep freed CPU buffers in the process instead of handing them back to the OS
-(`keep_freed_memory`, training), and back large tensors with huge pages
-(`huge_pages_for_large_tensors`, serving).
+(`keep_freed_memory`, training), back large tensors with huge pages
+(`huge_pages_for_large_tensors`, serving) and tell whether given tensors got them
+(`huge_page_share`: the fp32 decode step streams its weights differently when they did).
 
 A training step on CPU allocates and frees the same large temporaries every step (a chunk's
 logits, attention scores, the compiled graph's activations: 1-32 MB each for lm-small). glibc
@@ -18,6 +19,9 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterable
+
+import torch
 
 # mallopt parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -81,3 +85,31 @@ def huge_pages_for_large_tensors() -> str:
         return "unsupported"
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     return "on"
+
+
+def huge_page_share(tensors: Iterable[torch.Tensor]) -> float:
+    """The share of the tensors' bytes (CPU ones; 0 for others) that lies in mappings backed
+    mostly (at least half) by transparent huge pages, from /proc/self/smaps: 0.0 where that cannot
+    be read. Reads the whole table: call it once per model, not per step."""
+    spans = [(t.data_ptr(), t.untyped_storage().nbytes()) for t in tensors if t.device.type == "cpu"]
+    total = sum(n for _, n in spans)
+    if not total:
+        return 0.0
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+    except OSError:
+        return 0.0
+    mostly_huge: list[tuple[int, int]] = []  # [start, end) of mappings at least half in huge pages
+    start = end = size = 0
+    for line in text.splitlines():
+        head = line.split(None, 1)[0]
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+            a, b = head.split("-")
+            start, end = int(a, 16), int(b, 16)
+        elif head == "Size:":
+            size = int(line.split()[1])
+        elif head == "AnonHugePages:" and size and int(line.split()[1]) * 2 >= size:
+            mostly_huge.append((start, end))
+    covered = sum(n for p, n in spans if any(a <= p < b for a, b in mostly_huge))
+    return covered / total

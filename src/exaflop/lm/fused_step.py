@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from exaflop.engine.host_memory import huge_page_share
 from exaflop.lm.model import LM
 from exaflop.nn.kernels import cpu_kernels
 from exaflop.nn.packed import PackedLinear, f32_rows_kernel
@@ -54,19 +55,33 @@ def fused_step_applies(model: LM) -> bool:
 
 
 def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,  # noqa: ANN001
-               key_pos: Tensor | None = None) -> Tensor:
+               key_pos: Tensor | None = None, huge_pages: bool | None = None) -> Tensor:
     """`LM.logits_at`'s arguments and result: fp32 logits (B, V) after each row's chunk. Runs on
-    any CPU with AVX2 + FMA (the operator checks); `fused_step_applies` says where it pays."""
+    any CPU with AVX2 + FMA (the operator checks); `fused_step_applies` says where it pays.
+    `huge_pages`: stream the weights as if they were (True) or were not (False) in 2 MB pages
+    (bench/linear_f32.py compares the two; the same numbers either way); None: as they are."""
     B, T = idx.shape
-    weights = model.__dict__.get("_decode_f32_weights")
-    if weights is None:  # once per model object (a hot reload brings a new one); False: not this model
-        weights = model.__dict__["_decode_f32_weights"] = (cpu_kernels() and _weights(model)) or False
-    if T != 1 or rows is not None or not isinstance(cache, PagedKVCache) or cache.pairs or weights is False:
+    prepared = model.__dict__.get("_decode_f32_weights")
+    if prepared is None:  # once per model object (a hot reload brings a new one); False: not this model
+        prepared = model.__dict__["_decode_f32_weights"] = _prepare(model)
+    if T != 1 or rows is not None or not isinstance(cache, PagedKVCache) or cache.pairs or prepared is False:
         return LM.logits_at(model, idx, cache, rows, last, key_pos)
+    weights, huge = prepared
+    huge = huge if huge_pages is None else huge_pages
     cfg = model.cfg
     return torch.ops.exaflop.decode_f32(idx.reshape(B), model.tok_emb.weight, weights, model.rope_cos,
                                         model.rope_sin, cache.keys, cache.values, cache.table, cache.lengths[:B],
-                                        cfg.n_head, cfg.n_kv_head, cfg.norm_eps)
+                                        cfg.n_head, cfg.n_kv_head, cfg.norm_eps, huge)
+
+
+def _prepare(model: LM) -> tuple[list[Tensor], bool] | bool:
+    """The operator's weights and whether they sit in 2 MB pages (most of their bytes: `serve`
+    asks for them, engine/host_memory.py), which picks how its products stream them
+    (nn/csrc/linear_f32.h wide_scheme); False where the operator does not apply."""
+    weights = cpu_kernels() and _weights(model)
+    if not weights:
+        return False
+    return weights, huge_page_share(weights) >= 0.5
 
 
 fused_step.needs_key_pos = False  # LM.decode then skips making it; the fallback makes its own

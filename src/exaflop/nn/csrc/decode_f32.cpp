@@ -33,15 +33,16 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t nt) {
 
 // This thread's part of y (M, N) = x (M, K) @ w (N, K)^T: the tiles `linear_f32_rows` gives it
 // (as at::parallel_for splits them with its grain, GRAIN_ROWS). Returns its columns [c0, c1).
+// `huge`: the weights are in 2 MB pages (linear_f32.h wide_scheme).
 inline std::pair<int64_t, int64_t> product(const float* x, const at::Tensor& w, float* y, int64_t M, int64_t t,
-                                           int64_t nt) {
+                                           int64_t nt, bool huge) {
   const int64_t N = w.size(0), K = w.size(1), WR = exaflop_f32::tile_rows(M), tiles = N / WR;
   const int64_t grain = exaflop_f32::GRAIN_ROWS / WR;
   const int64_t users = std::max<int64_t>(1, std::min(nt, (tiles + grain - 1) / grain));
   if (t >= users) return {0, 0};
   const float* wp = w.const_data_ptr<float>();
   auto [t0, t1] = share(tiles, t, users);
-  exaflop_f32::tiles(x, wp, y, M, K, N, t0, t1);
+  exaflop_f32::tiles(x, wp, y, M, K, N, t0, t1, huge);
   if (t == users - 1) {
     exaflop_f32::tail_rows(x, wp, y, M, K, N);
     return {t0 * WR, N};
@@ -80,7 +81,7 @@ template <typename T>
 void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers, const float* final_norm,
          const at::Tensor& head, const float* cos, const float* sin, int64_t half, std::vector<T*> pk,
          std::vector<T*> pv, const int64_t* table, int64_t NBMAX, const int64_t* start, float* logits, int64_t B,
-         int64_t C, int64_t H, int64_t K, int64_t D, int64_t F, int64_t BLK, float eps) {
+         int64_t C, int64_t H, int64_t K, int64_t D, int64_t F, int64_t BLK, float eps, bool huge) {
   const int64_t G = H / K, QKV = (H + 2 * K) * D;
   const float scale = float(1.0 / std::sqrt(double(D)));
   std::vector<float> x(B * C), h(B * C), qkv(B * QKV), att(B * H * D), tmp(B * C), gu(B * 2 * F), act(B * F);
@@ -96,7 +97,7 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
       const Layer& L = layers[l];
       for (int64_t b = r0; b < r1; ++b) rms_norm(x.data() + b * C, L.attn_norm, h.data() + b * C, C, eps);
 #pragma omp barrier
-      product(h.data(), L.qkv, qkv.data(), B, t, n);
+      product(h.data(), L.qkv, qkv.data(), B, t, n, huge);
 #pragma omp barrier
       // Attention, one task per (row, KV head): RoPE, the cache write at the row's new position,
       // softmax(q k) v over its positions (`paged_decode_rope`'s task).
@@ -116,11 +117,11 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
                   blkbuf, att.data() + (b * H + kh * G) * D, after);
       }
 #pragma omp barrier
-      add_into(x.data(), tmp.data(), B, C, product(att.data(), L.wo, tmp.data(), B, t, n));
+      add_into(x.data(), tmp.data(), B, C, product(att.data(), L.wo, tmp.data(), B, t, n, huge));
 #pragma omp barrier
       for (int64_t b = r0; b < r1; ++b) rms_norm(x.data() + b * C, L.mlp_norm, h.data() + b * C, C, eps);
 #pragma omp barrier
-      product(h.data(), L.gate_up, gu.data(), B, t, n);
+      product(h.data(), L.gate_up, gu.data(), B, t, n, huge);
 #pragma omp barrier
       {
         // SwiGLU: silu(gate) * up, with silu(g) = g / (1 + exp(-g)) as PyTorch's CPU kernel has it.
@@ -139,12 +140,12 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
         }
       }
 #pragma omp barrier
-      add_into(x.data(), tmp.data(), B, C, product(act.data(), L.down, tmp.data(), B, t, n));
+      add_into(x.data(), tmp.data(), B, C, product(act.data(), L.down, tmp.data(), B, t, n, huge));
 #pragma omp barrier
     }
     for (int64_t b = r0; b < r1; ++b) rms_norm(x.data() + b * C, final_norm, h.data() + b * C, C, eps);
 #pragma omp barrier
-    product(h.data(), head, logits, B, t, n);
+    product(h.data(), head, logits, B, t, n, huge);
   }
 }
 
@@ -152,10 +153,11 @@ void run(const int64_t* tok, const float* emb, const std::vector<Layer>& layers,
 // that many); weights: per layer attn_norm, qkv, wo, mlp_norm, gate_up, down (the packed
 // matrices, nn/packed.py), then the final norm and the head; cos, sin: RoPE tables (positions,
 // D/2); keys / values: each layer's pools (N, K, D, BLK) and (N, K, BLK, D), fp32 or bf16,
-// written at each row's new position; table (slots, NBMAX) block ids. Returns logits (B, V).
+// written at each row's new position; table (slots, NBMAX) block ids; huge_pages: the weights
+// are in 2 MB pages (it picks the products' scheme, linear_f32.h). Returns logits (B, V).
 at::Tensor decode_f32(const at::Tensor& tokens, const at::Tensor& emb, at::TensorList weights, const at::Tensor& cos_,
                       const at::Tensor& sin_, at::TensorList keys, at::TensorList values, const at::Tensor& table_,
-                      const at::Tensor& start_, int64_t n_head, int64_t n_kv_head, double eps) {
+                      const at::Tensor& start_, int64_t n_head, int64_t n_kv_head, double eps, bool huge_pages) {
   TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), "decode_f32: this CPU has no AVX2 + FMA");
   const int64_t n_layer = int64_t(keys.size());
   TORCH_CHECK(n_layer >= 1 && int64_t(values.size()) == n_layer && int64_t(weights.size()) == 6 * n_layer + 2,
@@ -203,7 +205,7 @@ at::Tensor decode_f32(const at::Tensor& tokens, const at::Tensor& emb, at::Tenso
     }
     run<T>(tp, emb.const_data_ptr<float>(), layers, weights[6 * n_layer].const_data_ptr<float>(), head,
            cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), D / 2, pk, pv, table.const_data_ptr<int64_t>(),
-           NBMAX, sp, logits.mutable_data_ptr<float>(), B, C, H, K, D, F, BLK, float(eps));
+           NBMAX, sp, logits.mutable_data_ptr<float>(), B, C, H, K, D, F, BLK, float(eps), huge_pages);
   };
   if (bf16) go(static_cast<at::BFloat16*>(nullptr));
   else go(static_cast<float*>(nullptr));
@@ -214,7 +216,8 @@ at::Tensor decode_f32(const at::Tensor& tokens, const at::Tensor& emb, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(exaflop, m) {
   m.def("decode_f32(Tensor tokens, Tensor emb, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!)[] keys, "
-        "Tensor(b!)[] values, Tensor table, Tensor start, int n_head, int n_kv_head, float eps) -> Tensor");
+        "Tensor(b!)[] values, Tensor table, Tensor start, int n_head, int n_kv_head, float eps, "
+        "bool huge_pages=False) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(exaflop, CPU, m) {
   m.impl("decode_f32", &decode_f32);

@@ -93,13 +93,32 @@ inline void tile_at(bool first, bool last, const float* x, const float* w, const
 //    37-38 -> 31-32 ms (149 -> 180 GFLOP/s; the FMAs' peak here is 258), 24 rows 28-31 -> 27-29
 //    ms; at 12-16 rows it is 5-10% slower (bound by the memory: asking for L1 one chunk ahead
 //    keeps more lines in flight), at 20 even.
-constexpr int64_t KC = 128, PANEL = 48, PF_CHUNKS = 2, KC_WIDE = 1024, ROWS_WIDE = 24;
+//    That is with the weights in 4 KB pages. In 2 MB pages (`serve` asks for them: engine/
+//    host_memory.py) the wide scheme is often the faster one below 24 rows too, where K fits one
+//    chunk: lm-124m's matrices, 8 rows, 2 threads, 352 MB of one shape at a time: 768 x 768 14.5
+//    -> 12.3 ms, 2304 x 768 14.6 -> 13.2, 4096 x 768 14.5 -> 12.3, but 768 x 2048 12.7 -> 13.5
+//    (K in two chunks). Inside the decode step it paid on long runs only (a thread's share of 2304
+//    and 4096 rows: -0.5 ms a step at 8 rows) and lost on 768 rows split in two (the attention's
+//    output product: 1.30 -> 1.44-1.57 ms a step), hence RUN_WIDE tiles at least. The whole step
+//    (lm-124m, 80 cached positions, both schemes alternating in one process, same bits): 4 / 5 /
+//    6 / 8 / 10 / 12 rows 1.02-1.03x / 1.04x / 1.04-1.05x / 1.02-1.03x / 1.02x / 1.00-1.02x
+//    faster, 20 / 23 rows 1.05-1.07x; but 2-3 rows 0.95-0.99x and 14-18 rows 0.97-0.98x: those
+//    keep the chunk-ahead scheme (`bench/linear_f32.py --huge` has no say here: tmp/hab.py-like
+//    runs of the step itself, recorded in docs/benchmarks.md).
+constexpr int64_t KC = 128, PANEL = 48, PF_CHUNKS = 2, KC_WIDE = 1024, ROWS_WIDE = 24, RUN_WIDE = 256;
+
+// Which scheme a run of tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T takes; `huge`: the
+// weights are in 2 MB pages (the caller knows: engine/host_memory.py huge_page_share).
+inline bool wide_scheme(int64_t M, int64_t K, int64_t t0, int64_t t1, bool huge) {
+  if (M >= ROWS_WIDE) return true;
+  const bool rows = (M >= 4 && M <= 12) || M >= 20;
+  return huge && rows && K <= KC_WIDE && t1 - t0 >= RUN_WIDE;
+}
 
 template <int WR, int XR>
 __attribute__((target("avx2,fma"))) inline void all_rows(const float* x, const float* w, float* y, int64_t M,
-                                                         int64_t K, int64_t N, int64_t n, int64_t n_end) {
+                                                         int64_t K, int64_t N, int64_t n, int64_t n_end, bool wide) {
   alignas(32) __m256 carry[PANEL / XR + 1][WR * XR];
-  const bool wide = M >= ROWS_WIDE;
   const int64_t chunks = wide ? (K + KC_WIDE - 1) / KC_WIDE : (K + KC - 1) / KC;
   const int64_t kc = wide ? ((K + chunks - 1) / chunks + 7) / 8 * 8 : KC;
   // wide: the next tile's bytes, one part per group call of this tile (`calls` of them).
@@ -153,22 +172,24 @@ inline int64_t tile_rows(int64_t M) { return M == 1 ? 8 : 4; }
 constexpr int64_t GRAIN_ROWS = 256;
 
 // Weight-row tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T, tile_rows(M) rows a tile; the
-// caller splits the tiles between threads.
-inline void tiles(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1) {
+// caller splits the tiles between threads. `huge`: the weights are in 2 MB pages (wide_scheme).
+inline void tiles(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1,
+                  bool huge = false) {
   const int64_t WR = tile_rows(M);
+  const bool wide = wide_scheme(M, K, t0, t1, huge);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t * WR;
     if (WR == 8) {
-      all_rows<8, 1>(x, w, y, M, K, N, n, t1 * WR);
+      all_rows<8, 1>(x, w, y, M, K, N, n, t1 * WR, wide);
     } else {
-      all_rows<4, 3>(x, w, y, M, K, N, n, t1 * WR);
+      all_rows<4, 3>(x, w, y, M, K, N, n, t1 * WR, wide);
     }
   }
 }
 
 // The rows past the last whole tile (N not a multiple of the tile).
 inline void tail_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
-  for (int64_t n = N / tile_rows(M) * tile_rows(M); n < N; ++n) all_rows<1, 3>(x, w, y, M, K, N, n, N);
+  for (int64_t n = N / tile_rows(M) * tile_rows(M); n < N; ++n) all_rows<1, 3>(x, w, y, M, K, N, n, N, M >= ROWS_WIDE);
 }
 
 }  // namespace exaflop_f32
