@@ -103,8 +103,7 @@ inline void tile_at(bool first, bool last, const float* x, const float* w, const
 //    (lm-124m, 80 cached positions, both schemes alternating in one process, same bits): 4 / 5 /
 //    6 / 8 / 10 / 12 rows 1.02-1.03x / 1.04x / 1.04-1.05x / 1.02-1.03x / 1.02x / 1.00-1.02x
 //    faster, 20 / 23 rows 1.05-1.07x; but 2-3 rows 0.95-0.99x and 14-18 rows 0.97-0.98x: those
-//    keep the chunk-ahead scheme (`bench/linear_f32.py --huge` has no say here: tmp/hab.py-like
-//    runs of the step itself, recorded in docs/benchmarks.md).
+//    keep the chunk-ahead scheme (bench/linear_f32.py's "2MB/4KB scheme" rows; docs/benchmarks.md).
 constexpr int64_t KC = 128, PANEL = 48, PF_CHUNKS = 2, KC_WIDE = 1024, ROWS_WIDE = 24, RUN_WIDE = 256;
 
 // Which scheme a run of tiles [t0, t1) of y (M, N) = x (M, K) @ w (N, K)^T takes; `huge`: the
