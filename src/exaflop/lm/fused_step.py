@@ -61,9 +61,7 @@ def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,
     `huge_pages`: stream the weights as if they were (True) or were not (False) in 2 MB pages
     (bench/linear_f32.py compares the two; the same numbers either way); None: as they are."""
     B, T = idx.shape
-    prepared = model.__dict__.get("_decode_f32_weights")
-    if prepared is None:  # once per model object (a hot reload brings a new one); False: not this model
-        prepared = model.__dict__["_decode_f32_weights"] = _prepare(model)
+    prepared = prepare_fused_step(model)
     if T != 1 or rows is not None or not isinstance(cache, PagedKVCache) or cache.pairs or prepared is False:
         return LM.logits_at(model, idx, cache, rows, last, key_pos)
     weights, huge = prepared
@@ -74,14 +72,18 @@ def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,
                                         cfg.n_head, cfg.n_kv_head, cfg.norm_eps, huge)
 
 
-def _prepare(model: LM) -> tuple[list[Tensor], bool] | bool:
+def prepare_fused_step(model: LM) -> tuple[list[Tensor], bool] | bool:
     """The operator's weights and whether they sit in 2 MB pages (most of their bytes: `serve`
     asks for them, engine/host_memory.py), which picks how its products stream them
-    (nn/csrc/linear_f32.h wide_scheme); False where the operator does not apply."""
-    weights = cpu_kernels() and _weights(model)
-    if not weights:
-        return False
-    return weights, huge_page_share(weights) >= 0.5
+    (nn/csrc/linear_f32.h wide_scheme); False where the operator does not apply. Worked out once
+    per model object (a hot reload brings a new one; reading /proc/self/smaps takes ~20 ms, so
+    the server does it while preparing the weights, not in its first decode step)."""
+    prepared = model.__dict__.get("_decode_f32_weights")
+    if prepared is None:
+        weights = cpu_kernels() and _weights(model)
+        prepared = (weights, huge_page_share(weights) >= 0.5) if weights else False
+        model.__dict__["_decode_f32_weights"] = prepared
+    return prepared
 
 
 fused_step.needs_key_pos = False  # LM.decode then skips making it; the fallback makes its own
