@@ -77,14 +77,15 @@ inline void tile_at(bool first, bool last, const float* x, const float* w, const
 // tile whose weights the wide scheme asks for ahead): panels of up to PANEL x rows, and for each panel
 // K in chunks, every group of XR rows taking the chunk before the next chunk starts. Two ways
 // of keeping the memory busy, by the rows there are:
-//  - Few rows (the product bound by the memory's speed: at 8 rows the weights stream at 22 of
-//    this machine's 25 GB/s): chunks of KC, and while the first group takes a chunk, the chunk
-//    PF_CHUNKS after it in this order (this tile's next chunks, then the next tile's) is asked
-//    for, WR x 512 bytes each: far enough ahead to hide the memory's latency, near enough to
-//    stay in L1 until used. The tile's weights then arrive a chunk at a time while the groups
-//    multiply the chunk before: fp32 AVX2, lm-124m's 49 matrices out of cache, 8 rows 76 -> 84
-//    GFLOP/s, 16 rows 98 -> 117 against one whole chunk (docs/benchmarks.md); two chunks ahead
-//    measured 0.97-0.98x the time of one whole tile ahead at 1 and 8 rows.
+//  - Few rows (the product bound by the memory's speed: at 8 rows the weights stream at 22 of the 25
+//    GB/s this machine reads from 4 KB pages; it reads 33-36 from 2 MB pages): chunks of KC, and
+//    while the first group takes a chunk, the chunk PF_CHUNKS after it in this order (this tile's
+//    next chunks, then the next tile's) is asked for, WR x 512 bytes each: far enough ahead to hide
+//    the memory's latency, near enough to stay in L1 until used. The tile's weights then arrive a
+//    chunk at a time while the groups multiply the chunk before: fp32 AVX2, lm-124m's 49 matrices out
+//    of cache, 8 rows 76 -> 84 GFLOP/s, 16 rows 98 -> 117 against one whole chunk
+//    (docs/benchmarks.md); two chunks ahead measured 0.97-0.98x the time of one whole tile ahead at 1
+//    and 8 rows.
 //  - From ROWS_WIDE rows on (bound by the multiply-adds): chunks of up to KC_WIDE (fewer carries),
 //    and the next tile of this thread's range (WR * K * 4 contiguous bytes) asked for into L2,
 //    spread evenly over every group of this tile, so the memory works while all the groups
