@@ -50,8 +50,9 @@ def _f32(w: Tensor | None) -> bool:
 def fused_step_applies(model: LM) -> bool:
     """Whether `model` (packed for inference, nn/packed.py) should decode through the operator
     here: a dense fp32 model where PyTorch dispatches to AVX2 (where its matrices take exaflop's
-    fp32 kernel; at AVX-512, MKL's). Builds exaflop's kernels on first call (nn/kernels.py)."""
-    return f32_rows_kernel() and _weights(model) is not None
+    fp32 kernel; at AVX-512, MKL's). Builds exaflop's kernels on first call (nn/kernels.py), and
+    prepares the operator's weights where it applies (`prepare_fused_step`: once per model)."""
+    return f32_rows_kernel() and prepare_fused_step(model) is not False
 
 
 def fused_step(model: LM, idx: Tensor, cache, rows: Tensor | None, last: Tensor,  # noqa: ANN001
@@ -77,7 +78,8 @@ def prepare_fused_step(model: LM) -> tuple[list[Tensor], bool] | bool:
     asks for them, engine/host_memory.py), which picks how its products stream them
     (nn/csrc/linear_f32.h wide_scheme); False where the operator does not apply. Worked out once
     per model object (a hot reload brings a new one; reading /proc/self/smaps takes ~20 ms, so
-    the server does it while preparing the weights, not in its first decode step)."""
+    the server does it while preparing the weights, through `fused_step_applies`, not in its
+    first decode step)."""
     prepared = model.__dict__.get("_decode_f32_weights")
     if prepared is None:
         weights = cpu_kernels() and _weights(model)

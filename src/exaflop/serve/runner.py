@@ -23,7 +23,7 @@ from torch import Tensor
 
 from exaflop.engine.faults import ServeFault
 from exaflop.engine.precision import compile_cache_per_isa
-from exaflop.lm.fused_step import fused_step, fused_step_applies, prepare_fused_step
+from exaflop.lm.fused_step import fused_step, fused_step_applies
 from exaflop.nn.packed import INT8_KERNEL_ROWS, lower_packed_linear, pack_for_inference
 from exaflop.nn.paged import paged_kernel
 from exaflop.serve.metrics import Metrics
@@ -91,7 +91,6 @@ class Runner:
             # say) falls back to LM.logits_at inside it, eagerly.
             if not self.fused:
                 log.info("engine %s: decoding with the fused fp32 step (no compile needed)", self.name)
-            prepare_fused_step(weights.model)
             self.decode_step, self.fused = fused_step, True
             return
         if self.compile == "off" or self.compiled or self.fused or self.compiling is not None:
