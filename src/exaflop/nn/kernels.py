@@ -18,6 +18,8 @@ PyTorch, and the reason is logged once.
   (nn/packed.py).
 - `decode_f32` (csrc/decode_f32.cpp): the fp32 model's whole decode step, with the two kernels above
   (shared through csrc/*.h) and the norms and SwiGLU between them (lm/fused_step.py).
+- `attention_amx_fwd`, `attention_amx_bwd` (csrc/attention_amx.cpp): causal bf16 attention for
+  training on AMX tiles (nn/layers.py); built into the AVX-512 build only.
 """
 
 from __future__ import annotations
@@ -99,4 +101,14 @@ def _build() -> bool:
     torch.library.register_fake("exaflop::xent_rows")(
         lambda logits, targets, rw: (rw.new_empty(()), torch.empty_like(logits)))
     torch.library.register_fake("exaflop::xent_rows_")(lambda logits, targets, rw: rw.new_empty(()))
+    torch.library.register_fake("exaflop::attention_amx_fwd")(
+        lambda q, k, v, scale: (_heads_like(q, q.shape[1]), q.new_empty(q.shape[:3], dtype=torch.float32)))
+    torch.library.register_fake("exaflop::attention_amx_bwd")(
+        lambda grad, q, k, v, out, lse, scale: (_heads_like(q, q.shape[1]), _heads_like(k, k.shape[1]),
+                                                _heads_like(v, v.shape[1])))
     return True
+
+
+def _heads_like(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # (B, H, T, D) in the memory of (B, T, H, D), as csrc/attention_amx.cpp allocates it.
+    return x.new_empty((x.shape[0], x.shape[2], heads, x.shape[3])).transpose(1, 2)

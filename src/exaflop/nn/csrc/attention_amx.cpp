@@ -1,0 +1,463 @@
+// Causal attention for training in bf16 on CPUs with AMX (nn/layers.py): the forward and the
+// backward of softmax(q k^T * scale) v, one (batch, head) at a time, every product on the AMX
+// tiles and the softmax work in AVX-512 registers between them.
+//
+// Why: PyTorch's CPU flash attention runs these 256 x 256 x 64 products at ~0.2 TFLOP/s (its
+// backward at a seventh of its forward), and the compiled matmul backward spends as long again
+// in elementwise passes over a (B, H, T, T) fp32 tensor in memory. Here a head's q, k, v, its
+// scores and gradients stay in L1 / L2, and only the causal half of each product is computed.
+//
+// AMX multiplies A (16 rows x 32 bf16, rows along the reduction) by B in "VNNI" form (16 rows of
+// 16 bf16 pairs: B[k/2][n][2]), accumulating C (16 x 16 fp32). Which operand a tensor is decides
+// its layout, so each head's inputs are first re-laid out once in the thread's buffers:
+//   forward   S = q k^T      A: q rows          B: k as 32-bit pairs transposed (kt)
+//             O = P v        A: P rows          B: v with pairs of rows interleaved (vv)
+//   backward  S^T = k q^T    A: k rows          B: qt            (the transposed orientation gives
+//             dP^T = v dO^T  A: v rows          B: dot            P^T and dS^T as rows, what dK and
+//             dV = P^T dO    A: P^T rows        B: dov            dV need as A)
+//             dK = dS^T q    A: dS^T rows       B: qv
+//             dQ^T = k^T dS^T A: k^T rows       B: dS^T with pairs of rows interleaved
+// P is recomputed in the backward from the forward's log-sum-exp (as flash attention does).
+// Requires T % 32 == 0 and D % 32 == 0 (D <= 256); nn/layers.py checks and uses PyTorch otherwise.
+//
+// Built with the other kernels (nn/kernels.py); the AMX code only in the AVX-512 build.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define EXAFLOP_AMX 1
+#endif
+
+namespace {
+
+constexpr int64_t BLK = 32;  // rows and columns of a block of scores: 2 x 2 tiles
+
+#ifdef EXAFLOP_AMX
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+// Linux hands out the AMX tile state only to processes that ask (oneDNN asks too; asking twice is fine).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// All eight tiles 16 rows x 64 bytes; set per thread (the configuration is thread state) and
+// released after, so oneDNN's own configuration is not assumed either way.
+AMX_TARGET void tiles_on() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+// C (32 x 32 fp32, row stride ldc floats) = A (32 x K bf16, rows at a / a + 16 * lda) times B
+// given as VNNI tiles: b0 for columns 0-15, b1 for 16-31, each K/2 rows of stride ldb bytes,
+// k-step 32 advancing A by 32 elements and B by bstep bytes. Tiles 0-3: C, 4-5: A, 6-7: B.
+AMX_TARGET inline void block32(const void* a, int64_t lda_bytes, const char* b0, const char* b1, int64_t ldb_bytes,
+                               int64_t bstep, int64_t ksteps, float* c, int64_t ldc_bytes, bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, c, ldc_bytes);
+    _tile_loadd(1, c + 16, ldc_bytes);
+    _tile_loadd(2, reinterpret_cast<char*>(c) + 16 * ldc_bytes, ldc_bytes);
+    _tile_loadd(3, reinterpret_cast<char*>(c) + 16 * ldc_bytes + 64, ldc_bytes);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const char* ap = static_cast<const char*>(a);
+  for (int64_t s = 0; s < ksteps; ++s) {
+    _tile_loadd(4, ap + s * 64, lda_bytes);
+    _tile_loadd(5, ap + 16 * lda_bytes + s * 64, lda_bytes);
+    _tile_loadd(6, b0 + s * bstep, ldb_bytes);
+    _tile_loadd(7, b1 + s * bstep, ldb_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, ldc_bytes);
+  _tile_stored(1, c + 16, ldc_bytes);
+  _tile_stored(2, reinterpret_cast<char*>(c) + 16 * ldc_bytes, ldc_bytes);
+  _tile_stored(3, reinterpret_cast<char*>(c) + 16 * ldc_bytes + 64, ldc_bytes);
+}
+
+// 16 x 16 transpose of 32-bit elements in registers.
+AMX_TARGET inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane now holds a 4 x 4 block; gather the lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// out (D/2, T) 32-bit = x (T rows of D bf16, row stride ldx elements) seen as (T, D/2) pairs, transposed.
+AMX_TARGET void pairs_transposed(const at::BFloat16* x, int64_t ldx, int64_t T, int64_t D, uint32_t* out) {
+  const int64_t P = D / 2;
+  __m512i r[16];
+  for (int64_t t0 = 0; t0 < T; t0 += 16)
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(x + (t0 + i) * ldx + 2 * p0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (p0 + i) * T + t0, r[i]);
+    }
+}
+
+// out (D, T) bf16 = x (T rows of D bf16) transposed, element by element.
+AMX_TARGET void bf16_transposed(const at::BFloat16* x, int64_t ldx, int64_t T, int64_t D, at::BFloat16* out) {
+  __m512i r[16];
+  for (int64_t t0 = 0; t0 < T; t0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      for (int i = 0; i < 16; ++i)
+        r[i] = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (t0 + i) * ldx + d0)));
+      transpose16(r);
+      for (int i = 0; i < 16; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (d0 + i) * T + t0), _mm512_cvtepi32_epi16(r[i]));
+    }
+}
+
+// Rows 2i and 2i+1 of a (rows, n) bf16 matrix interleaved: out[i][c] = (x[2i][c], x[2i+1][c]).
+AMX_TARGET inline void interleave_rows(const at::BFloat16* r0, const at::BFloat16* r1, int64_t n, uint32_t* out) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c)));
+    _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+AMX_TARGET void rows_interleaved(const at::BFloat16* x, int64_t ldx, int64_t T, int64_t D, uint32_t* out) {
+  for (int64_t i = 0; i < T / 2; ++i) interleave_rows(x + 2 * i * ldx, x + (2 * i + 1) * ldx, D, out + i * D);
+}
+
+AMX_TARGET inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+AMX_TARGET inline __m512 exp16(__m512 v) { return at::vec::Vectorized<float>(v).exp_u20(); }
+
+struct Strides {  // element strides of a (B, H, T, D) view with unit stride in D
+  int64_t b, h, t;
+  explicit Strides(const at::Tensor& x) : b(x.stride(0)), h(x.stride(1)), t(x.stride(2)) {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one query block of 32 rows at a time, its scores against the keys up to the block's
+// end (causal) in a row strip, the softmax over the strip, then P v.
+// Tasks begin .. end of B * H (batch, query head) pairs. (A lambda would not carry the AMX target.)
+AMX_TARGET void forward_range(int64_t begin, int64_t end, const at::BFloat16* q, const at::BFloat16* k,
+                              const at::BFloat16* v, at::BFloat16* out, float* lse, int64_t H, int64_t Hk,
+                              int64_t T, int64_t D, float scale, Strides sq, Strides sk, Strides sv, Strides so) {
+  const int64_t G = H / Hk;
+  {
+    std::vector<uint32_t> kt(D / 2 * T), vv(T / 2 * D);
+    std::vector<float> s(BLK * T), o(BLK * D);
+    std::vector<at::BFloat16> p(BLK * T);
+    tiles_on();
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / H, h = idx % H, hk = h / G;
+      const at::BFloat16* qh = q + b * sq.b + h * sq.h;
+      const at::BFloat16* kh = k + b * sk.b + hk * sk.h;
+      const at::BFloat16* vh = v + b * sv.b + hk * sv.h;
+      at::BFloat16* oh = out + b * so.b + h * so.h;
+      float* lh = lse + (b * H + h) * T;
+      // A head of a group reuses its predecessor's re-laid-out k and v.
+      if (idx == begin || h % G == 0) {
+        pairs_transposed(kh, sk.t, T, D, kt.data());
+        rows_interleaved(vh, sv.t, T, D, vv.data());
+      }
+      for (int64_t i0 = 0; i0 < T; i0 += BLK) {
+        const int64_t kend = i0 + BLK;
+        for (int64_t j0 = 0; j0 < kend; j0 += BLK)
+          block32(qh + i0 * sq.t, sq.t * 2, reinterpret_cast<const char*>(kt.data() + j0),
+                  reinterpret_cast<const char*>(kt.data() + j0 + 16), T * 4, 16 * T * 4, D / 32, s.data() + j0, T * 4,
+                  false);
+        for (int64_t r = 0; r < BLK; ++r) {
+          float* sr = s.data() + r * T;
+          const int64_t n = i0 + r + 1;  // keys 0..i visible to query i
+          const __m512 vs = _mm512_set1_ps(scale);
+          __m512 vmax = _mm512_set1_ps(-INFINITY);
+          for (int64_t j = 0; j < kend; j += 16) {
+            const __mmask16 m = j + 16 <= n ? 0xffff : j < n ? __mmask16((1u << (n - j)) - 1) : 0;
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), vs);
+            _mm512_storeu_ps(sr + j, x);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+          }
+          const float mx = _mm512_reduce_max_ps(vmax);
+          __m512 vsum = _mm512_setzero_ps();
+          const __m512 vm = _mm512_set1_ps(mx);
+          for (int64_t j = 0; j < kend; j += 16) {
+            const __mmask16 m = j + 16 <= n ? 0xffff : j < n ? __mmask16((1u << (n - j)) - 1) : 0;
+            const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), vm)));
+            _mm512_storeu_ps(sr + j, e);
+            vsum = _mm512_add_ps(vsum, e);
+          }
+          const float sum = _mm512_reduce_add_ps(vsum);
+          lh[i0 + r] = mx + std::log(sum);
+          const __m512 inv = _mm512_set1_ps(1.f / sum);
+          at::BFloat16* pr = p.data() + r * T;
+          for (int64_t j = 0; j < kend; j += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(sr + j), inv)));
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += BLK)
+          block32(p.data(), T * 2, reinterpret_cast<const char*>(vv.data() + d0),
+                  reinterpret_cast<const char*>(vv.data() + d0 + 16), D * 4, 16 * D * 4, kend / 32, o.data() + d0,
+                  D * 4, false);
+        for (int64_t r = 0; r < BLK; ++r)
+          for (int64_t d = 0; d < D; d += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(oh + (i0 + r) * so.t + d), to_bf16(_mm512_loadu_ps(o.data() + r * D + d)));
+      }
+    }
+    _tile_release();
+  }
+}
+
+void forward_kernel(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out,
+                    float* lse, int64_t B, int64_t H, int64_t Hk, int64_t T, int64_t D, float scale, Strides sq,
+                    Strides sk, Strides sv, Strides so) {
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    forward_range(begin, end, q, k, v, out, lse, H, Hk, T, D, scale, sq, sk, sv, so);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: per (batch, key head), each query head of its group in turn. For each block of 32
+// keys, the blocks of P^T and dS^T against every later query block (causal), then that key
+// block's dV and dK rows; dQ^T once all of dS^T is there.
+struct BwdArgs {
+  const at::BFloat16 *go, *q, *k, *v, *o;
+  const float* lse;
+  at::BFloat16 *dq, *dk, *dv;
+  int64_t H, Hk, T, D;
+  float scale;
+  Strides sgo, sq, sk, sv, so, sdq, sdk, sdv;
+};
+
+// Tasks begin .. end of B * Hk (batch, key head) pairs.
+AMX_TARGET void backward_range(int64_t begin, int64_t end, const BwdArgs& a) {
+  const at::BFloat16 *go = a.go, *q = a.q, *k = a.k, *v = a.v, *o = a.o;
+  const float* lse = a.lse;
+  at::BFloat16 *dq = a.dq, *dk = a.dk, *dv = a.dv;
+  const int64_t H = a.H, Hk = a.Hk, T = a.T, D = a.D, G = H / Hk;
+  const float scale = a.scale;
+  const Strides &sgo = a.sgo, &sq = a.sq, &sk = a.sk, &sv = a.sv, &so = a.so, &sdq = a.sdq, &sdk = a.sdk, &sdv = a.sdv;
+  {
+    std::vector<uint32_t> qt(D / 2 * T), dot(D / 2 * T), qv(T / 2 * D), dov(T / 2 * D), dsv(T / 2 * T);
+    std::vector<at::BFloat16> kT(D * T), pt(BLK * T), dst(BLK * T);
+    std::vector<float> sc(BLK * BLK), dpc(BLK * BLK), delta(T), dkacc(T * D), dvacc(T * D), dqt(D * T);
+    tiles_on();
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / Hk, hk = idx % Hk;
+      const at::BFloat16* kh = k + b * sk.b + hk * sk.h;
+      const at::BFloat16* vh = v + b * sv.b + hk * sv.h;
+      bf16_transposed(kh, sk.t, T, D, kT.data());
+      std::fill(dkacc.begin(), dkacc.end(), 0.f);
+      std::fill(dvacc.begin(), dvacc.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        const at::BFloat16* qh = q + b * sq.b + h * sq.h;
+        const at::BFloat16* gh = go + b * sgo.b + h * sgo.h;
+        const at::BFloat16* oh = o + b * so.b + h * so.h;
+        const float* lh = lse + (b * H + h) * T;
+        pairs_transposed(qh, sq.t, T, D, qt.data());
+        pairs_transposed(gh, sgo.t, T, D, dot.data());
+        rows_interleaved(qh, sq.t, T, D, qv.data());
+        rows_interleaved(gh, sgo.t, T, D, dov.data());
+        for (int64_t i = 0; i < T; ++i) {  // delta_i = rowsum(P * dP) = dO_i . O_i
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gh + i * sgo.t + d))), 16));
+            const __m512 c = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(oh + i * so.t + d))), 16));
+            acc = _mm512_fmadd_ps(a, c, acc);
+          }
+          delta[i] = _mm512_reduce_add_ps(acc);
+        }
+        for (int64_t j0 = 0; j0 < T; j0 += BLK) {
+          for (int64_t i0 = j0; i0 < T; i0 += BLK) {
+            block32(kh + j0 * sk.t, sk.t * 2, reinterpret_cast<const char*>(qt.data() + i0),
+                    reinterpret_cast<const char*>(qt.data() + i0 + 16), T * 4, 16 * T * 4, D / 32, sc.data(), BLK * 4,
+                    false);
+            block32(vh + j0 * sv.t, sv.t * 2, reinterpret_cast<const char*>(dot.data() + i0),
+                    reinterpret_cast<const char*>(dot.data() + i0 + 16), T * 4, 16 * T * 4, D / 32, dpc.data(), BLK * 4,
+                    false);
+            const __m512 vs = _mm512_set1_ps(scale);
+            for (int64_t r = 0; r < BLK; ++r) {  // key j = j0 + r against queries i0 .. i0 + 31
+              const int64_t j = j0 + r;
+              for (int64_t c = 0; c < BLK; c += 16) {
+                const int64_t i = i0 + c;
+                // queries i .. i+15 see key j when i + lane >= j
+                const __mmask16 m = i >= j ? 0xffff : i + 16 <= j ? 0 : __mmask16(0xffffu << (j - i));
+                const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sc.data() + r * BLK + c), vs, _mm512_loadu_ps(lh + i));
+                const __m512 pv = _mm512_maskz_mov_ps(m, exp16(x));
+                const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpc.data() + r * BLK + c),
+                                                                               _mm512_loadu_ps(delta.data() + i))), vs);
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt.data() + r * T + i), to_bf16(pv));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst.data() + r * T + i),
+                                    to_bf16(_mm512_maskz_mov_ps(m, ds)));
+              }
+            }
+            for (int64_t r = 0; r < BLK; r += 2)
+              interleave_rows(dst.data() + r * T + i0, dst.data() + (r + 1) * T + i0, BLK,
+                              dsv.data() + ((j0 + r) / 2) * T + i0);
+          }
+          // dV, dK rows j0 .. j0+31: the reduction over queries j0 .. T.
+          const int64_t n = (T - j0) / 32;
+          for (int64_t d0 = 0; d0 < D; d0 += BLK) {
+            block32(pt.data() + j0, T * 2, reinterpret_cast<const char*>(dov.data() + (j0 / 2) * D + d0),
+                    reinterpret_cast<const char*>(dov.data() + (j0 / 2) * D + d0 + 16), D * 4, 16 * D * 4, n,
+                    dvacc.data() + j0 * D + d0, D * 4, true);
+            block32(dst.data() + j0, T * 2, reinterpret_cast<const char*>(qv.data() + (j0 / 2) * D + d0),
+                    reinterpret_cast<const char*>(qv.data() + (j0 / 2) * D + d0 + 16), D * 4, 16 * D * 4, n,
+                    dkacc.data() + j0 * D + d0, D * 4, true);
+          }
+        }
+        // dQ^T (D, T) = k^T (D, T) dS^T (T, T): queries i0.. see keys up to i0 + 31.
+        for (int64_t i0 = 0; i0 < T; i0 += BLK)
+          for (int64_t d0 = 0; d0 < D; d0 += BLK)
+            block32(kT.data() + d0 * T, T * 2, reinterpret_cast<const char*>(dsv.data() + i0),
+                    reinterpret_cast<const char*>(dsv.data() + i0 + 16), T * 4, 16 * T * 4, (i0 + BLK) / 32,
+                    dqt.data() + d0 * T + i0, T * 4, false);
+        at::BFloat16* dqh = dq + b * sdq.b + h * sdq.h;
+        __m512i r[16];
+        for (int64_t i0 = 0; i0 < T; i0 += 16)
+          for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            for (int x = 0; x < 16; ++x) r[x] = _mm512_loadu_si512(dqt.data() + (d0 + x) * T + i0);
+            transpose16(r);
+            for (int x = 0; x < 16; ++x)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dqh + (i0 + x) * sdq.t + d0),
+                                  to_bf16(_mm512_castsi512_ps(r[x])));
+          }
+      }
+      at::BFloat16* dkh = dk + b * sdk.b + hk * sdk.h;
+      at::BFloat16* dvh = dv + b * sdv.b + hk * sdv.h;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; d += 16) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dkh + t * sdk.t + d), to_bf16(_mm512_loadu_ps(dkacc.data() + t * D + d)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dvh + t * sdv.t + d), to_bf16(_mm512_loadu_ps(dvacc.data() + t * D + d)));
+        }
+    }
+    _tile_release();
+  }
+}
+
+void backward_kernel(int64_t B, const BwdArgs& a) {
+  at::parallel_for(0, B * a.Hk, 1, [&](int64_t begin, int64_t end) { backward_range(begin, end, a); });
+}
+#endif  // EXAFLOP_AMX
+
+void check(const at::Tensor& x, const char* name, int64_t T, int64_t D) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.stride(3) == 1,
+              "attention_amx: ", name, " must be a bf16 CPU (B, H, T, D) tensor with unit stride in D");
+  TORCH_CHECK(x.size(2) == T && x.size(3) == D, "attention_amx: ", name, " has shape ", x.sizes());
+}
+
+// (B, H, T, D) with the memory of (B, T, H, D): what the model's next reshape wants.
+at::Tensor heads_view(const at::Tensor& like, int64_t H) {
+  return at::empty({like.size(0), like.size(2), H, like.size(3)}, like.options()).transpose(1, 2);
+}
+
+bool available() {
+#ifdef EXAFLOP_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+void check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(available(), "attention_amx: AMX is not available in this process");
+  const int64_t T = q.size(2), D = q.size(3);
+  TORCH_CHECK(T % 32 == 0 && D % 32 == 0 && D <= 256, "attention_amx: T and D must be multiples of 32 (D <= 256)");
+  check(q, "q", T, D);
+  check(k, "k", T, D);
+  check(v, "v", T, D);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.sizes() == k.sizes() && q.size(1) % k.size(1) == 0,
+              "attention_amx: k / v heads must divide q's");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_amx_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     double scale) {
+  check_all(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3);
+  auto out = heads_view(q, H);
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+#ifdef EXAFLOP_AMX
+  forward_kernel(q.const_data_ptr<at::BFloat16>(), k.const_data_ptr<at::BFloat16>(), v.const_data_ptr<at::BFloat16>(),
+                 out.mutable_data_ptr<at::BFloat16>(), lse.mutable_data_ptr<float>(), B, H, Hk, T, D, float(scale),
+                 Strides(q), Strides(k), Strides(v), Strides(out));
+#endif
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_amx_bwd(const at::Tensor& grad, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double scale) {
+  check_all(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3);
+  check(grad, "grad", T, D);
+  check(out, "out", T, D);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * T,
+              "attention_amx: lse must be contiguous fp32 (B, H, T)");
+  auto dq = heads_view(q, H), dk = heads_view(k, Hk), dv = heads_view(v, Hk);
+#ifdef EXAFLOP_AMX
+  const BwdArgs args{grad.const_data_ptr<at::BFloat16>(), q.const_data_ptr<at::BFloat16>(),
+                     k.const_data_ptr<at::BFloat16>(), v.const_data_ptr<at::BFloat16>(),
+                     out.const_data_ptr<at::BFloat16>(), lse.const_data_ptr<float>(),
+                     dq.mutable_data_ptr<at::BFloat16>(), dk.mutable_data_ptr<at::BFloat16>(),
+                     dv.mutable_data_ptr<at::BFloat16>(), H, Hk, T, D, float(scale), Strides(grad), Strides(q),
+                     Strides(k), Strides(v), Strides(out), Strides(dq), Strides(dk), Strides(dv)};
+  backward_kernel(B, args);
+#endif
+  return {dq, dk, dv};
+}
+
+bool attention_amx_available() { return available(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(exaflop, m) {
+  m.def("attention_amx_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("attention_amx_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_amx_available() -> bool", &attention_amx_available);
+}
+TORCH_LIBRARY_IMPL(exaflop, CPU, m) {
+  m.impl("attention_amx_fwd", &attention_amx_fwd);
+  m.impl("attention_amx_bwd", &attention_amx_bwd);
+}
