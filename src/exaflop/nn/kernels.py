@@ -20,6 +20,8 @@ PyTorch, and the reason is logged once.
   (shared through csrc/*.h) and the norms and SwiGLU between them (lm/fused_step.py).
 - `attention_amx_fwd`, `attention_amx_bwd` (csrc/attention_amx.cpp): causal bf16 attention for
   training on AMX tiles (nn/layers.py); built into the AVX-512 build only.
+- `linear_wgrad_amx` (csrc/wgrad_amx.cpp): a linear layer's weight gradient on AMX tiles, in fp32
+  (nn/layers.py's Linear while training in bf16); AVX-512 build only.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def _build() -> bool:
     torch.library.register_fake("exaflop::attention_amx_bwd")(
         lambda grad, q, k, v, out, lse, scale: (_heads_like(q, q.shape[1]), _heads_like(k, k.shape[1]),
                                                 _heads_like(v, v.shape[1])))
+    torch.library.register_fake("exaflop::linear_wgrad_amx")(
+        lambda g, x: g.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32))
     return True
 
 

@@ -29,12 +29,9 @@
 #include <tuple>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#include "amx.h"
+#ifdef EXAFLOP_AMX
 #include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define EXAFLOP_AMX 1
 #endif
 
 namespace {
@@ -42,30 +39,7 @@ namespace {
 constexpr int64_t BLK = 32;  // rows and columns of a block of scores: 2 x 2 tiles
 
 #ifdef EXAFLOP_AMX
-#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
-
-// Linux hands out the AMX tile state only to processes that ask (oneDNN asks too; asking twice is fine).
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// All eight tiles 16 rows x 64 bytes; set per thread (the configuration is thread state) and
-// released after, so oneDNN's own configuration is not assumed either way.
-AMX_TARGET void tiles_on() {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  _tile_loadconfig(&cfg);
-}
+using namespace exaflop_amx;
 
 // C (32 x 32 fp32, row stride ldc floats) = A (32 x K bf16, rows at a / a + 16 * lda) times B
 // given as VNNI tiles: b0 for columns 0-15, b1 for 16-31, each K/2 rows of stride ldb bytes,
@@ -100,34 +74,6 @@ AMX_TARGET inline void block32(const void* a, int64_t lda_bytes, const char* b0,
   _tile_stored(3, reinterpret_cast<char*>(c) + 16 * ldc_bytes + 64, ldc_bytes);
 }
 
-// 16 x 16 transpose of 32-bit elements in registers.
-AMX_TARGET inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Each 128-bit lane now holds a 4 x 4 block; gather the lanes.
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
 // out (D/2, T) 32-bit = x (T rows of D bf16, row stride ldx elements) seen as (T, D/2) pairs, transposed.
 AMX_TARGET void pairs_transposed(const at::BFloat16* x, int64_t ldx, int64_t T, int64_t D, uint32_t* out) {
   const int64_t P = D / 2;
@@ -153,20 +99,10 @@ AMX_TARGET void bf16_transposed(const at::BFloat16* x, int64_t ldx, int64_t T, i
     }
 }
 
-// Rows 2i and 2i+1 of a (rows, n) bf16 matrix interleaved: out[i][c] = (x[2i][c], x[2i+1][c]).
-AMX_TARGET inline void interleave_rows(const at::BFloat16* r0, const at::BFloat16* r1, int64_t n, uint32_t* out) {
-  for (int64_t c = 0; c < n; c += 16) {
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c)));
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c)));
-    _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-  }
-}
-
 AMX_TARGET void rows_interleaved(const at::BFloat16* x, int64_t ldx, int64_t T, int64_t D, uint32_t* out) {
   for (int64_t i = 0; i < T / 2; ++i) interleave_rows(x + 2 * i * ldx, x + (2 * i + 1) * ldx, D, out + i * D);
 }
 
-AMX_TARGET inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 AMX_TARGET inline __m512 exp16(__m512 v) { return at::vec::Vectorized<float>(v).exp_u20(); }
 
 struct Strides {  // element strides of a (B, H, T, D) view with unit stride in D
@@ -183,9 +119,9 @@ AMX_TARGET void forward_range(int64_t begin, int64_t end, const at::BFloat16* q,
                               int64_t T, int64_t D, float scale, Strides sq, Strides sk, Strides sv, Strides so) {
   const int64_t G = H / Hk;
   {
-    std::vector<uint32_t> kt(D / 2 * T), vv(T / 2 * D);
-    std::vector<float> s(BLK * T), o(BLK * D);
-    std::vector<at::BFloat16> p(BLK * T);
+    Buf<uint32_t> kt(D / 2 * T), vv(T / 2 * D);
+    Buf<float> s(BLK * T), o(BLK * D);
+    Buf<at::BFloat16> p(BLK * T);
     tiles_on();
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / H, h = idx % H, hk = h / G;
@@ -275,17 +211,17 @@ AMX_TARGET void backward_range(int64_t begin, int64_t end, const BwdArgs& a) {
   const float scale = a.scale;
   const Strides &sgo = a.sgo, &sq = a.sq, &sk = a.sk, &sv = a.sv, &so = a.so, &sdq = a.sdq, &sdk = a.sdk, &sdv = a.sdv;
   {
-    std::vector<uint32_t> qt(D / 2 * T), dot(D / 2 * T), qv(T / 2 * D), dov(T / 2 * D), dsv(T / 2 * T);
-    std::vector<at::BFloat16> kT(D * T), pt(BLK * T), dst(BLK * T);
-    std::vector<float> sc(BLK * BLK), dpc(BLK * BLK), delta(T), dkacc(T * D), dvacc(T * D), dqt(D * T);
+    Buf<uint32_t> qt(D / 2 * T), dot(D / 2 * T), qv(T / 2 * D), dov(T / 2 * D), dsv(T / 2 * T);
+    Buf<at::BFloat16> kT(D * T), pt(BLK * T), dst(BLK * T);
+    Buf<float> sc(BLK * BLK), dpc(BLK * BLK), delta(T), dkacc(T * D), dvacc(T * D), dqt(D * T);
     tiles_on();
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / Hk, hk = idx % Hk;
       const at::BFloat16* kh = k + b * sk.b + hk * sk.h;
       const at::BFloat16* vh = v + b * sv.b + hk * sv.h;
       bf16_transposed(kh, sk.t, T, D, kT.data());
-      std::fill(dkacc.begin(), dkacc.end(), 0.f);
-      std::fill(dvacc.begin(), dvacc.end(), 0.f);
+      dkacc.zero(T * D);
+      dvacc.zero(T * D);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
         const at::BFloat16* qh = q + b * sq.b + h * sq.h;

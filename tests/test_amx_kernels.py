@@ -1,14 +1,17 @@
-"""Causal bf16 attention on AMX tiles (nn/csrc/attention_amx.cpp), what training uses on AMX CPUs:
-its output and gradients are as close to fp64 as PyTorch's flash attention's, for the layouts the
-model hands it (transposed views), grouped-query heads and several head sizes; training with it
-follows the same loss curve; and where it does not apply (no AMX, a capped run, shapes off its
-grid) attention falls back to PyTorch."""
+"""exaflop's AMX kernels for bf16 training (on CPUs with AMX; skipped elsewhere).
+
+Causal attention (nn/csrc/attention_amx.cpp): output and gradients as close to fp64 as PyTorch's
+flash attention's, for the layouts the model hands it (transposed views), grouped-query heads and
+several head sizes. Linear layers' weight gradient (nn/csrc/wgrad_amx.cpp): closer to fp64 than
+oneDNN's bf16 product, through nn/layers.py's Linear under autocast. Training with both follows
+the same loss curve as without; where they do not apply (no AMX, a capped run, shapes off their
+grid) PyTorch's paths run."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from exaflop.nn.layers import amx_attention, attend
+from exaflop.nn.layers import Linear, amx_attention, amx_wgrad, attend
 
 needs_amx = pytest.mark.skipif(not amx_attention(), reason="needs a CPU with AMX (and the kernels built)")
 
@@ -55,10 +58,13 @@ def test_off_grid_shapes_and_fp32_fall_back_to_pytorch():
 @needs_amx
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("EXAFLOP_AMX_ATTENTION", "0")
-    assert not amx_attention()
+    assert not amx_attention() and amx_wgrad()
     monkeypatch.setenv("EXAFLOP_AMX_ATTENTION", "1")
+    monkeypatch.setenv("EXAFLOP_AMX", "0")
+    assert not amx_attention() and not amx_wgrad()
+    monkeypatch.setenv("EXAFLOP_AMX", "1")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # a run capped below AMX
-    assert not amx_attention()
+    assert not amx_attention() and not amx_wgrad()
 
 
 def _losses(amx: bool, bf16: bool, monkeypatch) -> list[float]:
@@ -67,7 +73,7 @@ def _losses(amx: bool, bf16: bool, monkeypatch) -> list[float]:
     from exaflop.lm.config import ModelConfig
     from exaflop.lm.model import LM
 
-    monkeypatch.setenv("EXAFLOP_AMX_ATTENTION", "1" if amx else "0")
+    monkeypatch.setenv("EXAFLOP_AMX", "1" if amx else "0")
     torch.manual_seed(0)
     m = LM(ModelConfig(n_layer=2, d_model=128, n_head=4, n_kv_head=2, vocab_size=512, seq_len=64))
     opt = build_optimizer(m, OptimConfig(lr=3e-3), torch.device("cpu"))
@@ -90,7 +96,7 @@ def _losses(amx: bool, bf16: bool, monkeypatch) -> list[float]:
 
 @needs_amx
 def test_training_follows_the_same_loss_curve(monkeypatch):
-    """20 steps in bf16 with the AMX kernel against flash attention (same seed and batches): no
+    """20 steps in bf16 with the AMX kernels against PyTorch's paths (same seed and batches): no
     further apart than bf16 is from fp32 on the same run (x2, floor 0.01 nats)."""
     ours = _losses(True, True, monkeypatch)
     flash = _losses(False, True, monkeypatch)
@@ -98,7 +104,7 @@ def test_training_follows_the_same_loss_curve(monkeypatch):
     assert flash[-1] < flash[0] - 1.0, "the run did not learn: the comparison would be vacuous"
     noise = max(abs(a - b) for a, b in zip(flash, fp32, strict=True))
     gap = max(abs(a - b) for a, b in zip(ours, flash, strict=True))
-    assert gap <= max(2 * noise, 0.01), f"AMX vs flash {gap:.4f} nats; bf16 vs fp32 {noise:.4f}"
+    assert gap <= max(2 * noise, 0.01), f"AMX vs PyTorch {gap:.4f} nats; bf16 vs fp32 {noise:.4f}"
 
 
 @needs_amx
@@ -115,3 +121,54 @@ def test_compiled_calls_the_same_kernel():
         results.append([out.detach(), *(t.grad for t in ins)])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@needs_amx
+@pytest.mark.parametrize("M,N,K", [(2048, 384, 384), (512, 1024, 384), (256, 96, 1024), (64, 2048, 64)])
+def test_weight_gradient_closer_to_fp64_than_onednn(M, N, K):
+    torch.manual_seed(0)
+    g, x = torch.randn(M, N).bfloat16(), torch.randn(M, K).bfloat16()
+    exact = g.double().t() @ x.double()
+    ours = torch.ops.exaflop.linear_wgrad_amx(g, x)
+    assert ours.dtype == torch.float32 and ours.shape == (N, K)
+    # fp32 accumulation of exact bf16 products: rounding of fp32 sums only, far below bf16's output rounding.
+    assert (ours.double() - exact).abs().max() < 1e-4 * exact.abs().max()
+    assert (ours.double() - exact).abs().max() < (g.t() @ x).double().sub(exact).abs().max()
+    # a strided view (a slice of wider rows) reads the same numbers
+    wide = torch.randn(M, N + 32).bfloat16()
+    wide[:, :N] = g
+    assert torch.equal(torch.ops.exaflop.linear_wgrad_amx(wide[:, :N], x), ours)
+
+
+@needs_amx
+def test_linear_under_autocast_matches_nn_linear():
+    torch.manual_seed(0)
+    ours, ref = Linear(384, 1024, bias=False), torch.nn.Linear(384, 1024, bias=False)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 64, 384)
+    outs = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xi)
+        (y.float() ** 2).mean().backward()
+        outs.append((y, xi.grad, m.weight.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = outs
+    assert y.grad_fn is not None and "AMX" in type(y.grad_fn).__name__
+    assert torch.equal(y, y_ref)  # the same bf16 product (oneDNN) forward
+    assert dx.dtype == torch.float32 and torch.equal(dx, dx_ref)  # and input gradient
+    assert dw.dtype == torch.float32
+    # the reference's weight gradient was rounded to bf16 before its cast back: within that rounding
+    assert (dw - dw_ref).abs().max() <= 2 ** -7 * dw_ref.abs().max()
+
+
+@needs_amx
+def test_linear_falls_back_off_its_grid():
+    m = Linear(384, 100, bias=False)  # N % 32 != 0
+    x = torch.randn(64, 384, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "AMX" not in type(m(x).grad_fn).__name__
+    m = Linear(384, 128, bias=False)
+    assert "AMX" not in type(m(x).grad_fn).__name__  # fp32: no autocast, no bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).grad_fn is None
