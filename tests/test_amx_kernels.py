@@ -172,3 +172,30 @@ def test_linear_falls_back_off_its_grid():
     assert "AMX" not in type(m(x).grad_fn).__name__  # fp32: no autocast, no bf16
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert m(x).grad_fn is None
+
+
+def test_swiglu_kernel_closer_to_fp64_than_pytorch():
+    """SwiGLU's elementwise part while training in bf16 (nn/csrc/swiglu.cpp; any CPU): output and
+    both gradients no further from fp64 than PyTorch's bf16 ops, and the module takes it."""
+    from exaflop.nn.layers import SwiGLU, swiglu_kernel
+
+    if not swiglu_kernel():
+        pytest.skip("exaflop's CPU kernels are not built here")
+    torch.manual_seed(0)
+    g, u, dy = (torch.randn(64, 1024).bfloat16() for _ in range(3))
+    exact = [t.double().requires_grad_() for t in (g, u)]
+    ref = F.silu(exact[0]) * exact[1]
+    ref.backward(dy.double())
+    ours = torch.ops.exaflop.swiglu_fwd(g, u)
+    dg, du = torch.ops.exaflop.swiglu_bwd(dy, g, u)
+    torch_in = [t.clone().requires_grad_() for t in (g, u)]
+    theirs = F.silu(torch_in[0]) * torch_in[1]
+    theirs.backward(dy)
+    assert (ours.double() - ref).abs().max() <= (theirs.double() - ref).abs().max()
+    for a, b, e in ((dg, torch_in[0].grad, exact[0].grad), (du, torch_in[1].grad, exact[1].grad)):
+        assert (a.double() - e).abs().max() <= 1.01 * (b.double() - e).abs().max()
+    m = SwiGLU(128, 256)
+    x = torch.randn(4, 32, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

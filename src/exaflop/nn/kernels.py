@@ -20,6 +20,8 @@ PyTorch, and the reason is logged once.
   (shared through csrc/*.h) and the norms and SwiGLU between them (lm/fused_step.py).
 - `attention_amx_fwd`, `attention_amx_bwd` (csrc/attention_amx.cpp): causal bf16 attention for
   training on AMX tiles (nn/layers.py); built into the AVX-512 build only.
+- `swiglu_fwd`, `swiglu_bwd` (csrc/swiglu.cpp): SwiGLU's silu(gate) * up and its backward, one
+  pass each (nn/layers.py's SwiGLU while training in bf16).
 - `linear_wgrad_amx` (csrc/wgrad_amx.cpp): a linear layer's weight gradient on AMX tiles, in fp32
   (nn/layers.py's Linear while training in bf16); AVX-512 build only.
 """
@@ -110,6 +112,9 @@ def _build() -> bool:
                                                 _heads_like(v, v.shape[1])))
     torch.library.register_fake("exaflop::linear_wgrad_amx")(
         lambda g, x: g.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32))
+    torch.library.register_fake("exaflop::swiglu_fwd")(lambda gate, up: torch.empty_like(gate))
+    torch.library.register_fake("exaflop::swiglu_bwd")(
+        lambda grad, gate, up: (torch.empty_like(gate), torch.empty_like(up)))
     return True
 
 
