@@ -179,10 +179,10 @@ def _amx_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 class _CausalAttentionAMX(torch.autograd.Function):
     """Causal bf16 attention on AMX tiles, forward and backward (nn/csrc/attention_amx.cpp):
-    lm-small's 48 heads of 256 x 64, forward + backward 3.3 ms a layer against flash's 19 (eager)
-    and the compiled matmul backward's 10 (AMX CPU, 2 threads). q (B, H, T, D), k/v (B, K, T, D)
-    with K dividing H; outputs and gradients come in the memory of (B, T, H, D), the layout the
-    projections around attention read and write."""
+    lm-small's 48 heads of 256 x 64, forward + backward 2.7-2.8 ms a layer against flash's 19-21
+    (eager) and the compiled matmul backward's 10 (AMX CPU, 2 threads). q (B, H, T, D), k/v
+    (B, K, T, D) with K dividing H; outputs and gradients come in the memory of (B, T, H, D), the
+    layout the projections around attention read and write."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
