@@ -204,8 +204,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) whose weight gradient, while training in bf16 on
     an AMX CPU, comes from exaflop's kernel (nn/csrc/wgrad_amx.cpp) in fp32 — the fp32 master
     weight's dtype, so no bf16 gradient is cast back. lm-small's products (2048 tokens, 2 threads):
-    384 x 384 0.48 vs 0.75 ms for oneDNN's product and the cast, 1024 x 384 1.13 vs 1.53. Forward
-    and input gradient stay on oneDNN (they run at ~2 TFLOP/s there). Elsewhere: nn.Linear."""
+    384 x 384 0.45-0.49 vs 0.73-0.75 ms for oneDNN's product and the cast, 1024 x 384 0.98-1.01 vs
+    1.41-1.53. Forward and input gradient stay on oneDNN (~2 TFLOP/s there; exaflop's own tile
+    kernel for them measured slower). Elsewhere: nn.Linear."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bias is None and _wgrad_applies(x, self.weight):
@@ -276,8 +277,9 @@ def swiglu_kernel() -> bool:
 
 class _SwiGLUCPU(torch.autograd.Function):
     """silu(gate) * up in one pass, its backward in one (nn/csrc/swiglu.cpp): lm-small's 2048 x 1024
-    in bf16 0.66 + 0.92 ms against inductor's 1.4 + 1.4 in a compiled step (AMX CPU, 2 threads);
-    computed in fp32 and rounded once (PyTorch rounds silu's output to bf16 before the product)."""
+    in bf16, 0.66 + 0.92 ms alone; in a compiled step (cold data) 1.09 + 1.70 against inductor's
+    1.39 + 1.44 (AMX CPU, 2 threads); eager steps +2-6%. Computed in fp32 and rounded once
+    (PyTorch rounds silu's output to bf16 before the product)."""
 
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
