@@ -21,7 +21,10 @@
 // Requires T % 32 == 0 and D % 32 == 0 (D <= 256); nn/layers.py checks and uses PyTorch otherwise.
 //
 // Built with the other kernels (nn/kernels.py); the AMX code only in the AVX-512 build.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>

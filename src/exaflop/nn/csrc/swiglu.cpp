@@ -6,7 +6,10 @@
 // eager, PyTorch makes three passes (silu, product, and the backward's several).
 //
 // Built with the other kernels (nn/kernels.py).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

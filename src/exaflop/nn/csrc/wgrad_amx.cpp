@@ -11,7 +11,10 @@
 //
 // Threads split the output rows when there are many (the LM head's 8192), else the tokens, with the
 // partial sums added at the end. Requires M, N, K multiples of 32; the caller checks.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <algorithm>
