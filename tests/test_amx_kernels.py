@@ -11,33 +11,40 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exaflop.nn.layers import Linear, amx_attention, amx_wgrad, attend
+from exaflop.nn.layers import Linear, amx_attention, amx_wgrad, apply_rope, attend, rope_tables
 
 needs_amx = pytest.mark.skipif(not amx_attention(), reason="needs a CPU with AMX (and the kernels built)")
 
 
-def _reference(q, k, v):
+def _reference(q, k, v, rope=None):
+    if rope is not None:  # in the inputs' precision, as the model's fallback path rotates
+        q, k = (apply_rope(x, *(t.to(x.dtype if x.dtype == torch.float64 else torch.float32) for t in rope))
+                for x in (q, k))
     groups = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                           is_causal=True)
 
 
 @needs_amx
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
 @pytest.mark.parametrize("B,H,K,T,D", [(2, 4, 4, 64, 64), (3, 6, 2, 96, 32), (1, 2, 1, 128, 128)])
-def test_output_and_gradients_as_close_to_fp64_as_flash(B, H, K, T, D):
+def test_output_and_gradients_as_close_to_fp64_as_flash(B, H, K, T, D, rope):
+    """With RoPE tables the kernel rotates q and k itself and rotates their gradients back: the
+    same bounds against fp64 as PyTorch's rotation followed by flash attention."""
     torch.manual_seed(0)
     # As the model makes them: (B, T, heads, D) projections viewed as (B, heads, T, D).
     q, k, v = (torch.randn(B, T, n, D).bfloat16().transpose(1, 2) for n in (H, K, K))
     g = torch.randn(B, H, T, D).bfloat16()
+    tables = tuple(t[:T] for t in rope_tables(D, 2 * T)) if rope else None  # a model's, sliced to T
     exact = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = _reference(*exact)
+    ref = _reference(*exact, rope=tables)
     ref.backward(g.double())
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attend(*ours, None, True)
+    out = attend(*ours, None, True, rope=tables)
     assert out.grad_fn is not None and "AMX" in type(out.grad_fn).__name__, "the AMX kernel did not run"
     out.backward(g)
     flash = [t.clone().requires_grad_() for t in (q, k, v)]
-    fout = _reference(*flash)
+    fout = _reference(*flash, rope=tables)
     fout.backward(g)
     # One bf16 rounding of the output, and gradients no further from fp64 than flash's (x2 slack:
     # the two round P and dS to bf16 at different points).
@@ -113,8 +120,10 @@ def test_compiled_calls_the_same_kernel():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 64, 4, 64).bfloat16().transpose(1, 2) for _ in range(3))
     g = torch.randn(2, 4, 64, 64).bfloat16()
+    tables = rope_tables(64, 64)
     results = []
-    for fn in (lambda *a: attend(*a, None, True), torch.compile(lambda *a: attend(*a, None, True))):
+    for fn in (lambda *a: attend(*a, None, True, rope=tables),
+               torch.compile(lambda *a: attend(*a, None, True, rope=tables))):
         ins = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*ins)
         out.backward(g)

@@ -84,3 +84,42 @@ def test_compiled_causal_attention_backward_matches_flash(dtype):
         err_ours = (ours.grad.double() - exact.grad).abs().max()
         err_flash = (theirs.grad.double() - exact.grad).abs().max()
         assert err_ours <= 2 * err_flash + (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_clipping_through_the_fused_optimizer_equals_scaling_the_gradients():
+    """engine/step.py clips by handing the fused AdamW the norm as its `grad_scale` instead of
+    scaling every gradient in place first: the same update to float rounding, reported norm as
+    fp64's, and `grad_scale` gone after the step (the next step must not divide by it)."""
+    from types import SimpleNamespace
+
+    from exaflop.engine.step import clip, train_step
+
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = LM(ModelConfig(n_layer=2, d_model=128, n_head=4, vocab_size=512, seq_len=64))
+        opt = build_optimizer(m, OptimConfig(lr=3e-3, fused=fused), torch.device("cpu"))
+        assert all(bool(g.get("fused")) == fused for g in opt.param_groups)
+        gen = torch.Generator().manual_seed(1)
+        batches = iter([{"input": x[:, :-1], "target": x[:, 1:]}
+                        for x in torch.randint(0, 512, (3, 8, 65), generator=gen)])
+        task = SimpleNamespace(loss=lambda model, b: (model(b["input"], b["target"])[1], {}))
+        rt = SimpleNamespace(distributed=False, device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+        norms = []
+        for step in range(3):
+            out = train_step(m, opt, task, batches, 1, rt, step, 3e-3, grad_clip=0.05)
+            assert not hasattr(opt, "grad_scale")
+            norms.append(out.grad_norm)
+        runs.append((norms, [p.detach().clone() for p in m.parameters()]))
+    (norms_f, params_f), (norms_u, params_u) = runs
+    assert min(norms_u) > 0.05, "the gradients were never clipped: the comparison would be vacuous"
+    assert max(abs(a - b) / b for a, b in zip(norms_f, norms_u, strict=True)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(params_f, params_u, strict=True)) < 1e-5
+    # The reported norm: fp64's over every gradient.
+    grads = [torch.randn(1000) * 10 ** i for i in range(-3, 3)]
+    exact = float(torch.linalg.vector_norm(torch.cat([g.double() for g in grads])))
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    assert abs(clip(SimpleNamespace(parameters=lambda: params), 0.0, SimpleNamespace(distributed=False)) - exact) \
+        <= 1e-6 * exact

@@ -66,30 +66,59 @@ def train_step(model, optimizer, task, batches: Iterator, accum: int, rt, step: 
     if getattr(rt, "expert_grads", None) is not None:
         rt.expert_grads.reduce()
     drills.after_backward(step, model)
-    out = StepOutcome(mean_over_ranks(loss_sum, rt), clip(model, grad_clip, rt), metrics_sum)
-    if out.finite:
-        if before_update is not None:
-            before_update()
-        optimizer.step()
-        after = getattr(task, "after_step", None)  # optional: e.g. MoE routing-bias balancing
-        if after is not None:
-            out.metrics.update(after(model, rt))
+    try:
+        out = StepOutcome(mean_over_ranks(loss_sum, rt), clip(model, grad_clip, rt, optimizer), metrics_sum)
+        if out.finite:
+            if before_update is not None:
+                before_update()
+            optimizer.step()
+            after = getattr(task, "after_step", None)  # optional: e.g. MoE routing-bias balancing
+            if after is not None:
+                out.metrics.update(after(model, rt))
+    finally:
+        optimizer.__dict__.pop("grad_scale", None)  # this step's clipping only
     optimizer.zero_grad(set_to_none=True)
     return out
 
 
-def clip(model, max_norm: float, rt) -> float:
-    """Clip the gradients to `max_norm` (0: measure only); the total norm before clipping."""
+def clip(model, max_norm: float, rt, optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Clip the gradients to `max_norm` (0: measure only); the total norm before clipping.
+
+    With a fused optimizer the clipping rides on its update: PyTorch's fused Adam/AdamW divide
+    each gradient by `optimizer.grad_scale` as they read it (the hook GradScaler uses), which
+    saves a read and a write of every gradient (lm-small, AMX, 2 threads: ~3 ms of a ~220 ms
+    step). The caller removes `grad_scale` after the step (train_step does)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if rt.distributed:  # DTensor gradients may live on several meshes (TP blocks, FSDP root)
         return clip_grad_norm(params, max_norm)
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grads = [p.grad for p in params]
+    total = grad_norm(grads)
+    if max_norm > 0 and math.isfinite(total) and total + 1e-6 > max_norm:
+        if optimizer is not None and _fused(optimizer):
+            optimizer.grad_scale = torch.tensor((total + 1e-6) / max_norm, dtype=torch.float32, device=grads[0].device)
+        else:
+            torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total
+
+
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """The L2 norm of all of `grads` together. fp32 CPU gradients: each tensor's sum of squares
+    as a BLAS dot product, summed in fp64 — 1.7 ms for lm-small's 13.8M gradients against
+    torch's norm kernels' 2.8-3.8 (AMX CPU, 2 threads; the norm's careful summation is not
+    needed to clip, and the dot's fp32 partial sums are within ~1e-6 of it relatively)."""
+    if grads and all(g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous()
+                     and type(g) is torch.Tensor for g in grads):
+        return math.sqrt(sum(float(torch.dot(g.view(-1), g.view(-1))) for g in grads))
+    norm = torch.nn.utils.get_total_norm(grads)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP/TP
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    """A fused Adam/AdamW: the optimizers whose kernels take `grad_scale`."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 def mean_over_ranks(x: float, rt) -> float:

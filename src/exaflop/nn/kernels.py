@@ -106,9 +106,9 @@ def _build() -> bool:
         lambda logits, targets, rw: (rw.new_empty(()), torch.empty_like(logits)))
     torch.library.register_fake("exaflop::xent_rows_")(lambda logits, targets, rw: rw.new_empty(()))
     torch.library.register_fake("exaflop::attention_amx_fwd")(
-        lambda q, k, v, scale: (_heads_like(q, q.shape[1]), q.new_empty(q.shape[:3], dtype=torch.float32)))
+        lambda q, k, v, scale, cos=None, sin=None: (_heads_like(q, q.shape[1]), q.new_empty(q.shape[:3], dtype=torch.float32)))
     torch.library.register_fake("exaflop::attention_amx_bwd")(
-        lambda grad, q, k, v, out, lse, scale: (_heads_like(q, q.shape[1]), _heads_like(k, k.shape[1]),
+        lambda grad, q, k, v, out, lse, scale, cos=None, sin=None: (_heads_like(q, q.shape[1]), _heads_like(k, k.shape[1]),
                                                 _heads_like(v, v.shape[1])))
     torch.library.register_fake("exaflop::linear_wgrad_amx")(
         lambda g, x: g.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32))

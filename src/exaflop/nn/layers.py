@@ -82,19 +82,22 @@ class Attention(nn.Module):
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if kv is None:
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            y = attend(q, k, v, None, self.causal, self.dropout if self.training else 0.0)
+            y = attend(q, k, v, None, self.causal, self.dropout if self.training else 0.0, rope)
         else:
             y = kv.attend(q, k, v, rope)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.wo(y)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float = 0.0) -> Tensor:
-    """Scaled dot-product attention; q (B, H, T, D), k/v (B, K, S, D) with K dividing H."""
-    if causal and mask is None and dropout == 0.0 and _amx_applies(q, k, v):
-        return _CausalAttentionAMX.apply(q, k, v)  # GQA included: the kernel maps heads to key heads
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float = 0.0,
+           rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Scaled dot-product attention; q (B, H, T, D), k/v (B, K, S, D) with K dividing H. `rope`:
+    cos/sin tables (positions 0 .. T-1) to rotate q and k with first (apply_rope)."""
+    if causal and mask is None and dropout == 0.0 and _amx_applies(q, k, v, rope):
+        # GQA included: the kernel maps heads to key heads; RoPE too, as it lays out each head.
+        return _CausalAttentionAMX.apply(q, k, v, *(rope or (None, None)))
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # GQA: share each KV head across its group of query heads
         k = k.repeat_interleave(groups, dim=1)
@@ -170,11 +173,14 @@ def amx_wgrad() -> bool:
     return _amx_allowed("WGRAD")
 
 
-def _amx_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def _amx_applies(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None) -> bool:
     T, D = q.shape[-2], q.shape[-1]
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
             and type(q) is torch.Tensor and k.shape[2] == T and T % 32 == 0 and D % 32 == 0 and D <= 256
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and amx_attention())
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and (rope is None or all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == (T, D // 2)
+                                     for t in rope))
+            and amx_attention())
 
 
 class _CausalAttentionAMX(torch.autograd.Function):
@@ -182,22 +188,24 @@ class _CausalAttentionAMX(torch.autograd.Function):
     lm-small's 48 heads of 256 x 64, forward + backward 2.7-2.8 ms a layer against flash's 19-21
     (eager) and the compiled matmul backward's 10 (AMX CPU, 2 threads). q (B, H, T, D), k/v
     (B, K, T, D) with K dividing H; outputs and gradients come in the memory of (B, T, H, D), the
-    layout the projections around attention read and write."""
+    layout the projections around attention read and write. With RoPE tables (cos, sin: (T, D/2)
+    fp32), q and k are rotated inside the kernel and their gradients rotated back (no gradient for
+    the tables: they are buffers)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
         scale = q.shape[-1] ** -0.5
-        out, lse = torch.ops.exaflop.attention_amx_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = torch.ops.exaflop.attention_amx_fwd(q, k, v, scale, cos, sin)
+        ctx.save_for_backward(q, k, v, out, lse, cos, sin)
         ctx.scale = scale
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v, out, lse = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, cos, sin = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        return tuple(torch.ops.exaflop.attention_amx_bwd(grad, q, k, v, out, lse, ctx.scale))
+        return (*torch.ops.exaflop.attention_amx_bwd(grad, q, k, v, out, lse, ctx.scale, cos, sin), None, None)
 
 
 class Linear(nn.Linear):

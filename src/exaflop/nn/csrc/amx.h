@@ -103,5 +103,11 @@ AMX_TARGET inline void interleave_rows(const c10::BFloat16* r0, const c10::BFloa
 
 AMX_TARGET inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+// 16 bf16 at p widened to fp32 (exact).
+AMX_TARGET inline __m512 load_bf16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 }  // namespace exaflop_amx
 #endif  // CPU_CAPABILITY_AVX512
