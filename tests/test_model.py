@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from exaflop.config import load_config
 from exaflop.lm.config import ModelConfig
@@ -284,3 +285,34 @@ def test_fused_decode_attention_matches_the_matmul_form(dtype, groups):
     v2 = v.clone()
     v2[0, :, 1:] = 1e3
     torch.testing.assert_close(_decode_attention_fused(q.reshape(B, K, groups, D), k, v2, mask)[0], got.reshape(B, K, groups, D)[0])
+
+
+def test_embedding_gradient_through_the_opaque_kernel_equals_autograds():
+    """nn/layers.py `embedding`: a compiled CPU step takes the table's gradient from PyTorch's CPU
+    kernel as an opaque op; the same rows summed as F.embedding's own backward (repeats included)."""
+    from exaflop.nn.layers import _EmbeddingCPU
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 16, requires_grad=True)
+    idx = torch.randint(0, 50, (4, 30))  # 120 ids into 50 rows: many repeats
+    g = torch.randn(4, 30, 16)
+    F.embedding(idx, w).backward(g)
+    ref, w.grad = w.grad, None
+    out = _EmbeddingCPU.apply(idx, w)
+    assert torch.equal(out, F.embedding(idx, w))
+    out.backward(g)
+    torch.testing.assert_close(w.grad, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.compile
+def test_compiled_training_gradients_match_eager():
+    torch.manual_seed(0)
+    m = LM(ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256, seq_len=32))
+    x, y = torch.randint(0, 256, (2, 2, 32))
+    grads = []
+    for fn in (m, torch.compile(m)):
+        m.zero_grad(set_to_none=True)
+        fn(x, y)[1].backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5, msg=n)

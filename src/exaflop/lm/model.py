@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from exaflop.lm.config import ModelConfig
 from exaflop.nn import Block, KVCache, RMSNorm, rope_tables
+from exaflop.nn.layers import embedding
 from exaflop.nn.loss import linear_cross_entropy
 
 
@@ -47,7 +48,7 @@ class LM(nn.Module):
                key_pos: Tensor | None = None) -> Tensor:
         """Final hidden states (B, T, C), before the last norm. With `cache`, positions continue
         from each row's cache length and this chunk's keys/values are written into it."""
-        x = self.tok_emb(idx)
+        x = embedding(idx, self.tok_emb)
         if cache is None:
             T = idx.shape[1]
             rope = (self.rope_cos[:T], self.rope_sin[:T])
