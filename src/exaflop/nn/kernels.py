@@ -22,6 +22,8 @@ PyTorch, and the reason is logged once.
   training on AMX tiles (nn/layers.py); built into the AVX-512 build only.
 - `swiglu_fwd`, `swiglu_bwd` (csrc/swiglu.cpp): SwiGLU's silu(gate) * up and its backward, one
   pass each (nn/layers.py's SwiGLU while training in bf16).
+- `rmsnorm_fwd`, `rmsnorm_bwd` (csrc/rmsnorm.cpp): RMSNorm, after a residual add, one pass each
+  way (nn/layers.py's RMSNorm and Block while training on CPU).
 - `linear_wgrad_amx` (csrc/wgrad_amx.cpp): a linear layer's weight gradient on AMX tiles, in fp32
   (nn/layers.py's Linear while training in bf16); AVX-512 build only.
 """
@@ -115,6 +117,13 @@ def _build() -> bool:
     torch.library.register_fake("exaflop::swiglu_fwd")(lambda gate, up: torch.empty_like(gate))
     torch.library.register_fake("exaflop::swiglu_bwd")(
         lambda grad, gate, up: (torch.empty_like(gate), torch.empty_like(up)))
+    torch.library.register_fake("exaflop::rmsnorm_fwd")(
+        lambda x, y, w, eps, out_dtype: (x.new_empty((0 if y is None else x.shape[0], x.shape[1])),
+                                         x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:1])))
+    torch.library.register_fake("exaflop::rmsnorm_bwd")(
+        lambda dh, s, rstd, w, dres, low: (torch.empty_like(s),
+                                           s.new_empty((s.shape[0] if low == torch.bfloat16 else 0, s.shape[1]),
+                                                       dtype=low), torch.empty_like(w)))
     return True
 
 
