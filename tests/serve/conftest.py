@@ -80,25 +80,37 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, runs: list[Path], log: Path, *args: str, env: dict | None = None):
+        self.runs, self.args, self.log = runs, args, log
+        self.env = {k: v for k, v in os.environ.items() if k != "EXAFLOP_API_KEYS"}
+        self.env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        self._launch()
+
+    def _launch(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "exaflop", "serve", *map(str, runs), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "exaflop", "serve", *map(str, self.runs), "--port", str(self.port),
                # fp32 unless a test asks otherwise: batched == one-at-a-time holds bit for bit
                # only in fp32 (bf16 matmuls round differently at different batch shapes).
                # Eager unless a test asks (`--compile` later on the line wins): a compile per server
                # would cost every test seconds of CPU (tests/serve/test_serve_compile.py compiles).
-               "--threads", "1", "--dtype", "fp32", "--compile", "off", *args]
-        self._logf = open(log, "w")
-        full_env = {k: v for k, v in os.environ.items() if k != "EXAFLOP_API_KEYS"}
-        full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
-        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=full_env)
+               "--threads", "1", "--dtype", "fp32", "--compile", "off", *self.args]
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
 
     def wait_ready(self, timeout: float = 90) -> ServerProcess:
         deadline = time.monotonic() + timeout
+        retries = 3
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()}")
+                log = self.log.read_text()
+                # free_port() frees the port before the server binds it: a process of another test
+                # worker may take it in between. Then start again on another port.
+                if "address already in use" in log and retries > 0:
+                    retries -= 1
+                    self._logf.close()
+                    self._launch()
+                    continue
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{log}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self

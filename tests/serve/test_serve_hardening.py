@@ -71,34 +71,43 @@ def test_huge_prompt_is_refused_without_stalling_anyone(hardened):
         _chat(client, "hello")
     big = "hello world " * 699_000  # just under the 8 MiB body limit
     rss_before = _rss_mib(hardened.proc.pid)
-    result: dict = {}
 
-    def send_big():
-        try:
-            _chat(client, big)
-        except openai.BadRequestError as e:
-            result["error"] = e
-        result["done"] = time.monotonic()
+    def attempt() -> tuple[list[float], list[float]]:
+        result: dict = {}
 
-    health, small = [], []
-    t = threading.Thread(target=send_big)
-    start = time.monotonic()
-    t.start()
-    with httpx.Client(timeout=10) as http:
-        # Probe for as long as the big request is in flight (at least 1 s), a bounded number of times.
-        for _ in range(200):
-            t0 = time.monotonic()
-            assert http.get(hardened.url + "/health").status_code == 200
-            health.append(time.monotonic() - t0)
-            t0 = time.monotonic()
-            assert _chat(client, "hi").choices[0].message.content is not None
-            small.append(time.monotonic() - t0)
-            if "done" in result and time.monotonic() - start > 1.0:
-                break
-    t.join(30)
-    err = result.get("error")
-    assert err is not None and err.status_code == 400, result
-    assert err.code == "context_length_exceeded" and err.param == "messages"
+        def send_big():
+            try:
+                _chat(client, big)
+            except openai.BadRequestError as e:
+                result["error"] = e
+            result["done"] = time.monotonic()
+
+        health, small = [], []
+        t = threading.Thread(target=send_big)
+        start = time.monotonic()
+        t.start()
+        with httpx.Client(timeout=10) as http:
+            # Probe for as long as the big request is in flight (at least 1 s), a bounded number of times.
+            for _ in range(200):
+                t0 = time.monotonic()
+                assert http.get(hardened.url + "/health").status_code == 200
+                health.append(time.monotonic() - t0)
+                t0 = time.monotonic()
+                assert _chat(client, "hi").choices[0].message.content is not None
+                small.append(time.monotonic() - t0)
+                if "done" in result and time.monotonic() - start > 1.0:
+                    break
+        t.join(30)
+        err = result.get("error")
+        assert err is not None and err.status_code == 400, result
+        assert err.code == "context_length_exceeded" and err.param == "messages"
+        return health, small
+
+    # A server that handles the big body on its event loop stalls the probes every time; one probe
+    # over the bound once (another test's process taking the CPU: 0.208 s seen in CI) is tried again.
+    health, small = attempt()
+    if max(health) >= 0.2 or max(small) >= 0.2:
+        health, small = attempt()
     assert max(health) < 0.2, f"/health took {max(health):.3f} s during the 8 MiB prompt"
     assert max(small) < 0.2, f"a small chat took {max(small):.3f} s during the 8 MiB prompt"
     # The refused prompt's memory is given back (allocator arenas settle within a moment).
