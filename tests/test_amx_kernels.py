@@ -186,7 +186,8 @@ def test_linear_falls_back_off_its_grid():
 def test_swiglu_kernel_closer_to_fp64_than_pytorch():
     """SwiGLU's elementwise part while training in bf16 (nn/csrc/swiglu.cpp; any CPU): output and
     both gradients no further from fp64 than PyTorch's bf16 ops, and the module takes it."""
-    from exaflop.nn.layers import SwiGLU, swiglu_kernel
+    from exaflop.nn.cpu_ops import swiglu_kernel
+    from exaflop.nn.layers import SwiGLU
 
     if not swiglu_kernel():
         pytest.skip("exaflop's CPU kernels are not built here")

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from exaflop.lm.config import ModelConfig
 from exaflop.nn import Block, KVCache, RMSNorm, rope_tables
-from exaflop.nn.layers import embedding
+from exaflop.nn.cpu_ops import embedding
 from exaflop.nn.loss import linear_cross_entropy
 
 
