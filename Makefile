@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 EXTRAS ?= sim,parquet,hf,gguf,tb,test
 
-.PHONY: install demo test test-all lint bench clean mutation
+.PHONY: install kernels demo test test-all lint bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# exaflop's CPU kernels (nn/csrc) build on first use (~1 min on 2 cores); this builds them now, for
+# this CPU and for it capped to AVX2 (what the AVX2 tests and benchmarks run).
+kernels: install
+	$(PY) -m exaflop.nn.kernels
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m exaflop.nn.kernels
 
 # The fleet-scale tests (Ray cluster, S3 server) need the ray and s3 extras; the default
 # install, and so `make demo`, does not pull them.
@@ -34,14 +40,14 @@ demo: install
 # torch.compile stays off in the default run (tests marked `compile`; make test-all has them).
 test: install $(VENV)/.fleet
 	$(VENV)/bin/ruff check src tests bench tools
-	# Two workers, whole files each (module fixtures stay shared): 10 min instead of 15-17 on 2
-	# cores, since most tests wait on subprocesses (servers, torchrun groups) more than they compute.
-	$(PY) -m pytest -q -m "not compile" -n 2 --dist loadfile --durations=25
+	# Two workers, whole files each (module fixtures stay shared), most of the time waiting on
+	# subprocesses (servers, torchrun groups); files go out heaviest first (tests/conftest.py).
+	$(PY) -m pytest -q -m "not compile" -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # Everything, including the llama.cpp round trip (compiles llama.cpp: ~15 minutes on 2 cores).
 test-all: install $(VENV)/.fleet
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q -e ".[$(EXTRAS),llamacpp]"
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench tools

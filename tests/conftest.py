@@ -24,6 +24,30 @@ TINY_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_
               "model.vocab_size=512", "model.seq_len=64"]
 
 
+# The files that take longest (seconds summed over their tests in a CI run, `--durations=0`),
+# heaviest first. `make test` hands whole files to two xdist workers in collection order
+# (--dist loadfile --no-loadscope-reorder), each taking the next file when it runs dry: starting
+# with the long ones, the short ones fill in at the end and both workers finish together, instead
+# of one running a two-minute file alone while the other idles (1.5-2 min of a CI run).
+HEAVY_FIRST = ["test_smoke.py", "drive/test_train_e2e.py", "dist/test_pipeline.py", "dist/test_dist.py",
+               "test_readme.py", "dist/test_moe_dist.py", "drive/test_fleet.py", "test_portable_run.py",
+               "test_cli.py", "drive/test_closed_loop.py", "test_engine.py", "dist/test_elastic.py",
+               "serve/test_serve_drive.py", "test_precision.py"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        try:
+            rel = item.path.relative_to(REPO / "tests").as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(rel, len(rank))
+
+    items.sort(key=key)  # stable: each file keeps its own order
+
+
 def write_text_corpus(root: Path) -> Path:
     """A few hundred KB of real text: the standard library's own docs of some modules."""
     import importlib

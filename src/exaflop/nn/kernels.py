@@ -130,3 +130,13 @@ def _build() -> bool:
 def _heads_like(x: torch.Tensor, heads: int) -> torch.Tensor:
     # (B, H, T, D) in the memory of (B, T, H, D), as csrc/attention_amx.cpp allocates it.
     return x.new_empty((x.shape[0], x.shape[2], heads, x.shape[3])).transpose(1, 2)
+
+
+if __name__ == "__main__":  # `make kernels`: build now (for this process's capability) rather than on first use
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    cap = torch.backends.cpu.get_cpu_capability()
+    ok = cpu_kernels()
+    print(f"exaflop CPU kernels for {cap}: {'ready' if ok else 'unavailable (see the warning above)'}")
+    sys.exit(0 if ok else 1)
