@@ -209,3 +209,30 @@ def test_swiglu_kernel_closer_to_fp64_than_pytorch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_swiglu_kernel_keeps_the_sigmoid_limits():
+    """The sigmoid's reciprocal (csrc/swiglu.cpp: on AVX-512 an estimate refined by a Newton step)
+    keeps silu's limits where 1 + exp(-x) overflows - 0, not inf * 0 = NaN - and, in fp32, is no
+    further from fp64 than PyTorch's own fp32 ops, from -1e30 to 1e30."""
+    from exaflop.nn.cpu_ops import swiglu_kernel
+
+    if not swiglu_kernel():
+        pytest.skip("exaflop's CPU kernels are not built here")
+    torch.manual_seed(0)
+    special = torch.tensor([-1e30, -200.0, -100.0, -88.5, -80.0, -1e-30, 0.0, 1e-30, 20.0, 80.0, 100.0, 1e30])
+    g = torch.cat([special, torch.randn(52) * 8]).repeat(16)  # vector lanes and the tail alike
+    u, dy = torch.randn_like(g), torch.randn_like(g)
+    exact = [t.double().requires_grad_() for t in (g, u)]
+    ref = exact[0] * torch.sigmoid(exact[0]) * exact[1]
+    ref.backward(dy.double())
+    torch_in = [t.clone().requires_grad_() for t in (g, u)]
+    theirs = F.silu(torch_in[0]) * torch_in[1]
+    theirs.backward(dy)
+    ours = torch.ops.exaflop.swiglu_fwd(g, u)
+    dg, du = torch.ops.exaflop.swiglu_bwd(dy, g, u)
+    for a, b, e in ((ours, theirs.detach(), ref.detach()), (dg, torch_in[0].grad, exact[0].grad),
+                    (du, torch_in[1].grad, exact[1].grad)):
+        assert torch.isfinite(a).all()
+        assert (a.double() - e).abs().max() <= 1.01 * (b.double() - e).abs().max()
+    assert ours[:5].abs().max() < 1e-30  # silu(x) -> 0 for x -> -inf
