@@ -16,7 +16,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -26,19 +29,41 @@ using fV = at::vec::Vectorized<float>;
 
 template <typename T>
 void xent_kernel(const T* x, T* g, const int64_t* targets, const float* rw, float* row_loss, int64_t n, int64_t V) {
+  using tV = at::vec::Vectorized<T>;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(V);
     float* b = buf.data();
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * V;
-      at::vec::convert(xr, b, V);  // the row in fp32 (a copy for fp32: g may be x itself)
+      T* gr = g + r * V;
+      // The row in fp32 (a copy for fp32 too: g may be x itself) and its max, in one pass; three
+      // passes over the row in all (five before: ~0.8 of lm-small's 6.2 ms a step).
+      fV vmax(-std::numeric_limits<float>::infinity());
+      int64_t j = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        for (; j + fV::size() <= V; j += fV::size()) {
+          const fV v = fV::loadu(xr + j);
+          v.store(b + j);
+          vmax = at::vec::maximum(vmax, v);
+        }
+      } else if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+        for (; j + tV::size() <= V; j += tV::size()) {
+          auto [lo, hi] = at::vec::convert_to_float<T>(tV::loadu(xr + j));
+          lo.store(b + j);
+          hi.store(b + j + fV::size());
+          vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
+        }
+      }
+      float m = at::vec::vec_reduce_all<float>([](fV a, fV c) { return at::vec::maximum(a, c); }, vmax);
+      for (; j < V; ++j) {
+        b[j] = static_cast<float>(xr[j]);
+        m = std::isnan(b[j]) ? b[j] : std::max(m, b[j]);
+      }
       const int64_t t = targets[r];
       const float xt = b[t];
-      const float m = at::vec::reduce_all<float>([](fV a, fV c) { return at::vec::maximum(a, c); }, b, V);
       float sum = 0.f;
-      int64_t j = 0;
       fV vsum(0.f), vm(m);
-      for (; j + fV::size() <= V; j += fV::size()) {
+      for (j = 0; j + fV::size() <= V; j += fV::size()) {
         fV e = (fV::loadu(b + j) - vm).exp_u20();
         e.store(b + j);
         vsum = vsum + e;
@@ -50,10 +75,19 @@ void xent_kernel(const T* x, T* g, const int64_t* targets, const float* rw, floa
       }
       const float w = rw[r];
       row_loss[r] = w * (m + std::log(sum) - xt);
+      // The gradient w * softmax - w * onehot(t), scaled and written in the logits' dtype at once.
       const float scale = w / sum;
-      at::vec::map([scale](fV e) { return e * fV(scale); }, b, b, V);
-      b[t] -= w;
-      at::vec::convert(b, g + r * V, V);
+      const fV vs(scale);
+      const float gt = b[t] * scale - w;
+      j = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        for (; j + fV::size() <= V; j += fV::size()) (fV::loadu(b + j) * vs).store(gr + j);
+      } else if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+        for (; j + tV::size() <= V; j += tV::size())
+          at::vec::convert_from_float<T>(fV::loadu(b + j) * vs, fV::loadu(b + j + fV::size()) * vs).store(gr + j);
+      }
+      for (; j < V; ++j) gr[j] = static_cast<T>(b[j] * scale);
+      gr[t] = static_cast<T>(gt);
     }
   });
 }
