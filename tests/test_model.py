@@ -304,6 +304,31 @@ def test_embedding_gradient_through_the_opaque_kernel_equals_autograds():
     torch.testing.assert_close(w.grad, ref, rtol=0, atol=1e-6)
 
 
+def test_embedding_gradient_kernel_sums_in_token_order_whatever_the_threads():
+    """csrc/embedding.cpp: each thread owns a range of table rows; the sums come out the same with
+    one thread or two (fp32 resume stays bit-exact), repeats included, and a bad index is an error."""
+    from exaflop.nn.kernels import cpu_kernels
+
+    if not cpu_kernels():
+        pytest.skip("exaflop's CPU kernels are not built here")
+    torch.manual_seed(0)
+    g, idx = torch.randn(600, 48), torch.randint(0, 97, (600,))
+    exact = torch.zeros(97, 48, dtype=torch.float64).index_add_(0, idx, g.double())
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.exaflop.embedding_grad_rows(g, idx, 97))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].double(), exact, rtol=0, atol=1e-5)
+    assert (outs[0][torch.bincount(idx, minlength=97) == 0] == 0).all()
+    with pytest.raises(RuntimeError, match="outside the table"):
+        torch.ops.exaflop.embedding_grad_rows(g, torch.full((600,), 97), 97)
+
+
 @pytest.mark.compile
 def test_compiled_training_gradients_match_eager():
     torch.manual_seed(0)

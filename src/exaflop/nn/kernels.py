@@ -24,6 +24,7 @@ PyTorch, and the reason is logged once.
   pass each (nn/layers.py's SwiGLU while training in bf16).
 - `rmsnorm_fwd`, `rmsnorm_bwd` (csrc/rmsnorm.cpp): RMSNorm, after a residual add, one pass each
   way (nn/layers.py's RMSNorm and Block while training on CPU).
+- `embedding_grad_rows` (csrc/embedding.cpp): an embedding table's weight gradient (nn/cpu_ops.py).
 - `linear_wgrad_amx` (csrc/wgrad_amx.cpp): a linear layer's weight gradient on AMX tiles, in fp32
   (nn/layers.py's Linear while training in bf16); AVX-512 build only.
 """
@@ -114,6 +115,8 @@ def _build() -> bool:
                                                 _heads_like(v, v.shape[1])))
     torch.library.register_fake("exaflop::linear_wgrad_amx")(
         lambda g, x: g.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32))
+    torch.library.register_fake("exaflop::embedding_grad_rows")(
+        lambda grad, idx, rows: grad.new_empty((rows, grad.shape[1])))
     torch.library.register_fake("exaflop::swiglu_fwd")(lambda gate, up: torch.empty_like(gate))
     torch.library.register_fake("exaflop::swiglu_bwd")(
         lambda grad, gate, up: (torch.empty_like(gate), torch.empty_like(up)))
