@@ -288,8 +288,9 @@ def test_fused_decode_attention_matches_the_matmul_form(dtype, groups):
 
 
 def test_embedding_gradient_through_the_opaque_kernel_equals_autograds():
-    """nn/layers.py `embedding`: a compiled CPU step takes the table's gradient from PyTorch's CPU
-    kernel as an opaque op; the same rows summed as F.embedding's own backward (repeats included)."""
+    """nn/layers.py `embedding`: a compiled CPU step takes the table's gradient from an opaque op
+    (exaflop's kernel, or PyTorch's); the same rows summed as F.embedding's own backward (repeats
+    included)."""
     from exaflop.nn.cpu_ops import _EmbeddingCPU
 
     torch.manual_seed(0)

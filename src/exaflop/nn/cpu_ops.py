@@ -72,10 +72,11 @@ class _RMSNormCPU(torch.autograd.Function):
 
 
 def embedding(idx: Tensor, table: nn.Embedding) -> Tensor:
-    """table(idx). In a compiled CPU training step the weight gradient comes from PyTorch's own
-    CPU kernel, kept opaque to the compiler (whose decomposition scatters the rows with an atomic
-    add per element: lm-small's 2048 x 384 into 8192 rows measured ~3.8 ms in the step against the
-    kernel's ~1.2; AMX CPU, 2 threads). A table with hooks (a parallel plan's) is called as is."""
+    """table(idx). In a compiled CPU training step the weight gradient comes from a kernel kept
+    opaque to the compiler (whose decomposition scatters the rows with an atomic add per element:
+    lm-small's 2048 x 384 into 8192 rows measured ~3.8 ms in the step against PyTorch's CPU kernel's
+    ~1.2; AMX CPU, 2 threads): exaflop's (csrc/embedding.cpp) where built, else PyTorch's. A table
+    with hooks (a parallel plan's) is called as is."""
     w = table.weight
     if (torch.compiler.is_compiling() and torch.is_grad_enabled() and w.requires_grad and w.device.type == "cpu"
             and type(w.data) is torch.Tensor and table.padding_idx is None and table.max_norm is None
