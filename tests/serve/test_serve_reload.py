@@ -31,9 +31,25 @@ def _stream(url: str, body: dict) -> tuple[str, str | None]:
     return text, finish
 
 
-def test_new_checkpoint_is_served_without_dropping_requests(reload_run, model_root, start_server):
+def _train_and_publish(root, data, run) -> None:
+    """A step-10 checkpoint of the same recipe, trained beside the served run and published into it
+    as the trainer publishes one: the step directory by an atomic rename, then `latest`. Training
+    in place would let the server reload between the checkpoint's write and train_tiny's longer
+    served context in config.toml (seen on a slow CI box: the long request then got a 400)."""
     from conftest import train_tiny  # the same recipe that made the served model
 
+    staging = root.parent / "staging"
+    shutil.copytree(root / "runs", staging / "runs")
+    trained = train_tiny(staging, data, steps=10)
+    name = (trained / "checkpoints" / "latest").read_text().strip()
+    ckpts = run / "checkpoints"
+    shutil.copytree(trained / "checkpoints" / name, ckpts / f".{name}.tmp")
+    (ckpts / f".{name}.tmp").rename(ckpts / name)
+    (ckpts / ".latest.tmp").write_text(name + "\n")
+    (ckpts / ".latest.tmp").replace(ckpts / "latest")
+
+
+def test_new_checkpoint_is_served_without_dropping_requests(reload_run, model_root, start_server):
     run = reload_run / "runs" / MODEL
     s = start_server([run], "--reload-interval", "0.2")
     assert _step(s.url) == 5
@@ -60,7 +76,7 @@ def test_new_checkpoint_is_served_without_dropping_requests(reload_run, model_ro
     hammers = [threading.Thread(target=hammer) for _ in range(2)]
     for t in [thread, *hammers]:
         t.start()
-    train_tiny(reload_run, model_root / "data", steps=10)  # a fresh checkpoint: step 10
+    _train_and_publish(reload_run, model_root / "data", run)  # a fresh checkpoint: step 10
     deadline = time.monotonic() + T
     while _step(s.url) != 10 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -73,7 +89,9 @@ def test_new_checkpoint_is_served_without_dropping_requests(reload_run, model_ro
     assert results and all(code == 200 and finish in ("stop", "length") for code, finish in results), results
     # The stream that started on step 5 finished on step 5's weights, even if the swap came mid-way.
     assert in_flight["finish"] == "length" and in_flight["text"] == old_text, swapped_mid_stream
-    new_text = httpx.post(s.url + "/v1/completions", json=long, timeout=T).json()["choices"][0]["text"]
+    r = httpx.post(s.url + "/v1/completions", json=long, timeout=T)
+    assert r.status_code == 200, r.text
+    new_text = r.json()["choices"][0]["text"]
     assert new_text[:50] != old_text[:50]
 
     # A newer checkpoint that verifies but cannot be loaded: logged, counted, old weights keep serving.
