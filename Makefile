@@ -13,10 +13,15 @@ EXTRAS ?= sim,parquet,hf,gguf,tb,test
 
 .PHONY: install kernels demo test test-all lint bench clean mutation
 
-$(VENV)/.installed: pyproject.toml
+# torch (and ninja, which builds the CPU kernels) first: `.ci/run` starts the kernel builds as soon
+# as they are in, while the rest installs.
+$(VENV)/.torch:
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q "$(TORCH)" "ninja>=1.11"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -24,15 +29,17 @@ install: $(VENV)/.installed
 
 # exaflop's CPU kernels (nn/csrc) build on first use (~1 min on 2 cores); this builds them now, for
 # this CPU and for it capped to AVX2 (what the AVX2 tests and benchmarks run).
-kernels: install
-	$(PY) -m exaflop.nn.kernels
-	MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m exaflop.nn.kernels
+# They need only torch and ninja (src/ on the path), so they can build while the other packages install.
+kernels: $(VENV)/.torch
+	PYTHONPATH=src $(PY) -m exaflop.nn.kernels
+	PYTHONPATH=src MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m exaflop.nn.kernels
 
 # The fleet-scale tests (Ray cluster, S3 server) need the ray and s3 extras; the default
 # install, and so `make demo`, does not pull them.
-$(VENV)/.fleet: $(VENV)/.installed
+# One pip run for everything when nothing is installed yet (CI): one resolve, not two.
+$(VENV)/.fleet: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e ".[$(EXTRAS),ray,s3]"
-	touch $@
+	touch $(VENV)/.installed $@
 
 demo: install
 	$(VENV)/bin/exaflop demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The MFU denominator's matmul sweep, per training run started (engine/runtime.py): shorter here.
 os.environ.setdefault("EXAFLOP_PEAK_SECONDS", "0.15")
+# `auto` precision's trial (engine/precision.py) remembered for this test session only, shared by
+# both xdist workers and every process they start: each model shape is measured once (~1-2 s of
+# CPU per training run otherwise), and nothing a user's own cache holds leaks in.
+_session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+os.environ.setdefault("EXAFLOP_PRECISION_CACHE", os.path.join(tempfile.gettempdir(), f"exaflop-tests-{_session}",
+                                                              "precision.json"))
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 REPO = Path(__file__).resolve().parents[1]

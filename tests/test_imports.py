@@ -115,3 +115,27 @@ def test_every_module_imports_in_a_fresh_interpreter():
             "print(len(sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_training_and_serving_start_without_the_compiler():
+    """A training or serving process that does not compile never imports torch._dynamo (~0.5 s
+    of its start): the functions a compiled step treats as constants are marked by
+    nn.kernels.trace_constant, which must mark them exactly as torch's own decorator does."""
+    import torch
+
+    from exaflop.nn.kernels import trace_constant
+
+    def ours() -> bool:
+        return True
+
+    def torchs() -> bool:
+        return True
+
+    assert trace_constant(ours) is ours
+    assert vars(ours) == vars(torch.compiler.assume_constant_result(torchs)) != {}
+    code = ("import sys\n"
+            "import exaflop.cli, exaflop.engine.trainer, exaflop.lm.task, exaflop.drive.task, exaflop.serve.api\n"
+            "print([m for m in sys.modules if m.startswith('torch._dynamo')][:3])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout

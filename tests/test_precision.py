@@ -169,3 +169,78 @@ def test_compile_cache_is_kept_per_instruction_set(tmp_path):
     assert os.path.basename(capped) == "avx2-onednn-avx2"
     assert os.path.dirname(native) == os.path.dirname(capped)
     assert where(TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)
+
+
+def test_a_trial_is_remembered_per_machine_model_and_batch(tmp_path, monkeypatch, capsys):
+    """The trial's outcome is kept in the cache file under a key of what it depends on: a second
+    run of the same model, batch and layout takes it (same dtype, no steps run); anything else
+    measures again; 'off' always measures; a damaged or unwritable cache costs only a trial."""
+    monkeypatch.delenv(P.ENV_RATES, raising=False)
+    cache = tmp_path / "cache" / "precision.json"
+    monkeypatch.setenv(P.TRIAL_CACHE_ENV, str(cache))
+    probe = P.resolve("auto", "cpu", FAST_BF16)
+    small, wide = torch.nn.Linear(8, 8), torch.nn.Linear(8, 16)
+    batch = {"x": torch.zeros(4, 8), "y": torch.zeros(4, dtype=torch.long)}
+    key = P.trial_key(small, batch)
+    assert key == P.trial_key(torch.nn.Linear(8, 8), {"y": torch.ones(4, dtype=torch.long), "x": torch.ones(4, 8)})
+    others = {P.trial_key(wide, batch), P.trial_key(small, {**batch, "x": torch.zeros(8, 8)}),
+              P.trial_key(small, batch, "dp=2"), P.trial_key(small.to(torch.bfloat16), batch)}
+    monkeypatch.setenv("EXAFLOP_SWIGLU_KERNEL", "0")  # a kernel switched off changes what a step runs
+    others.add(P.trial_key(small, batch))
+    monkeypatch.delenv("EXAFLOP_SWIGLU_KERNEL")
+    assert len(others) == 5 and key not in others
+
+    def slow_bf16(dtype):
+        time.sleep(0.02 if dtype is torch.bfloat16 else 0.005)
+
+    def no_step(dtype):
+        pytest.fail("the remembered outcome should have been used")
+
+    first = P.confirm_by_trial(probe, slow_bf16, key=key)
+    assert first.name == "fp32" and cache.is_file()
+    again = P.confirm_by_trial(probe, no_step, key=key)
+    assert (again.name, again.trial_ms) == (first.name, first.trial_ms) and str(cache) in again.reason
+    assert P.confirm_by_trial(probe, no_step, key=key, writer=False).name == "fp32"
+    calls = []
+    P.confirm_by_trial(probe, lambda d: calls.append(d), key=others.pop())  # a new key: measured
+    assert len(calls) == 6 and len(json_of(cache)) == 2
+    readers_only = P.confirm_by_trial(probe, lambda d: None, key="not-written", writer=False)
+    assert readers_only.trial_ms and "not-written" not in json_of(cache)
+
+    monkeypatch.setenv(P.TRIAL_CACHE_ENV, "off")
+    calls.clear()
+    P.confirm_by_trial(probe, lambda d: calls.append(d), key=key)
+    assert len(calls) == 6 and P.trial_cache_path() is None
+
+    monkeypatch.setenv(P.TRIAL_CACHE_ENV, str(cache))
+    cache.write_text('{"' + key + '": {"bf16": "fast"')  # a damaged file: measured again, then replaced
+    assert P.confirm_by_trial(probe, slow_bf16, key=key).name == "fp32" and key in json_of(cache)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(P.TRIAL_CACHE_ENV, str(blocker / "precision.json"))  # cannot be created
+    assert P.confirm_by_trial(probe, slow_bf16, key=key).name == "fp32"
+    assert "could not remember the precision trial" in capsys.readouterr().err
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_a_second_run_takes_the_first_runs_trial(tmp_path, data_dir, monkeypatch):
+    """Two runs of the same model on this machine: the second does not measure again and trains
+    in the first's dtype (where the probe says fp32, as on an AVX2-only CPU, neither has a trial)."""
+    monkeypatch.delenv(P.ENV_RATES, raising=False)
+    cache = tmp_path / "precision.json"
+    monkeypatch.setenv(P.TRIAL_CACHE_ENV, str(cache))
+    heads = []
+    for name in ("first", "second"):
+        o = [x for x in tiny_overrides(tmp_path, data_dir, name, "train.steps=1") if not x.startswith("run.dtype")]
+        train(load_config("lm-tiny", o), quiet=True)
+        heads.append(next(r for r in read_metrics(tmp_path / "runs" / name) if r["kind"] == "run"))
+    assert heads[0]["dtype"] == heads[1]["dtype"] and heads[0]["trial_ms"] == heads[1]["trial_ms"]
+    if heads[0]["trial_ms"]:
+        assert list(json_of(cache).values()) == [heads[0]["trial_ms"]]
+    else:
+        assert heads[0]["dtype"] == "fp32" and not cache.exists()

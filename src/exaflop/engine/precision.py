@@ -19,9 +19,12 @@ forward + backward passes in each dtype, keeping the faster.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -137,31 +140,136 @@ def resolve(requested: str, device: torch.device | str = "cpu", rates: dict[str,
     return Precision(requested, requested, dict(rates), measured)
 
 
-def confirm_by_trial(p: Precision, step, reps: int = 2) -> Precision:
+def confirm_by_trial(p: Precision, step, reps: int = 2, key: str | None = None, distributed: bool = False,
+                     writer: bool = True) -> Precision:
     """Time `step(autocast_dtype_or_None)` (one forward + backward) in fp32 and bf16; keep the faster.
 
     Only for `auto` where the matmul probe chose bf16 (an emulating CPU never pays for a
-    bf16 trial), and not when EXAFLOP_MATMUL_GFLOPS fixes the outcome. One warm-up and `reps` timed calls each, best taken; `step` must leave the
-    model's parameters and any RNG it uses as it found them.
+    bf16 trial), and not when EXAFLOP_MATMUL_GFLOPS fixes the outcome. One warm-up and `reps`
+    timed calls each, best taken; `step` must leave the model's parameters and any RNG it uses
+    as it found them.
+
+    With a `key` (trial_key: this machine, model shape, batch and layout) the outcome is
+    remembered in the trial cache (trial_cache_path) and a later run of the same key takes it
+    instead of measuring again: the same choice every time (a resumed run does not flip dtype on
+    a noisy measurement), and no 1-10 s of trial steps at each start. `distributed`: every rank
+    calls this; rank 0's cache decides for all, so no rank runs a trial's collectives alone.
+    Only a `writer` (rank 0) records a new outcome.
     """
     if p.requested != "auto" or p.name != "bf16" or os.environ.get(ENV_RATES):
         return p  # nothing to confirm, or the user fixed the measurement's outcome
-    best: dict[str, float] = {}
-    for name in ("bf16", "fp32"):
-        dtype = torch.bfloat16 if name == "bf16" else None
-        step(dtype)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    trial = _recall(key, distributed) if key else None
+    if trial is None:
+        best: dict[str, float] = {}
+        for name in ("bf16", "fp32"):
+            dtype = torch.bfloat16 if name == "bf16" else None
             step(dtype)
-            times.append(time.perf_counter() - t0)
-        best[name] = min(times)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step(dtype)
+                times.append(time.perf_counter() - t0)
+            best[name] = min(times)
+        trial = {k: round(v * 1e3, 2) for k, v in best.items()}
+        if key and writer:
+            _remember(key, trial)
+        when = ""
+    else:
+        when = f" (measured by an earlier run on this machine: {trial_cache_path()})"
     # The probe already required a clear matmul win; here both dtypes ran the real step,
     # so the faster one wins outright.
-    name = "bf16" if best["bf16"] <= best["fp32"] else "fp32"
-    trial = {k: round(v * 1e3, 2) for k, v in best.items()}
-    reason = f"{p.reason}; a step of this model: bf16 {trial['bf16']:.0f} ms vs fp32 {trial['fp32']:.0f} ms"
+    name = "bf16" if trial["bf16"] <= trial["fp32"] else "fp32"
+    reason = f"{p.reason}; a step of this model: bf16 {trial['bf16']:.0f} ms vs fp32 {trial['fp32']:.0f} ms{when}"
     return Precision(name, p.requested, p.rates, reason, trial)
+
+
+TRIAL_CACHE_ENV = "EXAFLOP_PRECISION_CACHE"
+
+
+def trial_cache_path() -> Path | None:
+    """Where trial outcomes are remembered: $EXAFLOP_PRECISION_CACHE, else
+    $XDG_CACHE_HOME/exaflop/precision.json (~/.cache by default); None if that variable is
+    'off' (every run measures)."""
+    env = os.environ.get(TRIAL_CACHE_ENV)
+    if env is not None and env.strip().lower() in ("off", "0", "none", ""):
+        return None
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "exaflop" / "precision.json"
+
+
+def trial_key(model: torch.nn.Module, batch, layout: str = "") -> str:
+    """What a trial's outcome depends on, hashed: the machine (CPU, its capability and any cap on
+    it, threads), torch and exaflop's kernels, the switches that pick kernels, the model's
+    parameter shapes, the batch's shapes and the parallel layout."""
+    from exaflop.nn.kernels import source_digest
+
+    def shapes(x):
+        if isinstance(x, torch.Tensor):
+            return [list(x.shape), str(x.dtype)]
+        if isinstance(x, dict):
+            return {str(k): shapes(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(x, (list, tuple)):
+            return [shapes(v) for v in x]
+        return repr(x)
+
+    what = {
+        "cpu": _cpuinfo("model name"), "units": _bf16_flags(), "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "kernels": source_digest(),
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+                or (k.startswith("EXAFLOP_") and (k.endswith("_KERNEL") or k.startswith("EXAFLOP_AMX")))},
+        "params": [[n, list(t.shape), str(t.dtype)] for n, t in model.named_parameters()],
+        "batch": shapes(batch), "layout": layout,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # none yet, unreadable or damaged: measure again
+        return {}
+
+
+def _recall(key: str, distributed: bool) -> dict[str, float] | None:
+    path = trial_cache_path()
+    found = None
+    if path is not None:
+        import torch.distributed as dist
+
+        if not distributed or dist.get_rank() == 0:
+            entry = _read_cache(path).get(key)
+            if (isinstance(entry, dict) and set(entry) == {"bf16", "fp32"}
+                    and all(isinstance(v, (int, float)) and v > 0 for v in entry.values())):
+                found = {k: float(v) for k, v in entry.items()}
+    if distributed:
+        import torch.distributed as dist
+
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    return found
+
+
+def _remember(key: str, trial: dict[str, float]) -> None:
+    """Add one outcome to the cache file, atomically (a concurrent run may lose its entry, never
+    damage the file); a cache that cannot be written costs only a trial next time."""
+    path = trial_cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data[key] = trial
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        console.print(f"[yellow]warning: could not remember the precision trial in {path} ({e}); "
+                      f"set {TRIAL_CACHE_ENV} to a writable file, or 'off'", highlight=False, soft_wrap=True)
 
 
 def peak_dtype(p: Precision) -> torch.dtype:

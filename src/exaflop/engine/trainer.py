@@ -434,7 +434,7 @@ def _confirm_precision(model, task, source, micro: int, rt: rtm.Runtime) -> None
     starts exactly as without the trial. Every rank runs it (FSDP/TP forwards are
     collectives); rank 0's choice is taken by all.
     """
-    from exaflop.engine.precision import confirm_by_trial
+    from exaflop.engine.precision import confirm_by_trial, trial_key
 
     if rt.precision is None or rt.precision.requested != "auto" or rt.precision.name != "bf16":
         return
@@ -452,7 +452,8 @@ def _confirm_precision(model, task, source, micro: int, rt: rtm.Runtime) -> None
 
     devices = [rt.device] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        p = confirm_by_trial(rt.precision, step)
+        key = trial_key(model, batch, rt.layout.describe() if rt.distributed else "")
+        p = confirm_by_trial(rt.precision, step, key=key, distributed=rt.distributed, writer=rt.is_main)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     if rt.distributed:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from exaflop.errors import UserError
 from exaflop.lm.chat import END, ROLES, ChatTemplate, render_turn, role_header
@@ -280,6 +279,8 @@ def sft_dataset(spec: str, tokenizer_path: Path, split: str, seq_len: int) -> SF
 
 
 def collate_sft(samples: list[np.ndarray]) -> dict[str, Any]:
+    import torch  # here: every `exaflop` command builds its parser from this module, most never train
+
     x = torch.from_numpy(np.stack(samples))  # (B, 2, T+1)
     ids, mask = x[:, 0], x[:, 1]
     # Position t predicts token t+1: the loss counts it when that token is the assistant's.

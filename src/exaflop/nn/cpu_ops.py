@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exaflop.nn.kernels import trace_constant
+
 
 def rmsnorm_kernel() -> bool:
     """Whether training on CPU takes RMSNorm (and the residual add before it) from exaflop's kernel
@@ -116,7 +118,7 @@ class _EmbeddingCPU(torch.autograd.Function):
         return None, _embedding_grad(grad.reshape(-1, C).contiguous(), idx.reshape(-1), ctx.rows)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def swiglu_kernel() -> bool:
     """Whether bf16 training on CPU takes SwiGLU's elementwise part from exaflop's kernel
     (nn/csrc/swiglu.cpp; EXAFLOP_SWIGLU_KERNEL=0 keeps PyTorch's)."""

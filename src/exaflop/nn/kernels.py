@@ -54,6 +54,16 @@ _loaded: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
 
+def trace_constant(fn):
+    """`torch.compiler.assume_constant_result` without its cost: that decorator imports
+    torch._dynamo (~0.5 s of every process's start, training or serving, compiled or not) only
+    to mark the function with this attribute, which a compiled step's trace reads. Checked
+    against torch's own decorator by tests/test_imports.py, so a torch release that changes
+    the mark fails there rather than silently tracing the function."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def cpu_kernels() -> bool:
     """Whether the kernels are loaded: built on first call (then cached across processes), and
     registered as `torch.ops.exaflop.*` with their fakes for the compiler. False if they
@@ -80,11 +90,17 @@ def _cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+@functools.cache
+def source_digest() -> str:
+    """The kernels' sources, hashed: names their build (and what a cached measurement ran)."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
+
+
 def _build() -> bool:
     cap = torch.backends.cpu.get_cpu_capability()
     cap = cap if cap in _FLAGS else "DEFAULT"
     macros = [f"-DCPU_CAPABILITY_{cap}", f"-DCPU_CAPABILITY={cap}"] if cap != "DEFAULT" else []
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
+    digest = source_digest()
     try:
         from torch.utils.cpp_extension import load
         if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated venv

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exaflop.nn.cpu_ops import _rmsnorm_kernel_dtype, _RMSNormCPU, _SwiGLUCPU, swiglu_kernel
+from exaflop.nn.kernels import trace_constant
 from exaflop.nn.moe import MoE
 
 if TYPE_CHECKING:
@@ -173,13 +174,13 @@ def _amx_allowed(kind: str) -> bool:
 
 
 # A compiled step asks once, at trace time (building the kernels there if needed), and keeps the answer.
-@torch.compiler.assume_constant_result
+@trace_constant
 def amx_attention() -> bool:
     """Whether causal bf16 attention runs on exaflop's AMX kernel (nn/csrc/attention_amx.cpp)."""
     return _amx_allowed("ATTENTION")
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def amx_wgrad() -> bool:
     """Whether bf16 linear layers take their weight gradient from exaflop's AMX kernel
     (nn/csrc/wgrad_amx.cpp) while training."""

@@ -16,6 +16,8 @@ import os
 import torch
 from torch import Tensor
 
+from exaflop.nn.kernels import trace_constant
+
 # Up to this many logits (rows x vocabulary), every chunk's logit gradient is kept (compute dtype,
 # 64 MB in bf16) so the head's weight gradient is one matmul at the end.
 _WHOLE_GRAD_ELEMENTS = 1 << 25
@@ -23,7 +25,7 @@ _WHOLE_GRAD_ELEMENTS = 1 << 25
 
 # A compiled step asks once, at trace time (building the kernels there if needed), and keeps the
 # answer: the lock in cpu_kernels() is nothing to trace through.
-@torch.compiler.assume_constant_result
+@trace_constant
 def xent_kernel() -> bool:
     """Whether exaflop's CPU cross-entropy kernel is used (nn/kernels.py builds it with the others
     on first use, ~30 s once per machine; EXAFLOP_XENT_KERNEL=0 keeps the PyTorch path)."""

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from llguidance import LLMatcher, LLTokenizer
-from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 from exaflop.lm.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from exaflop.serve.protocol import APIError, ChatRequest
@@ -136,6 +135,10 @@ def mask_rows(logits: torch.Tensor, constraints: list[Constraint | None]) -> Non
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return
+    # Imported here, not at the top: llguidance.torch imports torch's compiler (~2 s of every
+    # server's start), and most servers never see a constrained request.
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
     B, V = logits.shape
     bitmask = allocate_token_bitmask(B, V)
     bitmask.fill_(-1)  # unconstrained rows: everything allowed
