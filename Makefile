@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 install: $(VENV)/.installed
 
-# exaflop's CPU kernels (nn/csrc) build on first use (~1 min on 2 cores); this builds them now, for
+# exaflop's CPU kernels (nn/csrc) build on first use (~20 s on 2 cores); this builds them now, for
 # this CPU and for it capped to AVX2 (what the AVX2 tests and benchmarks run).
 # They need only torch and ninja (src/ on the path), so they can build while the other packages install.
 kernels: $(VENV)/.torch

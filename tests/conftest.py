@@ -19,6 +19,12 @@ _session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
 os.environ.setdefault("EXAFLOP_PRECISION_CACHE", os.path.join(tempfile.gettempdir(), f"exaflop-tests-{_session}",
                                                               "precision.json"))
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+# Tests that call torch.compile themselves get what the trainer and server set up: inductor's cache
+# kept per CPU instruction set, or a run capped to AVX2 loads AVX-512 code compiled by a native run
+# and gets NaN gradients (engine/precision.py compile_cache_per_isa).
+from exaflop.engine.precision import compile_cache_per_isa  # noqa: E402
+
+compile_cache_per_isa()
 
 REPO = Path(__file__).resolve().parents[1]
 # Under `make mutation` the suite runs inside mutmut's mutants/ copy of the repository and the

@@ -169,6 +169,8 @@ def test_compile_cache_is_kept_per_instruction_set(tmp_path):
     assert os.path.basename(capped) == "avx2-onednn-avx2"
     assert os.path.dirname(native) == os.path.dirname(capped)
     assert where(TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)
+    # A capped process started by a native one inherits its directory: it takes its own instead.
+    assert where(TORCHINDUCTOR_CACHE_DIR=native, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2") == capped
 
 
 def test_a_trial_is_remembered_per_machine_model_and_batch(tmp_path, monkeypatch, capsys):

@@ -334,8 +334,11 @@ def compile_cache_per_isa() -> str:
 
     base = default_cache_dir()
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is not None and os.path.abspath(current) != os.path.abspath(base):
-        return current  # the user's (or an outer exaflop call's) choice
+    if (current is not None and os.path.abspath(current) != os.path.abspath(base)
+            and os.path.dirname(os.path.abspath(current)) != os.path.abspath(base)):
+        return current  # the user's choice
+    # Unset, the default, or one of these per-ISA directories inherited from a parent process that
+    # may run at another ISA (a test or tool starting a capped server): this process's own.
     isa = torch.backends.cpu.get_cpu_capability().lower()
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
     if capped:

@@ -232,7 +232,13 @@ _cache: dict[tuple[str, str, int], tuple[dict[str, np.ndarray], SFTStats]] = {}
 
 
 def build_splits(spec: str, tokenizer_path: Path, seq_len: int) -> tuple[dict[str, np.ndarray], SFTStats]:
-    key = (spec, str(tokenizer_path), seq_len)
+    # Absolute paths and modification times: one process may build splits from several working
+    # directories (a relative 'data/x.jsonl' is another file in each) or after a file changed.
+    def where(path: str | Path) -> str:
+        p = Path(path)
+        return f"{p.resolve()}@{p.stat().st_mtime_ns}" if p.exists() else str(path)
+
+    key = (where(spec), where(tokenizer_path), seq_len)
     if key in _cache:
         return _cache[key]
     tok = load_tokenizer(tokenizer_path)

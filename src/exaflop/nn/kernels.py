@@ -3,7 +3,7 @@ called as dispatcher operators (`torch.ops.exaflop.*`), so a compiled step — C
 included — calls them without going through Python.
 
 Built with `torch.utils.cpp_extension` for the capability PyTorch dispatches to (AVX-512,
-AVX2 or plain; ~20 s the first time), cached in torch's extension directory per capability
+AVX2 or plain; ~20 s the first time on 2 cores: two translation units, csrc/unit_*.cpp), cached in torch's extension directory per capability
 and source hash, so a process capped with ATEN_CPU_CAPABILITY=avx2 builds and runs an AVX2
 build. Where they cannot be built (no compiler) every caller has a slower path in plain
 PyTorch, and the reason is logged once.
@@ -43,8 +43,12 @@ import torch
 
 log = logging.getLogger("exaflop.serve")
 
-SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
-HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))  # in the build's hash: the sources include them
+_CSRC = Path(__file__).with_name("csrc")
+# What the compiler is given: two translation units that include the kernel files (csrc/unit_*.cpp
+# says why). Everything in csrc/ goes into the build's hash.
+UNITS = sorted(_CSRC.glob("unit_*.cpp"))
+SOURCES = sorted(p for p in _CSRC.glob("*.cpp") if p not in UNITS)
+HEADERS = sorted(_CSRC.glob("*.h"))
 # The vector types compile for the capability named here; the flags match it (not -march=native,
 # so a capped process builds what it will run). Functions that need more (AVX512-BF16) carry a
 # target attribute and check the CPU at run time.
@@ -93,7 +97,7 @@ def _cpu_flags() -> frozenset[str]:
 @functools.cache
 def source_digest() -> str:
     """The kernels' sources, hashed: names their build (and what a cached measurement ran)."""
-    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in UNITS + SOURCES + HEADERS)).hexdigest()[:10]
 
 
 def _build() -> bool:
@@ -106,7 +110,7 @@ def _build() -> bool:
         if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated venv
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        load(f"exaflop_kernels_{cap.lower()}_{digest}", [str(p) for p in SOURCES], is_python_module=False,
+        load(f"exaflop_kernels_{cap.lower()}_{digest}", [str(p) for p in UNITS], is_python_module=False,
              extra_cflags=["-O3", "-fopenmp", *_FLAGS[cap], *macros], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, ...: the callers' PyTorch paths
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

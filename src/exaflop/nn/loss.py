@@ -28,7 +28,7 @@ _WHOLE_GRAD_ELEMENTS = 1 << 25
 @trace_constant
 def xent_kernel() -> bool:
     """Whether exaflop's CPU cross-entropy kernel is used (nn/kernels.py builds it with the others
-    on first use, ~30 s once per machine; EXAFLOP_XENT_KERNEL=0 keeps the PyTorch path)."""
+    on first use, ~20 s once per machine; EXAFLOP_XENT_KERNEL=0 keeps the PyTorch path)."""
     if os.environ.get("EXAFLOP_XENT_KERNEL", "1") == "0":
         return False
     from exaflop.nn.kernels import cpu_kernels
