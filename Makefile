@@ -31,8 +31,9 @@ install: $(VENV)/.installed
 # this CPU and for it capped to AVX2 (what the AVX2 tests and benchmarks run).
 # They need only torch and ninja (src/ on the path), so they can build while the other packages install.
 kernels: $(VENV)/.torch
-	PYTHONPATH=src $(PY) -m exaflop.nn.kernels
-	PYTHONPATH=src MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m exaflop.nn.kernels
+	PYTHONPATH=src $(PY) -c "from exaflop.nn.kernels import main; raise SystemExit(main())"
+	PYTHONPATH=src MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+		$(PY) -c "from exaflop.nn.kernels import main; raise SystemExit(main())"
 
 # The fleet-scale tests (Ray cluster, S3 server) need the ray and s3 extras; the default
 # install, and so `make demo`, does not pull them.

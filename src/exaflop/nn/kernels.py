@@ -155,11 +155,14 @@ def _heads_like(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[2], heads, x.shape[3])).transpose(1, 2)
 
 
-if __name__ == "__main__":  # `make kernels`: build now (for this process's capability) rather than on first use
-    import sys
-
+def main() -> int:
+    """`make kernels`: build now (for this process's capability) rather than on first use."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cap = torch.backends.cpu.get_cpu_capability()
     ok = cpu_kernels()
     print(f"exaflop CPU kernels for {cap}: {'ready' if ok else 'unavailable (see the warning above)'}")
-    sys.exit(0 if ok else 1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
