@@ -235,19 +235,16 @@ def _read_cache(path: Path) -> dict:
 
 
 def _recall(key: str, distributed: bool) -> dict[str, float] | None:
+    import torch.distributed as dist
+
     path = trial_cache_path()
     found = None
-    if path is not None:
-        import torch.distributed as dist
-
-        if not distributed or dist.get_rank() == 0:
-            entry = _read_cache(path).get(key)
-            if (isinstance(entry, dict) and set(entry) == {"bf16", "fp32"}
-                    and all(isinstance(v, (int, float)) and v > 0 for v in entry.values())):
-                found = {k: float(v) for k, v in entry.items()}
-    if distributed:
-        import torch.distributed as dist
-
+    if path is not None and (not distributed or dist.get_rank() == 0):
+        entry = _read_cache(path).get(key)
+        if (isinstance(entry, dict) and set(entry) == {"bf16", "fp32"}
+                and all(isinstance(v, (int, float)) and v > 0 for v in entry.values())):
+            found = {k: float(v) for k, v in entry.items()}
+    if distributed:  # every rank must take the same path: a trial's steps are collectives
         box = [found]
         dist.broadcast_object_list(box, src=0)
         found = box[0]
